@@ -1,0 +1,3 @@
+from gpunite.cli import main
+
+main()
