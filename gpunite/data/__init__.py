@@ -1,0 +1,1 @@
+"""Data: readers for Pile/jsonl/txt corpora, the built-in offline corpus, tokenizers and content-addressed shards."""

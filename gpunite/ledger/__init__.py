@@ -1,0 +1,1 @@
+"""Ledger: signed records in SQLite, anti-entropy sync, credits and statistics."""

@@ -1,0 +1,1 @@
+"""Proof of training: trails, cheap checks, audit replay and verifier selection."""

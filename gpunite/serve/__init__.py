@@ -1,0 +1,1 @@
+"""Serving: the host role, an OpenAI-compatible API, quotas and streaming."""

@@ -1,0 +1,1 @@
+"""Discrete-event simulator of the swarm protocol."""

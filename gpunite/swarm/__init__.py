@@ -1,0 +1,1 @@
+"""Swarm: hivemind wiring, membership, work assignment, sharded aggregation and state sync."""

@@ -1,0 +1,1 @@
+"""Local training: the deterministic inner-loop trainer, checkpoints, DiLoCo rounds and compression."""
