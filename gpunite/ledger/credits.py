@@ -1,0 +1,281 @@
+"""Credits: BOINC cobblestones for verified work, and RAC, computed identically by every peer from a set of records.
+
+Pure functions: the same set of records and the same `now` give the same table on every peer,
+whatever order the records arrived in (everything is sorted by content, never by arrival).
+
+What earns credit (1 credit = 4.32e11 FLOP: 200 credits per day of a 1 GFLOPS machine, as BOINC):
+- training: a contribution listed in `accepted` of its run's canonical block for its own round earns
+  its signer `claimed_flops`, capped at `flops_per_token[run] * tokens` when the run's model is known.
+  One contribution per signer per round at most (a second one is equivocation, kept as evidence).
+- audits: a verdict listed in `verdicts` of a canonical block earns its signer `replay_flops`, capped at
+  the audited contribution's own (capped) FLOPs: a replay of part of the work never costs more than
+  the work. The audited contribution must be in the set and not signed by the verifier.
+- hosting: a usage record earns its host `host_credit_per_1k_tokens` per 1000 served tokens (the
+  manifest's `credit.host_credit_per_1k_tokens`). Usage records are signed only by the host, so they
+  cannot be verified; that is why hosting earns a small fixed share measured in tokens, not FLOPs,
+  and a host serving itself (caller = host) earns nothing.
+A peer rejected with `cheat=True` in any canonical block of a run is banned from that run: it gets no
+credit from that run at all, earlier rounds included.
+
+Grants happen at the canonical block's time (training, audits) or the usage record's time (hosting).
+RAC follows BOINC's `update_average`: at each grant the average decays by exp(-dt ln2 / half_life) and
+gains (1 - weight) * credit / dt_days (ln2 * credit * 86400 / half_life when dt is tiny); the first
+grant sets credit / (days since the work started). Displayed RAC is decayed from the last grant to now.
+
+Users are identities (peer ids) named by their latest host record; a peer is also its own host (the
+host table shows the host name and device); teams are the team names peers set in host records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from gpunite.ledger.chain import canonical_chain
+from gpunite.records import Block, Contribution, HostRecord, Usage, Verdict, _Record
+
+FLOPS_PER_CREDIT = 4.32e11  # 1 GFLOPS for a day = 8.64e13 FLOP = 200 credits
+SECONDS_PER_DAY = 86400.0
+RAC_HALF_LIFE_S = 7 * SECONDS_PER_DAY
+DEFAULT_HOST_CREDIT_PER_1K_TOKENS = 0.01  # matches CreditSection.host_credit_per_1k_tokens
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Credit granted to one peer for one verified record."""
+
+    peer: str
+    run_id: str
+    credit: float
+    time: float  # when it was granted (validated)
+    work_start: float  # when the work began (for the first RAC update)
+    source: str  # record id that earned it
+    what: str  # "training", "audit" or "hosting"
+
+
+def update_average(
+    avg: float, avg_time: float, credit: float, now: float, work_start: float,
+    half_life_s: float = RAC_HALF_LIFE_S,
+) -> tuple[float, float]:
+    """BOINC's RAC update: the new (average credit per day, time of the average) after granting credit at now."""
+    if avg_time > 0:
+        dt = max(0.0, now - avg_time)
+        weight = math.exp(-dt * math.log(2) / half_life_s)
+        avg *= weight
+        if 1.0 - weight > 1e-6:
+            avg += (1.0 - weight) * credit / (dt / SECONDS_PER_DAY)
+        else:
+            avg += math.log(2) * credit * SECONDS_PER_DAY / half_life_s
+    elif credit > 0:
+        work_days = (now - work_start) / SECONDS_PER_DAY
+        if work_days > 0:
+            avg = credit / work_days
+        else:
+            avg = math.log(2) * credit * SECONDS_PER_DAY / half_life_s
+    return avg, now
+
+
+def decay_average(avg: float, avg_time: float, now: float, half_life_s: float = RAC_HALF_LIFE_S) -> float:
+    """The average as it stands at now, with no credit granted since avg_time."""
+    if avg_time <= 0 or now <= avg_time:
+        return avg
+    return avg * math.exp(-(now - avg_time) * math.log(2) / half_life_s)
+
+
+def grants(
+    records: Iterable[_Record],
+    flops_per_token: Mapping[str, float] | None = None,
+    host_credit_per_1k_tokens: float | Mapping[str, float] = DEFAULT_HOST_CREDIT_PER_1K_TOKENS,
+) -> list[Grant]:
+    """Every credit grant the records justify, sorted by (time, source, peer)."""
+    by_id: dict[str, _Record] = {}
+    for record in records:
+        by_id.setdefault(record.record_id, record)
+    blocks_by_run: dict[str, list[Block]] = defaultdict(list)
+    for record in by_id.values():
+        if isinstance(record, Block):
+            blocks_by_run[record.run_id].append(record)
+
+    out: list[Grant] = []
+    banned: dict[str, set[str]] = {}
+    for run_id, blocks in blocks_by_run.items():
+        chain = canonical_chain(blocks)
+        banned[run_id] = {rej.trainer for link in chain for rej in link.block.rejected if rej.cheat}
+        cap = (flops_per_token or {}).get(run_id)
+        credited_slots: set[tuple[str, int]] = set()
+        credited_ids: set[str] = set()
+        work_start_of_round = {link.round: chain[link.round - 1].time if link.round else link.time for link in chain}
+        for link in chain:
+            start = work_start_of_round[link.round]
+            for contribution_id in sorted(set(link.block.accepted)):
+                contribution = by_id.get(contribution_id)
+                if not isinstance(contribution, Contribution) or contribution_id in credited_ids:
+                    continue
+                if contribution.run_id != run_id or contribution.round != link.round:
+                    continue
+                slot = (contribution.peer_id, contribution.round)
+                if slot in credited_slots:
+                    continue
+                credited_slots.add(slot)
+                credited_ids.add(contribution_id)
+                flops = capped_flops(contribution, cap)
+                out.append(Grant(contribution.peer_id, run_id, flops / FLOPS_PER_CREDIT, link.time, start,
+                                 contribution_id, "training"))
+            for verdict_id in sorted(set(link.block.verdicts)):
+                verdict = by_id.get(verdict_id)
+                if not isinstance(verdict, Verdict) or verdict.run_id != run_id or verdict_id in credited_ids:
+                    continue
+                audited = by_id.get(verdict.contribution)
+                if not isinstance(audited, Contribution) or audited.peer_id == verdict.peer_id:
+                    continue
+                credited_ids.add(verdict_id)
+                flops = min(verdict.replay_flops, capped_flops(audited, cap))
+                out.append(Grant(verdict.peer_id, run_id, flops / FLOPS_PER_CREDIT, link.time, start,
+                                 verdict_id, "audit"))
+
+    served: set[tuple[str, str, str, str]] = set()
+    for record_id, record in sorted(by_id.items()):
+        if not isinstance(record, Usage) or record.caller == record.peer_id:
+            continue
+        request = (record.peer_id, record.run_id, record.caller, record.request_id)
+        if request in served:
+            continue  # one usage record per request; a second one is a conflict, not more credit
+        served.add(request)
+        rate = (host_credit_per_1k_tokens.get(record.run_id, DEFAULT_HOST_CREDIT_PER_1K_TOKENS)
+                if isinstance(host_credit_per_1k_tokens, Mapping) else host_credit_per_1k_tokens)
+        tokens = record.prompt_tokens + record.completion_tokens
+        out.append(Grant(record.peer_id, record.run_id, rate * tokens / 1000.0, record.time, record.time,
+                         record_id, "hosting"))
+
+    kept = [g for g in out if g.peer not in banned.get(g.run_id, ()) and g.credit > 0]
+    return sorted(kept, key=lambda g: (g.time, g.source, g.peer))
+
+
+def capped_flops(contribution: Contribution, flops_per_token: float | None) -> float:
+    """The contribution's claimed FLOPs, at most flops_per_token * tokens when the model's cost is known."""
+    if flops_per_token is None:
+        return contribution.claimed_flops
+    return min(contribution.claimed_flops, flops_per_token * contribution.tokens)
+
+
+def banned_peers(records: Iterable[_Record]) -> dict[str, list[str]]:
+    """Per run: the peers a canonical block rejected as proven cheats."""
+    blocks_by_run: dict[str, list[Block]] = defaultdict(list)
+    for record in records:
+        if isinstance(record, Block):
+            blocks_by_run[record.run_id].append(record)
+    out: dict[str, list[str]] = {}
+    for run_id, blocks in blocks_by_run.items():
+        cheats = {rej.trainer for link in canonical_chain(blocks) for rej in link.block.rejected if rej.cheat}
+        if cheats:
+            out[run_id] = sorted(cheats)
+    return out
+
+
+@dataclass
+class CreditRow:
+    """One user, host or team: BOINC's fields plus what the credit was earned for."""
+
+    id: str  # peer id (users, hosts) or team name (teams)
+    name: str
+    team: str = ""
+    total_credit: float = 0.0
+    expavg_credit: float = 0.0  # RAC as of expavg_time (what BOINC stores and exports)
+    expavg_time: float = 0.0
+    rac: float = 0.0  # RAC decayed to the table's `now`
+    credit_24h: float = 0.0
+    create_time: float = 0.0  # first grant
+    training_credit: float = 0.0
+    audit_credit: float = 0.0
+    hosting_credit: float = 0.0
+    public_key: str = ""  # users and hosts: the signer key (cpid is derived from it)
+    device: str = ""  # hosts: from the latest host record
+    members: int = 0  # teams: number of users
+
+    def add(self, grant: Grant, now: float, half_life_s: float) -> None:
+        self.expavg_credit, self.expavg_time = update_average(
+            self.expavg_credit, self.expavg_time, grant.credit, grant.time, grant.work_start, half_life_s
+        )
+        self.total_credit += grant.credit
+        if grant.time > now - SECONDS_PER_DAY:
+            self.credit_24h += grant.credit
+        if not self.create_time:
+            self.create_time = grant.time
+        setattr(self, f"{grant.what}_credit", getattr(self, f"{grant.what}_credit") + grant.credit)
+
+
+@dataclass
+class CreditTable:
+    """Everything `gpunite stats` and the BOINC export show, computed at `now`."""
+
+    now: float
+    users: list[CreditRow] = field(default_factory=list)
+    hosts: list[CreditRow] = field(default_factory=list)
+    teams: list[CreditRow] = field(default_factory=list)
+    banned: dict[str, list[str]] = field(default_factory=dict)
+    grants: list[Grant] = field(default_factory=list)
+
+    @property
+    def total_credit(self) -> float:
+        return sum(row.total_credit for row in self.users)
+
+    def user(self, peer_id: str) -> CreditRow | None:
+        return next((row for row in self.users if row.id == peer_id), None)
+
+    def team(self, name: str) -> CreditRow | None:
+        return next((row for row in self.teams if row.id == name), None)
+
+
+def credit_table(
+    records: Iterable[_Record],
+    now: float,
+    flops_per_token: Mapping[str, float] | None = None,
+    host_credit_per_1k_tokens: float | Mapping[str, float] = DEFAULT_HOST_CREDIT_PER_1K_TOKENS,
+    half_life_s: float = RAC_HALF_LIFE_S,
+) -> CreditTable:
+    """Users, hosts and teams with total credit and RAC from the grants up to now, largest total first."""
+    records = list(records)
+    profiles = latest_host_records(records)
+    public_keys = {record.peer_id: record.signer for record in records if record.signer}
+    all_grants = [g for g in grants(records, flops_per_token, host_credit_per_1k_tokens) if g.time <= now]
+
+    users: dict[str, CreditRow] = {}
+    hosts: dict[str, CreditRow] = {}
+    teams: dict[str, CreditRow] = {}
+    team_members: dict[str, set[str]] = defaultdict(set)
+    for grant in all_grants:
+        profile = profiles.get(grant.peer)
+        user_name = (profile.user_name or profile.host_name) if profile else ""
+        team_name = profile.team if profile else ""
+        if grant.peer not in users:
+            users[grant.peer] = CreditRow(grant.peer, user_name or grant.peer[:12], team_name,
+                                          public_key=public_keys.get(grant.peer, ""))
+            hosts[grant.peer] = CreditRow(grant.peer, (profile.host_name if profile else "") or grant.peer[:12],
+                                          team_name, public_key=public_keys.get(grant.peer, ""),
+                                          device=profile.device if profile else "")
+        users[grant.peer].add(grant, now, half_life_s)
+        hosts[grant.peer].add(grant, now, half_life_s)
+        if team_name:
+            teams.setdefault(team_name, CreditRow(team_name, team_name)).add(grant, now, half_life_s)
+            team_members[team_name].add(grant.peer)
+    for name, row in teams.items():
+        row.members = len(team_members[name])
+    table = CreditTable(now=now, banned=banned_peers(records), grants=all_grants)
+    for rows, target in ((users, table.users), (hosts, table.hosts), (teams, table.teams)):
+        for row in rows.values():
+            row.rac = decay_average(row.expavg_credit, row.expavg_time, now, half_life_s)
+        target.extend(sorted(rows.values(), key=lambda row: (-row.total_credit, row.id)))
+    return table
+
+
+def latest_host_records(records: Iterable[_Record]) -> dict[str, HostRecord]:
+    """Each peer's newest host record (by its time, ties by record id)."""
+    latest: dict[str, HostRecord] = {}
+    for record in records:
+        if isinstance(record, HostRecord):
+            current = latest.get(record.peer_id)
+            if current is None or (record.time, record.record_id) > (current.time, current.record_id):
+                latest[record.peer_id] = record
+    return latest
