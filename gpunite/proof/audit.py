@@ -1,0 +1,285 @@
+"""Audit replay: re-run one trail segment's k inner steps and judge whether the trainer really did them.
+
+A verifier holds a contribution (signed, so its trail is fixed) and the bytes of one segment (the states at
+entries i and i+1, served by the trainer). `audit_segment` checks those states against the trail, restores
+the model and a deep copy of the AdamW state, replays the k steps on the segment's batches with the run's
+schedule, and measures
+
+    distance = ||replayed_{i+1} - committed_{i+1}|| / ||committed_{i+1} - committed_i||
+
+(0 on the same machine: replay is bit-exact there). It also compares the replayed AdamW moments with the
+committed ones, rejects implausible second moments (a forged state makes updates gradient-free), and wants
+the segment's own loss not to rise. `audit_delta` ties the trail to the submitted pseudo-gradient
+(base - delta must land on the trail's last weights, up to compression error) and checks that held-out loss
+does not blow up. Failures on data the trainer committed to (hash-matching segments) are proven cheats: anyone
+can rerun the same replay on the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gpunite.model import ModelConfig, build_model, flops_per_token
+from gpunite.proof.trail import Segment, TrailState, entry_hash, trail_steps
+from gpunite.records import Contribution, Verdict, sign_record
+from gpunite.train.weights import flatten
+
+# Reasons for rejections that the committed data proves start with this prefix (policy bans on them).
+PROVEN = "proven: "
+
+
+@dataclass(frozen=True)
+class AuditBounds:
+    """Thresholds of an audit. Calibrated by benchmarks/proof_of_training.py (see its JSON line)."""
+
+    tolerance: float = 0.05  # replay distance, as a fraction of the committed segment's update norm
+    moment_ratio: float = 50.0  # start second moment / the segment's own squared gradients, at most
+    own_loss_rise: float = 0.02  # relative rise of the segment's first-batch loss at its end weights
+    delta_tolerance: float = 0.1  # ||(base - delta) - final|| / ||base - final||, int8 error included
+    held_out_rise: float = 0.25  # relative rise of held-out loss from base to the trail's final weights
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    accept: bool
+    reason: str
+    cheat: bool  # proven by data the trainer committed to
+    segment: int
+    distance: float | None
+    replay_flops: float
+    details: dict[str, float] = field(default_factory=dict)
+
+
+def _reject(reason: str, segment: int, cheat: bool, flops: float = 0.0, distance: float | None = None,
+            details: dict[str, float] | None = None) -> AuditResult:
+    return AuditResult(False, (PROVEN if cheat else "") + reason, cheat, segment, distance, flops, details or {})
+
+
+def flat_weights(weights: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """The flat fp32 vector of weights in the model's parameter order (the order pseudo-gradients use)."""
+    return flatten(weights[name] for name in names)
+
+
+def relative_distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
+    """||a - b|| / ||scale|| in float64 (inf when scale is zero and a != b)."""
+    num = float(torch.linalg.vector_norm((a.double() - b.double())))
+    den = float(torch.linalg.vector_norm(scale.double()))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+def check_segment_commitment(contribution: Contribution, segment: Segment,
+                             expected_first_step: int | None = None,
+                             expected_first_optimizer_hash: str | None = None) -> AuditResult | None:
+    """A rejection if the served segment does not belong to the contribution's trail; None if it does."""
+    trail, index = contribution.trail, segment.index
+    steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
+    if len(steps) != len(trail):
+        return _reject(f"trail has {len(trail)} entries, {len(steps)} expected for {contribution.inner_steps} "
+                       f"steps every {contribution.trail_interval}", index, cheat=True)
+    if not 0 <= index < len(trail) - 1:
+        return _reject(f"segment {index} is outside the trail's {len(trail) - 1} segments", index, cheat=False)
+    if entry_hash(contribution.base_hash, segment.first_optimizer_hash, segment.first_step) != trail[0]:
+        return _reject("segment's entry-0 hashes do not match the trail's first entry", index, cheat=False)
+    if expected_first_step is not None and segment.first_step != expected_first_step:
+        return _reject(f"trail starts at schedule step {segment.first_step}, the round starts at "
+                       f"{expected_first_step}", index, cheat=True)
+    if expected_first_optimizer_hash is not None and segment.first_optimizer_hash != expected_first_optimizer_hash:
+        return _reject("trail starts from an optimizer state other than the round's", index, cheat=True)
+    if segment.start.step != segment.first_step + steps[index] or segment.end.step != segment.first_step + steps[index + 1]:
+        return _reject(f"segment {index} covers steps {segment.start.step}..{segment.end.step}, the trail's "
+                       f"schedule says {segment.first_step + steps[index]}..{segment.first_step + steps[index + 1]}",
+                       index, cheat=False)
+    if segment.start.entry != trail[index] or segment.end.entry != trail[index + 1]:
+        return _reject(f"segment {index}'s checkpoints do not match the committed trail", index, cheat=False)
+    return None
+
+
+def _moments(optimizer: dict[str, torch.Tensor], names: Sequence[str], key: str) -> torch.Tensor:
+    return flatten(optimizer[f"{name}.{key}"] for name in names)
+
+
+def audit_segment(
+    contribution: Contribution,
+    segment: Segment,
+    batches: Sequence[torch.Tensor],
+    model_config: ModelConfig,
+    train_cfg,
+    *,
+    total_steps: int,
+    bounds: AuditBounds = AuditBounds(),
+    expected_first_step: int | None = None,
+    expected_first_optimizer_hash: str | None = None,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> AuditResult:
+    """Replay segment i of a contribution on its batches and judge it (train_cfg: the run's TrainSection).
+
+    `batches` come from `gpunite.proof.trail.batches_for_steps` for the segment's local steps. The replay
+    runs in fp32 unless autocast_dtype is given (a verifier may replay as the trainer's device would).
+    """
+    from gpunite.train.checkpoint import load_model_state
+    from gpunite.train.trainer import InnerTrainer, TrainingError, unique_named_parameters
+
+    index = segment.index
+    rejection = check_segment_commitment(contribution, segment, expected_first_step, expected_first_optimizer_hash)
+    if rejection is not None:
+        return rejection
+    steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
+    n_steps = steps[index + 1] - steps[index]
+    if len(batches) != n_steps:
+        raise ValueError(f"segment {index} has {n_steps} steps but {len(batches)} batches were given")
+
+    model = build_model(model_config, seed=0, device=device)
+    load_model_state(model, segment.start.weights)
+    trainer = InnerTrainer(model, train_cfg, device=device, total_steps=total_steps, step=segment.start.step)
+    if autocast_dtype is not None:
+        trainer.autocast_dtype = autocast_dtype
+    trainer.load_optimizer_state_tensors(segment.start.optimizer or {})  # copies: the segment stays intact
+    named = unique_named_parameters(model)
+    names = [name for name, _ in named]
+    tokens_per_batch = batches[0].size(0) * (batches[0].size(1) - 1) if batches else 0
+    per_token = flops_per_token(model_config, batches[0].size(1) - 1) if batches else 0
+    flops = float(per_token * tokens_per_batch * n_steps)
+    try:
+        losses = [trainer.train_step(batch) for batch in batches]
+    except TrainingError as exc:
+        return _reject(f"replay of segment {index} diverged: {exc}", index, cheat=True, flops=flops)
+
+    replayed = flatten(p for _, p in named)
+    start = flat_weights(segment.start.weights, names)
+    end = flat_weights(segment.end.weights, names)
+    distance = relative_distance(replayed, end, end - start)
+    details = {"distance": distance}
+
+    optimizer_distance = 0.0
+    replayed_opt = trainer.optimizer_state_tensors()
+    committed_opt = segment.end.optimizer or {}
+    if set(committed_opt) != set(replayed_opt):
+        return _reject(f"segment {index}'s end optimizer state has the wrong tensors", index, cheat=True,
+                       flops=flops, distance=distance)
+    moment_ratio = 0.0
+    if replayed_opt:
+        start_opt = segment.start.optimizer or {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            start_m = _moments(start_opt, names, key) if start_opt else torch.zeros_like(replayed)
+            end_m = _moments(committed_opt, names, key)
+            optimizer_distance = max(optimizer_distance,
+                                     relative_distance(_moments(replayed_opt, names, key), end_m, end_m - start_m))
+        if start_opt:
+            moment_ratio = _second_moment_ratio(start_opt, replayed_opt, names, train_cfg.beta2, n_steps)
+    details |= {"optimizer_distance": optimizer_distance, "moment_ratio": moment_ratio}
+
+    # The committed end weights on the segment's first batch, against that batch's loss at the start weights.
+    load_model_state(model, segment.end.weights)
+    end_loss = trainer.evaluate(batches[0]) if batches else 0.0
+    flops += per_token / 3 * tokens_per_batch
+    start_loss = losses[0] if losses else 0.0
+    details |= {"start_loss": start_loss, "end_loss": end_loss}
+
+    if distance > bounds.tolerance:
+        return _reject(f"replay of segment {index} lands {distance:.3g} of an update away from the committed "
+                       f"weights (tolerance {bounds.tolerance})", index, True, flops, distance, details)
+    if optimizer_distance > bounds.tolerance:
+        return _reject(f"replay of segment {index} lands {optimizer_distance:.3g} away from the committed "
+                       f"optimizer state (tolerance {bounds.tolerance})", index, True, flops, distance, details)
+    if moment_ratio > bounds.moment_ratio:
+        return _reject(f"segment {index} starts from an AdamW second moment {moment_ratio:.3g}x its own squared "
+                       f"gradients (at most {bounds.moment_ratio}): a forged optimizer state", index, True, flops,
+                       distance, details)
+    if end_loss > start_loss * (1 + bounds.own_loss_rise):
+        return _reject(f"segment {index}'s own loss rose from {start_loss:.4f} to {end_loss:.4f}", index, True,
+                       flops, distance, details)
+    return AuditResult(True, f"segment {index} replayed within {distance:.3g} (tolerance {bounds.tolerance})",
+                       False, index, distance, flops, details)
+
+
+def _second_moment_ratio(start_opt: dict[str, torch.Tensor], replayed_opt: dict[str, torch.Tensor],
+                         names: Sequence[str], beta2: float, n_steps: int) -> float:
+    """Mean start second moment over the mean squared gradient the segment itself produced.
+
+    AdamW keeps v = beta2 * v + (1 - beta2) * g^2 (exactly), so after n steps the replay's v minus
+    beta2^n * v_start is the segment's own weighted g^2; dividing by (1 - beta2^n) makes it a mean. Honest
+    training keeps v a recent average of g^2 (ratio near 1); a state forged to make updates ignore the
+    gradients needs v far above it.
+    """
+    v_start = _moments(start_opt, names, "exp_avg_sq").double()
+    v_end = _moments(replayed_opt, names, "exp_avg_sq").double()
+    decay = beta2 ** n_steps
+    own = (v_end - decay * v_start).clamp_min(0).mean() / (1 - decay)
+    start_mean = v_start.mean()
+    if float(own) == 0.0:
+        return 0.0 if float(start_mean) == 0.0 else float("inf")
+    return float(start_mean / own)
+
+
+def audit_delta(
+    contribution: Contribution,
+    final: TrailState,
+    base: torch.Tensor,
+    delta: torch.Tensor,
+    names: Sequence[str],
+    *,
+    bounds: AuditBounds = AuditBounds(),
+    held_out_loss: tuple[float, float] | None = None,
+) -> AuditResult:
+    """Check that the submitted delta is the trail's work: base - delta ~= the last trail weights.
+
+    base and delta are flat fp32 vectors in model order (delta decompressed); `held_out_loss` is
+    (loss at base, loss at final weights) on the verifier's held-out batch, when it measured them.
+    """
+    last = len(contribution.trail) - 1
+    if final.entry != contribution.trail[-1]:
+        return _reject("the served final weights do not match the trail's last entry", last, cheat=False)
+    final_flat = flat_weights(final.weights, names)
+    if delta.numel() != base.numel():
+        return _reject(f"delta has {delta.numel()} values, the model {base.numel()}", last, cheat=True)
+    mismatch = relative_distance(base - delta, final_flat, base - final_flat)
+    details = {"delta_mismatch": mismatch}
+    if mismatch > bounds.delta_tolerance:
+        return _reject(f"base - delta lands {mismatch:.3g} of the trail's own update away from its final weights "
+                       f"(tolerance {bounds.delta_tolerance})", last, True, details=details)
+    if held_out_loss is not None:
+        base_loss, final_loss = held_out_loss
+        details |= {"held_out_base": base_loss, "held_out_final": final_loss}
+        if final_loss > base_loss * (1 + bounds.held_out_rise):
+            return _reject(f"held-out loss rose from {base_loss:.4f} to {final_loss:.4f}", last, True,
+                           details=details)
+    return AuditResult(True, f"delta matches the trail within {mismatch:.3g}", False, last, None, 0.0, details)
+
+
+def held_out_losses(model_config: ModelConfig, train_cfg, base: dict[str, torch.Tensor],
+                    final: dict[str, torch.Tensor], batch: torch.Tensor) -> tuple[float, float, float]:
+    """(loss at base, loss at final, forward FLOPs spent) on a held-out batch."""
+    from gpunite.train.checkpoint import load_model_state
+    from gpunite.train.trainer import InnerTrainer
+
+    model = build_model(model_config, seed=0)
+    trainer = InnerTrainer(model, train_cfg, device="cpu", total_steps=1)
+    losses = []
+    for weights in (base, final):
+        load_model_state(model, weights)
+        losses.append(trainer.evaluate(batch))
+    tokens = batch.size(0) * (batch.size(1) - 1)
+    return losses[0], losses[1], 2 * flops_per_token(model_config, batch.size(1) - 1) / 3 * tokens
+
+
+def make_verdict(identity, contribution: Contribution, result: AuditResult, time: float) -> Verdict:
+    """The verifier's signed verdict on a contribution from one audit result."""
+    verdict = Verdict(
+        run_id=contribution.run_id,
+        round=contribution.round,
+        contribution=contribution.record_id,
+        trainer=contribution.peer_id,
+        accept=result.accept,
+        reason=result.reason[:1024],
+        segment=result.segment,
+        distance=result.distance if result.distance is None or result.distance < float("inf") else 1e30,
+        replay_flops=result.replay_flops,
+        time=time,
+    )
+    return sign_record(identity, verdict)

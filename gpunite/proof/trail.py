@@ -1,0 +1,384 @@
+"""Trails: the hashed checkpoints a trainer keeps every k inner steps, and the segments it serves to verifiers.
+
+A trail entry commits to the whole training state at that step, not just the weights:
+
+    entry = sha256(canonical_json({"weights": weights_hash, "optimizer": optimizer_hash, "step": step}))
+
+Committing only the weights would let a trainer hand a verifier a forged AdamW state: with a huge second
+moment and a matching first moment the update barely depends on the gradients, so k "replayed" steps land on
+weights the trainer computed without any forward or backward pass. With the optimizer state in the hash, the
+state at entry i+1 is pinned by the replay of segment i, and the state at entry 0 by the round's start.
+
+Which sequences each inner step trains on is defined once, in `batches_for_steps`: the assigned work units'
+sequences in order, `batch_size` per step. Trainer and verifier both call it, so they cannot disagree.
+
+Checkpoints are stored as safetensors files written atomically (`store_dir/round-NNNNNNNN/entry-NNNN`), kept
+until the round's block is final (`prune`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpunite.errors import GpuniteError
+from gpunite.identity import canonical_json
+from gpunite.records import WorkUnit
+from gpunite.train.weights import from_safetensors_bytes, to_safetensors_bytes, weights_hash
+from gpunite.util import atomic_write_bytes
+
+# loader(shard_sha, first, count) -> int64 tensor [count, seq_len + 1]
+SequenceLoader = Callable[[str, int, int], torch.Tensor]
+
+_WEIGHTS, _OPTIMIZER = "weights/", "optimizer/"
+_START, _END = "start.", "end."
+
+
+class TrailError(GpuniteError):
+    """A trail, checkpoint or segment that is missing, malformed or does not match its commitment."""
+
+
+def trail_steps(inner_steps: int, interval_k: int) -> list[int]:
+    """Local steps with a trail entry: 0, k, 2k, ... and always inner_steps itself (the last may be short)."""
+    if interval_k <= 0 or inner_steps < 0:
+        raise TrailError(f"trail needs interval_k > 0 and inner_steps >= 0, got {interval_k}, {inner_steps}")
+    steps = list(range(0, inner_steps, interval_k))
+    steps.append(inner_steps)
+    return steps
+
+
+def trail_length(inner_steps: int, interval_k: int) -> int:
+    return len(trail_steps(inner_steps, interval_k))
+
+
+def optimizer_hash(optimizer_state: dict[str, torch.Tensor]) -> str:
+    """Hash of AdamW's state as `InnerTrainer.optimizer_state_tensors()` gives it (empty for a fresh optimizer).
+
+    AdamW's per-parameter `step` is a 0-d tensor, which weights_hash cannot view as bytes: hash it as 1-d.
+    """
+    return weights_hash({name: t.reshape(1) if t.ndim == 0 else t for name, t in optimizer_state.items()})
+
+
+def entry_hash(weights_hash_hex: str, optimizer_hash_hex: str, step: int) -> str:
+    """The trail entry for a training state: weights, inner optimizer state and schedule step together."""
+    body = {"weights": weights_hash_hex, "optimizer": optimizer_hash_hex, "step": int(step)}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def sequences_needed(inner_steps: int, batch_size: int) -> int:
+    return inner_steps * batch_size
+
+
+def batches_for_steps(
+    units: Sequence[WorkUnit], steps: range, batch_size: int, loader: SequenceLoader
+) -> list[torch.Tensor]:
+    """The batch each local step in `steps` trains on: step s takes sequences [s*B, (s+1)*B) of the units in order.
+
+    The units' sequences are laid end to end (unit 0's `first .. first+count`, then unit 1's, ...). Only the
+    sequences the steps need are loaded, so a verifier replaying one segment reads k batches, not the round.
+    """
+    if steps.step != 1:
+        raise TrailError("batches_for_steps needs a contiguous range of steps")
+    total = sum(unit.count for unit in units)
+    first_needed, end_needed = steps.start * batch_size, steps.stop * batch_size
+    if first_needed < 0 or end_needed > total:
+        raise TrailError(
+            f"steps {steps.start}..{steps.stop} need sequences up to {end_needed}, the work units hold {total}"
+        )
+    pieces: list[torch.Tensor] = []
+    offset = 0
+    for unit in units:
+        lo, hi = max(first_needed, offset), min(end_needed, offset + unit.count)
+        if lo < hi:
+            piece = loader(unit.shard, unit.first + lo - offset, hi - lo)
+            if piece.ndim != 2 or piece.size(0) != hi - lo:
+                raise TrailError(f"loader gave shape {tuple(piece.shape)} for {hi - lo} sequences of {unit.shard}")
+            pieces.append(piece)
+        offset += unit.count
+    if not pieces:
+        return []
+    sequences = torch.cat(pieces)
+    return list(sequences.split(batch_size))
+
+
+@dataclass
+class TrailState:
+    """A training state at one trail entry: weights, AdamW state (possibly empty) and the schedule step."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor] | None  # None when only its hash travelled
+    optimizer_hash: str
+    step: int
+
+    @property
+    def entry(self) -> str:
+        return entry_hash(weights_hash(self.weights), self.optimizer_hash, self.step)
+
+
+def _state_tensors(prefix: str, state: TrailState) -> dict[str, torch.Tensor]:
+    tensors = {f"{prefix}{_WEIGHTS}{name}": t for name, t in state.weights.items()}
+    for name, t in (state.optimizer or {}).items():
+        tensors[f"{prefix}{_OPTIMIZER}{name}"] = t
+    return tensors
+
+
+def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+
+
+@dataclass
+class Segment:
+    """What a verifier receives for segment i: the full state at entry i and at entry i+1, plus the hashes
+    that tie entry 0 to the round's base weights."""
+
+    index: int
+    start: TrailState
+    end: TrailState
+    first_optimizer_hash: str  # AdamW state hash at entry 0
+    first_step: int  # schedule step at entry 0
+
+
+def segment_to_bytes(segment: Segment) -> bytes:
+    tensors = _state_tensors(_START, segment.start) | _state_tensors(_END, segment.end)
+    metadata = {
+        "index": str(segment.index),
+        "start_step": str(segment.start.step),
+        "end_step": str(segment.end.step),
+        "first_optimizer_hash": segment.first_optimizer_hash,
+        "first_step": str(segment.first_step),
+    }
+    return to_safetensors_bytes(tensors, metadata=metadata)
+
+
+def segment_from_bytes(
+    data: bytes, weight_shapes: dict[str, tuple[int, ...]], max_bytes: int | None = None
+) -> Segment:
+    """Parse a segment from an untrusted trainer: names and shapes must fit the model, values finite."""
+    tensors = from_safetensors_bytes(data, max_bytes=max_bytes)
+    metadata = _metadata_of(data)
+    try:
+        index = int(metadata["index"])
+        start_step, end_step, first_step = (int(metadata[k]) for k in ("start_step", "end_step", "first_step"))
+        first_optimizer_hash = str(metadata["first_optimizer_hash"])
+    except (KeyError, ValueError) as exc:
+        raise TrailError(f"segment metadata is incomplete or malformed: {exc}") from None
+    states = []
+    for prefix, step in ((_START, start_step), (_END, end_step)):
+        weights = _take(tensors, prefix + _WEIGHTS)
+        _check_weights(weights, weight_shapes)
+        optimizer = _take(tensors, prefix + _OPTIMIZER)
+        _check_optimizer(optimizer, weight_shapes)
+        states.append(TrailState(weights, optimizer, optimizer_hash(optimizer), step))
+    unknown = [n for n in tensors if not n.startswith((_START, _END))]
+    if unknown:
+        raise TrailError(f"segment holds unexpected tensors {unknown[:3]}")
+    return Segment(index, states[0], states[1], first_optimizer_hash, first_step)
+
+
+def final_to_bytes(state: TrailState) -> bytes:
+    """The last entry's weights, with its optimizer hash and step (enough to check it against the trail)."""
+    tensors = {f"{_WEIGHTS}{name}": t for name, t in state.weights.items()}
+    return to_safetensors_bytes(tensors, metadata={"optimizer_hash": state.optimizer_hash, "step": str(state.step)})
+
+
+def final_from_bytes(data: bytes, weight_shapes: dict[str, tuple[int, ...]], max_bytes: int | None = None) -> TrailState:
+    tensors = from_safetensors_bytes(data, max_bytes=max_bytes)
+    metadata = _metadata_of(data)
+    try:
+        state = TrailState(_take(tensors, _WEIGHTS), None, str(metadata["optimizer_hash"]), int(metadata["step"]))
+    except (KeyError, ValueError) as exc:
+        raise TrailError(f"final weights metadata is incomplete or malformed: {exc}") from None
+    _check_weights(state.weights, weight_shapes)
+    return state
+
+
+def _metadata_of(data: bytes) -> dict[str, str]:
+    # safetensors layout: 8-byte little-endian header length, then the JSON header with "__metadata__".
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        metadata = header.get("__metadata__") or {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TrailError(f"segment header is not valid safetensors JSON: {exc}") from None
+    if not isinstance(metadata, dict):
+        raise TrailError("segment metadata is not an object")
+    return metadata
+
+
+def _check_weights(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    if set(weights) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
+        raise TrailError(f"checkpoint weights do not fit the model: missing {missing[:2]}, extra {extra[:2]}")
+    for name, shape in shapes.items():
+        t = weights[name]
+        if tuple(t.shape) != tuple(shape) or t.dtype != torch.float32:
+            raise TrailError(f"checkpoint weight {name} is {tuple(t.shape)} {t.dtype}, expected {shape} float32")
+
+
+def _check_optimizer(optimizer: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    if not optimizer:
+        return
+    expected = {f"{n}.{k}": s for n, s in shapes.items() for k, s in (("exp_avg", s), ("exp_avg_sq", s), ("step", ()))}
+    if set(optimizer) != set(expected):
+        raise TrailError("checkpoint optimizer state does not fit the model's parameters")
+    for name, shape in expected.items():
+        if tuple(optimizer[name].shape) != tuple(shape) or optimizer[name].dtype != torch.float32:
+            raise TrailError(f"optimizer tensor {name} is {tuple(optimizer[name].shape)} {optimizer[name].dtype}")
+
+
+def capture_state(model: torch.nn.Module, trainer) -> TrailState:
+    """Copies of the trainer's weights and AdamW state now (trainer: gpunite.train.trainer.InnerTrainer)."""
+    from gpunite.train.weights import trainable_state
+
+    weights = {name: t.detach().to("cpu", copy=True) for name, t in trainable_state(model).items()}
+    optimizer = trainer.optimizer_state_tensors()
+    return TrailState(weights, optimizer, optimizer_hash(optimizer), trainer.step)
+
+
+class TrailRecorder:
+    """Records a round's trail while its inner steps run, and serves segments from the stored checkpoints.
+
+    Usage by a trainer: `start_round(r, H)`, then `record(model, trainer)` once before the first step and once
+    after each step (it keeps a checkpoint only at the trail's steps), then `trail` is what the contribution
+    commits to. `segment_payload(r, i)` and `final_payload(r)` answer verifiers until `prune`.
+    """
+
+    def __init__(self, interval_k: int, store_dir: str | Path) -> None:
+        if interval_k <= 0:
+            raise TrailError(f"trail interval must be > 0, got {interval_k}")
+        self.interval_k = interval_k
+        self.store_dir = Path(store_dir)
+        self._round: int | None = None
+        self._steps: list[int] = []
+        self._local_step = 0
+        self._trail: list[str] = []
+        self._trails: dict[int, list[str]] = {}
+
+    def round_dir(self, round_index: int) -> Path:
+        return self.store_dir / f"round-{round_index:08d}"
+
+    def start_round(self, round_index: int, inner_steps: int) -> None:
+        """Begin a round's trail; anything stored earlier for this round is discarded."""
+        shutil.rmtree(self.round_dir(round_index), ignore_errors=True)
+        self._round = round_index
+        self._steps = trail_steps(inner_steps, self.interval_k)
+        self._local_step = 0
+        self._trail = []
+        self._trails[round_index] = self._trail
+
+    def record(self, model: torch.nn.Module, trainer) -> str | None:
+        """Call before the first inner step and after every step; returns the entry when one was recorded."""
+        if self._round is None:
+            raise TrailError("TrailRecorder.record called before start_round")
+        local = self._local_step
+        self._local_step += 1
+        if local not in self._steps:
+            return None
+        return self.record_state(capture_state(model, trainer))
+
+    def record_state(self, state: TrailState) -> str:
+        """Store a state as the round's next trail entry (adversary strategies build states by other means)."""
+        if self._round is None:
+            raise TrailError("TrailRecorder.record_state called before start_round")
+        index = len(self._trail)
+        if index >= len(self._steps):
+            raise TrailError(f"round {self._round} already has its {len(self._steps)} trail entries")
+        data = to_safetensors_bytes(
+            _state_tensors("", state), metadata={"step": str(state.step), "optimizer_hash": state.optimizer_hash}
+        )
+        atomic_write_bytes(self.round_dir(self._round) / f"entry-{index:04d}.safetensors", data)
+        entry = state.entry
+        self._trail.append(entry)
+        return entry
+
+    @property
+    def trail(self) -> list[str]:
+        """The current round's entries so far (complete once the round's last step is recorded)."""
+        return list(self._trail)
+
+    def load_state(self, round_index: int, index: int) -> TrailState:
+        path = self.round_dir(round_index) / f"entry-{index:04d}.safetensors"
+        if not path.is_file():
+            raise TrailError(f"no trail checkpoint {index} for round {round_index} (pruned, or never recorded)")
+        data = path.read_bytes()
+        tensors = from_safetensors_bytes(data)
+        metadata = _metadata_of(data)
+        return TrailState(
+            _take(tensors, _WEIGHTS), _take(tensors, _OPTIMIZER), metadata["optimizer_hash"], int(metadata["step"])
+        )
+
+    def segment_payload(self, round_index: int, index: int) -> bytes:
+        """Bytes a verifier needs to replay segment `index` of a round: states at entries index and index+1."""
+        first = self.load_state(round_index, 0)
+        segment = Segment(
+            index, self.load_state(round_index, index), self.load_state(round_index, index + 1),
+            first.optimizer_hash, first.step,
+        )
+        return segment_to_bytes(segment)
+
+    def final_payload(self, round_index: int) -> bytes:
+        """The round's last entry (weights, optimizer hash, step): checked against the submitted delta."""
+        last = len(self._trails.get(round_index) or []) - 1
+        if last < 0:
+            existing = sorted(self.round_dir(round_index).glob("entry-*.safetensors"))
+            last = len(existing) - 1
+        if last < 0:
+            raise TrailError(f"no trail stored for round {round_index}")
+        return final_to_bytes(self.load_state(round_index, last))
+
+    def prune(self, keep_from_round: int) -> list[int]:
+        """Delete the checkpoints of rounds before keep_from_round (their blocks are final); returns them."""
+        removed = []
+        if not self.store_dir.is_dir():
+            return removed
+        for path in sorted(self.store_dir.glob("round-*")):
+            try:
+                round_index = int(path.name.split("-", 1)[1])
+            except ValueError:
+                continue
+            if round_index < keep_from_round:
+                shutil.rmtree(path, ignore_errors=True)
+                self._trails.pop(round_index, None)
+                removed.append(round_index)
+        return removed
+
+
+def train_with_trail(
+    trainer,
+    model: torch.nn.Module,
+    units: Sequence[WorkUnit],
+    batch_size: int,
+    loader: SequenceLoader,
+    inner_steps: int,
+    recorder: TrailRecorder,
+    round_index: int,
+) -> list[float]:
+    """Run a round's inner steps on the assigned units, recording the trail; returns each step's loss."""
+    recorder.start_round(round_index, inner_steps)
+    recorder.record(model, trainer)
+    losses = []
+    for batch in iter_batches(units, inner_steps, batch_size, loader, recorder.interval_k):
+        losses.append(trainer.train_step(batch))
+        recorder.record(model, trainer)
+    return losses
+
+
+def iter_batches(
+    units: Sequence[WorkUnit], inner_steps: int, batch_size: int, loader: SequenceLoader, group: int
+) -> Iterable[torch.Tensor]:
+    """All of a round's batches in step order, loaded `group` steps at a time (bounded memory)."""
+    for start in range(0, inner_steps, group):
+        yield from batches_for_steps(units, range(start, min(inner_steps, start + group)), batch_size, loader)
+
+
+def weight_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    from gpunite.train.weights import trainable_state
+
+    return {name: tuple(t.shape) for name, t in trainable_state(model).items()}
+
