@@ -16,7 +16,7 @@ from typing import Iterable
 
 from gpunite.errors import GpuniteError
 from gpunite.identity import RecordError, record_hash
-from gpunite.records import GENESIS, Block, Contribution, Verdict, parse_record
+from gpunite.records import GENESIS, Block, Contribution, Verdict, _Record, parse_record
 
 
 class ChainError(GpuniteError):
@@ -34,11 +34,13 @@ class ChainLink:
     time: float
 
 
-def canonical_chain(blocks: Iterable[Block]) -> list[ChainLink]:
-    """The canonical chain of one run's blocks, from round 0 up to the first round with no linking block."""
+def canonical_chain(blocks: Iterable[_Record]) -> list[ChainLink]:
+    """The canonical chain of one run's blocks (other records are ignored), from round 0 up to the first
+    round with no linking block."""
     by_round: dict[int, dict[str, list[Block]]] = defaultdict(lambda: defaultdict(list))
     for block in blocks:
-        by_round[block.round][block.block_hash].append(block)
+        if isinstance(block, Block):
+            by_round[block.round][block.block_hash].append(block)
     chain: list[ChainLink] = []
     prev = GENESIS
     round_ = 0

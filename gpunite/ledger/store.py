@@ -57,6 +57,16 @@ class LedgerError(GpuniteError):
     """A ledger file that cannot be opened or read."""
 
 
+LEDGER_FILE = "ledger.sqlite"
+
+
+def default_ledger_path(home: str | Path | None = None) -> Path:
+    """Where a peer keeps its ledger: HOME/ledger.sqlite (HOME defaults to $GPUNITE_HOME or ~/.gpunite)."""
+    from gpunite.identity import default_home
+
+    return Path(home) / LEDGER_FILE if home else default_home() / LEDGER_FILE
+
+
 @dataclass(frozen=True)
 class Conflict:
     """Two records from one signer claiming the same slot: evidence of equivocation."""
