@@ -1,7 +1,10 @@
 import json
 
+import numpy as np
 import pytest
 
+from gpunite.data.batches import heldout_units, load_sequences
+from gpunite.data.shards import ShardIndex, ShardWriter
 from gpunite.records import WorkUnit
 from gpunite.swarm.assignment import AssignmentError, WorkPlan, apportion, epoch_order, split_units
 
@@ -128,3 +131,25 @@ def test_bad_state_is_rejected_with_one_line_errors():
         WorkPlan(RANGES, 1, 8).settle(3, [])
     with pytest.raises(AssignmentError, match="no trainable"):
         WorkPlan([], 1, 8)
+
+
+def test_plan_over_a_prepared_dataset_trains_every_trainable_sequence_and_no_heldout_one(tmp_path):
+    writer = ShardWriter(tmp_path, 1024, "uint16")
+    writer.add(np.arange(2500, dtype=np.int64))  # token i is i: a sequence is named by its first token
+    shards = writer.finish()
+    ShardIndex(tokenizer_hash="0" * 64, vocab_size=65536, eos_id=0, dtype="uint16", seq_len=16, shard_tokens=1024,
+               documents=1, total_tokens=2500, shards=shards).save(tmp_path)
+    index = ShardIndex.load(tmp_path)
+    plan = WorkPlan.from_index(index, seq_len=16, seed=9, sequences_per_unit=5)
+    firsts = []
+    round_ = 0
+    while plan.coverage() < 1.0:
+        for units in plan.assign(round_, PEERS, 2).values():
+            for u in units:
+                firsts += load_sequences(tmp_path, index, u.shard, u.first, u.count, 16)[:, 0].tolist()
+        plan.settle(round_, [p for p, _ in PEERS])
+        round_ += 1
+    heldout = [load_sequences(tmp_path, index, h.shard_sha256, h.first, h.count, 16)[:, 0].tolist()
+               for h in heldout_units(index, 16)]
+    assert len(firsts) == len(set(firsts)) == plan.total_sequences
+    assert not set(firsts) & {t for rows in heldout for t in rows}

@@ -18,12 +18,15 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gpunite.errors import GpuniteError
 from gpunite.records import WorkUnit
+
+if TYPE_CHECKING:
+    from gpunite.data.shards import ShardIndex
 
 # A peer may claim at most this many times the median speed (and no less than its inverse), so no one grabs
 # a round's work (and with it the round's merge) by reporting an absurd speed.
@@ -140,6 +143,15 @@ class WorkPlan:
         self.trained: set[int] = set()  # this epoch's units whose contributions were accepted
         self.outstanding: dict[int, dict[str, list[tuple[int, int]]]] = {}
         self._order = epoch_order(len(self.units), seed, 0)
+
+    @classmethod
+    def from_index(cls, index: ShardIndex, seq_len: int, seed: int, sequences_per_unit: int = 8) -> WorkPlan:
+        """The plan over a prepared dataset's trainable sequences (its held-out tails excluded)."""
+        from gpunite.data.batches import training_units
+
+        ranges = training_units(index, seq_len)
+        units = [WorkUnit(shard=r.shard_sha256, first=r.first, count=r.count) for r in ranges]
+        return cls(units, seed, sequences_per_unit)
 
     def _start_epoch(self, epoch: int) -> None:
         self.epoch, self.cursor = epoch, 0
