@@ -156,7 +156,13 @@ def test_quota_check_counts_todays_signed_usage(tmp_path):
         assert allowed and remaining == 2 - i
         ledger.add(run.usage(host, worker.peer_id, request_id=f"q{i}", time=now))
     assert gate.check(worker.peer_id, now)[0] is False
-    assert used_today(ledger, worker.peer_id, day, run.run_id) == 3
+    assert used_today(ledger, worker.peer_id, day, run.run_id) == used_today(ledger, worker.peer_id, day) == 3
+    assert used_today(ledger, worker.peer_id, day, "f" * 64) == 0
+    for i in range(2):  # anonymous callers share one allowance per host
+        assert gate.check("anonymous", now)[0]
+        ledger.add(run.usage(host, "anonymous", request_id=f"anon{i}", time=now))
+    assert gate.check("anonymous", now)[0] is False
+    assert QuotaCheck(ledger, run.run_id, policy, host=stranger.peer_id).check("anonymous", now)[0] is True
     assert gate.check(stranger.peer_id, now) == (True, 1, reset)  # no credit: anonymous allowance
     assert reset > now and (reset - now) <= DAY and reset % DAY == 0
     tomorrow = reset + 1

@@ -39,15 +39,15 @@ def day_bounds(day: str) -> tuple[float, float]:
     return start, start + 86400.0
 
 
-def used_today(ledger, caller: str, day: str, run_id: str, host: str | None = None) -> int:
-    """Requests the caller made in this run on this UTC day, counted once per request id.
+def used_today(ledger, caller: str, day: str, run_id: str | None = None, host: str | None = None) -> int:
+    """Requests the caller made on this UTC day (in one run, or in all), counted once per request id.
 
     host limits the count to usage records signed by that host (how anonymous callers are counted).
     """
     start, _ = day_bounds(day)
     requests = {
-        record.request_id
-        for record in ledger.usage_of(run_id, caller, since=start - 86400.0)  # records may lag their day
+        (record.run_id, record.request_id)
+        for record in ledger.usage_of(caller, run_id, since=start - 86400.0)  # a record's time may lag its day
         if isinstance(record, Usage) and record.day == day and (host is None or record.peer_id == host)
     }
     return len(requests)
@@ -92,7 +92,7 @@ class QuotaCheck:
         """(queries allowed today, queries already used today) for the caller."""
         day = utc_day(now)
         if caller == ANONYMOUS:
-            return daily_quota(0.0, self.policy), used_today(self.ledger, caller, day, self.run_id, host=self.host)
+            return daily_quota(0.0, self.policy), used_today(self.ledger, caller, day, self.run_id, self.host)
         return daily_quota(self.rac_of(caller, now), self.policy), used_today(self.ledger, caller, day, self.run_id)
 
     def check(self, caller: str, now: float) -> QuotaDecision:

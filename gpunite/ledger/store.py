@@ -15,6 +15,7 @@ itself. The cost is one fsync per commit; `add_many` (used by sync) commits a wh
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -22,10 +23,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from gpunite.errors import GpuniteError
-from gpunite.identity import RecordError, canonical_json, decode_record, verify_record
-from gpunite.records import Block, _Record, parse_record, record_bytes
+from pydantic import TypeAdapter, ValidationError
+
+from gpunite.identity import RecordError, canonical_json
+from gpunite.records import AnyRecord, Block, _Record, parse_record, record_bytes
 
 SCHEMA_VERSION = 1
+# Records read back were verified when they were stored, so reads only parse them (ten times faster);
+# `gpunite chain verify` re-verifies what is on disk, in case the file was edited.
+_STORED = TypeAdapter(AnyRecord)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -99,14 +105,12 @@ def normalize(item: _Record | dict[str, Any] | bytes) -> tuple[_Record, bytes]:
     and their hash is the id blocks refer to. A record whose fields parse but re-serialize differently
     (an integer where a float belongs, a default left out) would get two ids, so it is refused.
     """
-    if isinstance(item, _Record):
-        raw: Any = item.model_dump(mode="json")
-        verify_record(raw)
-    elif isinstance(item, (bytes, bytearray)):
-        raw = decode_record(bytes(item))
+    if isinstance(item, (bytes, bytearray)):
+        record = parse_record(bytes(item))  # checks size, JSON and signature
+        raw: Any = json.loads(item)
     else:
-        raw = verify_record(item)
-    record = parse_record(raw)
+        raw = item.model_dump(mode="json") if isinstance(item, _Record) else item
+        record = parse_record(raw)
     data = record_bytes(record)
     if data != canonical_json(raw):
         raise RecordError("record is not in canonical form (sign it with gpunite.records.sign_record)")
@@ -149,6 +153,11 @@ class Ledger:
 
         def __exit__(self, exc_type, exc, tb) -> bool:
             self.ledger._lock.release()
+            if exc_type is not None and issubclass(exc_type, sqlite3.OperationalError):
+                raise LedgerError(
+                    f"ledger {self.ledger.path}: {exc}; check free disk space and that no other process "
+                    "keeps it locked, then try again"
+                ) from None
             if exc_type is not None and issubclass(exc_type, sqlite3.DatabaseError):
                 raise LedgerError(
                     f"ledger {self.ledger.path} is damaged or not a gpunite ledger ({exc}); move it aside "
@@ -274,7 +283,7 @@ class Ledger:
         return found
 
     def get_records(self, ids: Iterable[str]) -> dict[str, _Record]:
-        return {record_id: parse_record(body) for record_id, body in self.get(ids).items()}
+        return {record_id: self._load(body) for record_id, body in self.get(ids).items()}
 
     def records(
         self,
@@ -284,7 +293,16 @@ class Ledger:
         signer: str | None = None,
     ) -> list[_Record]:
         """Stored records matching every given filter, ordered by (time, id)."""
-        return [parse_record(body) for _, body in self._select(kind, run_id, round, signer)]
+        return [self._load(body) for _, body in self._select(kind, run_id, round, signer)]
+
+    def _load(self, body: bytes) -> _Record:
+        try:
+            return _STORED.validate_json(body)
+        except ValidationError:
+            raise LedgerError(
+                f"ledger {self.path} holds a record that no longer parses (was the file edited?); "
+                "run `gpunite chain verify` to find it, or move the file aside and sync again"
+            ) from None
 
     def raw(self, kind: str | None = None, run_id: str | None = None) -> list[tuple[str, bytes]]:
         """(id, stored bytes) of matching records, unparsed: for checks that must survive a tampered row."""
@@ -301,16 +319,20 @@ class Ledger:
             rows = db.execute(f"SELECT id, body FROM records {clause} ORDER BY time, id", args).fetchall()
         return ((record_id, bytes(body)) for record_id, body in rows)
 
-    def usage_of(self, run_id: str, caller: str, since: float = 0.0) -> list[_Record]:
-        """Usage records of one caller in one run with time >= since (uses the slot index)."""
-        start = f"{run_id}:{caller}:"
+    def usage_of(self, caller: str, run_id: str | None = None, since: float = 0.0) -> list[_Record]:
+        """Usage records of one caller (in one run, or in all) with time >= since."""
+        if run_id is None:
+            query = "SELECT body FROM records WHERE kind = 'usage' AND time >= ? ORDER BY time, id"
+            args: tuple = (since,)
+        else:
+            start = f"{run_id}:{caller}:"  # the slot index finds one run's caller directly
+            query = ("SELECT body FROM records WHERE kind = 'usage' AND slot >= ? AND slot < ? AND time >= ? "
+                     "ORDER BY time, id")
+            args = (start, start[:-1] + ";", since)  # ';' is the character after ':'
         with self._guard() as db:
-            rows = db.execute(
-                "SELECT body FROM records WHERE kind = 'usage' AND slot >= ? AND slot < ? AND time >= ? "
-                "ORDER BY time, id",
-                (start, start[:-1] + ";", since),  # ';' is the character after ':'
-            ).fetchall()
-        return [parse_record(bytes(body)) for (body,) in rows]
+            rows = db.execute(query, args).fetchall()
+        records = [self._load(bytes(body)) for (body,) in rows]
+        return [record for record in records if record.caller == caller]  # type: ignore[attr-defined]
 
     def blocks(self, run_id: str) -> list[Block]:
         """Every stored block of a run (all signers' copies), ordered by round."""
