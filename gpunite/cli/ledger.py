@@ -190,13 +190,20 @@ def ledger_sync(
     async def run(ledger) -> list[dict]:
         from hivemind.p2p import P2P, PeerID
 
-        results = []
-        p2p = await P2P.create(initial_peers=peers)
+        peer_ids = []
+        for maddr in peers:
+            try:
+                peer_ids.append(PeerID.from_base58(maddr.rsplit("/p2p/", 1)[1]))
+            except (IndexError, ValueError):
+                raise SyncError(f"{maddr} is not a peer address ending in /p2p/<peer id>; "
+                                "copy the full address the peer prints") from None
         try:
-            for maddr in peers:
-                if "/p2p/" not in maddr:
-                    raise SyncError(f"{maddr} has no /p2p/<peer id> part; copy the full address the peer prints")
-                peer_id = PeerID.from_base58(maddr.rsplit("/p2p/", 1)[1])
+            p2p = await P2P.create(initial_peers=peers)
+        except Exception as exc:  # hivemind reports bad addresses and daemon failures alike
+            raise SyncError(f"cannot start a libp2p node for {' '.join(peers)}: {exc}") from None
+        results = []
+        try:
+            for maddr, peer_id in zip(peers, peer_ids):
                 received, sent = await sync_with(p2p, peer_id, ledger)
                 results.append({"peer": maddr, "received": received, "sent": sent})
         finally:
