@@ -17,13 +17,23 @@ can rerun the same replay on the same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from gpunite.errors import GpuniteError
 from gpunite.model import ModelConfig, build_model, flops_per_token
-from gpunite.proof.trail import Segment, TrailState, entry_hash, trail_steps
+from gpunite.proof.trail import (
+    Segment,
+    SequenceLoader,
+    TrailState,
+    batches_for_steps,
+    entry_hash,
+    final_from_bytes,
+    segment_from_bytes,
+    trail_steps,
+)
 from gpunite.records import Contribution, Verdict, sign_record
 from gpunite.train.weights import flatten
 
@@ -232,7 +242,7 @@ def audit_delta(
     base and delta are flat fp32 vectors in model order (delta decompressed); `held_out_loss` is
     (loss at base, loss at final weights) on the verifier's held-out batch, when it measured them.
     """
-    last = len(contribution.trail) - 1
+    last = -1  # a verdict's segment is -1 when no replay was needed
     if final.entry != contribution.trail[-1]:
         return _reject("the served final weights do not match the trail's last entry", last, cheat=False)
     final_flat = flat_weights(final.weights, names)
@@ -252,20 +262,37 @@ def audit_delta(
     return AuditResult(True, f"delta matches the trail within {mismatch:.3g}", False, last, None, 0.0, details)
 
 
-def held_out_losses(model_config: ModelConfig, train_cfg, base: dict[str, torch.Tensor],
-                    final: dict[str, torch.Tensor], batch: torch.Tensor) -> tuple[float, float, float]:
-    """(loss at base, loss at final, forward FLOPs spent) on a held-out batch."""
+def held_out_loss(model_config: ModelConfig, train_cfg, weights: dict[str, torch.Tensor],
+                  batch: torch.Tensor) -> tuple[float, float]:
+    """(loss, forward FLOPs spent) of some weights on a held-out batch; compute the base's once per round."""
     from gpunite.train.checkpoint import load_model_state
     from gpunite.train.trainer import InnerTrainer
 
     model = build_model(model_config, seed=0)
-    trainer = InnerTrainer(model, train_cfg, device="cpu", total_steps=1)
-    losses = []
-    for weights in (base, final):
-        load_model_state(model, weights)
-        losses.append(trainer.evaluate(batch))
+    load_model_state(model, weights)
+    loss = InnerTrainer(model, train_cfg, device="cpu", total_steps=1).evaluate(batch)
     tokens = batch.size(0) * (batch.size(1) - 1)
-    return losses[0], losses[1], 2 * flops_per_token(model_config, batch.size(1) - 1) / 3 * tokens
+    return loss, flops_per_token(model_config, batch.size(1) - 1) / 3 * tokens
+
+
+def combine_results(results: Sequence[AuditResult]) -> AuditResult:
+    """One verifier's judgement of a contribution from its checks: the first rejection, or an accept.
+
+    Replay FLOPs add up (the verifier's credit); the distance reported is the largest replayed.
+    """
+    if not results:
+        raise ValueError("combine_results needs at least one audit result")
+    flops = sum(r.replay_flops for r in results)
+    distances = [r.distance for r in results if r.distance is not None]
+    distance = max(distances) if distances else None
+    details = {f"{key}[{r.segment}]": value for r in results for key, value in r.details.items()}
+    for r in results:
+        if not r.accept:
+            return AuditResult(False, r.reason, r.cheat, r.segment, r.distance, flops, details)
+    segments = [r.segment for r in results if r.segment >= 0]
+    reason = f"segments {segments} replayed within {distance:.3g}" if distance is not None else results[0].reason
+    return AuditResult(True, reason + ("; delta matches the trail" if any(r.segment < 0 for r in results) else ""),
+                       False, segments[0] if segments else -1, distance, flops, details)
 
 
 def make_verdict(identity, contribution: Contribution, result: AuditResult, time: float) -> Verdict:
@@ -283,3 +310,70 @@ def make_verdict(identity, contribution: Contribution, result: AuditResult, time
         time=time,
     )
     return sign_record(identity, verdict)
+
+
+def verify_contribution(
+    contribution: Contribution,
+    segments: Sequence[int],
+    fetch_segment: Callable[[int], bytes],
+    fetch_final: Callable[[], bytes],
+    base: dict[str, torch.Tensor],
+    delta: torch.Tensor,
+    loader: SequenceLoader,
+    batch_size: int,
+    model_config: ModelConfig,
+    train_cfg,
+    *,
+    total_steps: int,
+    bounds: AuditBounds = AuditBounds(),
+    held_out: tuple[torch.Tensor, float] | None = None,
+    expected_first_step: int | None = None,
+    expected_first_optimizer_hash: str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    max_bytes: int | None = None,
+) -> AuditResult:
+    """A verifier's whole audit of one contribution: the delta against the trail's end, then each drawn segment.
+
+    base: the round's global weights by name in model order; delta: the decompressed pseudo-gradient.
+    fetch_segment(i) / fetch_final() return the trainer's bytes (raise GpuniteError when it cannot serve);
+    a trainer that cannot serve is rejected, not proven to cheat. held_out: (a held-out batch, the base
+    weights' loss on it), when the verifier checks that held-out loss does not blow up.
+    """
+    names = list(base)
+    shapes = {name: tuple(t.shape) for name, t in base.items()}
+    results: list[AuditResult] = []
+    try:
+        final = final_from_bytes(fetch_final(), shapes, max_bytes)
+    except GpuniteError as exc:
+        return _reject(f"could not get the trail's final weights: {exc}", -1, cheat=False)
+    losses = None
+    flops = 0.0
+    if held_out is not None:
+        batch, base_loss = held_out
+        final_loss, flops = held_out_loss(model_config, train_cfg, final.weights, batch)
+        losses = (base_loss, final_loss)
+    result = audit_delta(contribution, final, flat_weights(base, names), delta, names, bounds=bounds,
+                         held_out_loss=losses)
+    results.append(AuditResult(result.accept, result.reason, result.cheat, result.segment, result.distance,
+                               flops, result.details))
+    if not result.accept:
+        return combine_results(results)
+    steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
+    for index in segments:
+        try:
+            segment = segment_from_bytes(fetch_segment(index), shapes, max_bytes)
+        except GpuniteError as exc:
+            results.append(_reject(f"could not get segment {index}: {exc}", index, cheat=False))
+            break
+        if segment.index != index:
+            results.append(_reject(f"asked for segment {index}, got {segment.index}", index, cheat=False))
+            break
+        batches = batches_for_steps(contribution.work_units, range(steps[index], steps[index + 1]), batch_size,
+                                    loader)
+        results.append(audit_segment(contribution, segment, batches, model_config, train_cfg,
+                                     total_steps=total_steps, bounds=bounds, expected_first_step=expected_first_step,
+                                     expected_first_optimizer_hash=expected_first_optimizer_hash,
+                                     autocast_dtype=autocast_dtype))
+        if not results[-1].accept:
+            break
+    return combine_results(results)

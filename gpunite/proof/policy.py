@@ -1,0 +1,153 @@
+"""Merge policy: which contributions may enter a round's aggregation given their checks and verdicts, and bans.
+
+A contribution merges only if (1) its signer is not banned, (2) no cheap check blocks it, and (3) when it is
+audited (sampled by the beacon, or forced by a suspicion such as a duplicate), at least `accepts_required`
+of its drawn verifiers signed accept verdicts and none of them rejected it. A rejection that the committed
+data proves (a cheap-check finding with `cheat`, or `accepts_required` proven reject verdicts from drawn
+verifiers) bans the signer for the rest of the run: no credit for that contribution or any later one, and
+the records that prove it are kept as evidence.
+
+Default audit policy, derived in `gpunite.proof.selection`: a cheater faking half of its segments must be
+caught with probability >= 0.99 within 5 rounds, at <= 5% of training compute. One round catches it with
+probability audit_fraction * P(drawn segments include a faked one), so audit_fraction must be >= 0.61
+whatever the segments; replaying s of n segments costs about audit_fraction * s / n of training. With
+n = 50 segments (e.g. H = 100 inner steps, k = 2), audit_fraction 0.85 and 2 segments per audit give
+0.85 * 0.755 = 0.642 per round, 0.994 in 5 rounds, for ~3.4% of training compute plus evaluation passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gpunite.proof.audit import PROVEN, AuditBounds
+from gpunite.proof.checks import Finding
+from gpunite.proof.selection import choose_segments, choose_verifiers, is_audited
+from gpunite.records import Contribution, Verdict
+
+DEFAULT_SEGMENTS_PER_AUDIT = 2
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    audit_fraction: float = 0.85
+    segments_per_audit: int = DEFAULT_SEGMENTS_PER_AUDIT
+    verifiers_per_audit: int = 1
+    accepts_required: int = 1
+    bounds: AuditBounds = AuditBounds()
+
+
+def policy_from_manifest(proof, segments_per_audit: int = DEFAULT_SEGMENTS_PER_AUDIT) -> MergePolicy:
+    """The policy of a run's manifest [proof] section (gpunite.manifest.ProofSection)."""
+    return MergePolicy(
+        audit_fraction=proof.audit_fraction,
+        segments_per_audit=segments_per_audit,
+        verifiers_per_audit=proof.verifiers_per_audit,
+        accepts_required=proof.accepts_required,
+        bounds=AuditBounds(tolerance=proof.tolerance),
+    )
+
+
+@dataclass(frozen=True)
+class AuditAssignment:
+    """Whether a contribution is audited, by whom and on which trail segments (recomputable by anyone)."""
+
+    audited: bool
+    verifiers: tuple[str, ...] = ()
+    segments: tuple[int, ...] = ()
+
+
+def assign_audit(beacon: bytes, contribution: Contribution, policy: MergePolicy, candidates: Sequence[str],
+                 coordinator: str, forced: bool = False) -> AuditAssignment:
+    """The beacon's audit decision for one contribution; `forced` when a non-blocking finding asks for one.
+
+    The coordinator (who knew the beacon first) never verifies, and its own contributions are always audited.
+    """
+    cid = contribution.record_id
+    audited = forced or is_audited(beacon, cid, policy.audit_fraction,
+                                   signer_is_coordinator=contribution.peer_id == coordinator)
+    if not audited:
+        return AuditAssignment(False)
+    verifiers = choose_verifiers(beacon, cid, candidates, policy.verifiers_per_audit,
+                                 exclude=(contribution.peer_id, coordinator))
+    segments = choose_segments(beacon, cid, len(contribution.trail) - 1, policy.segments_per_audit)
+    return AuditAssignment(True, tuple(verifiers), tuple(segments))
+
+
+@dataclass(frozen=True)
+class Ban:
+    peer_id: str
+    round: int
+    reason: str
+    evidence: tuple[str, ...]  # record ids (contributions, verdicts) that prove the cheat
+
+
+@dataclass
+class BanList:
+    """Peers proven to cheat in this run, with the proof. Every peer derives the same list from its ledger."""
+
+    bans: dict[str, Ban] = field(default_factory=dict)
+
+    def ban(self, peer_id: str, round_index: int, reason: str, evidence: Sequence[str]) -> None:
+        if peer_id not in self.bans:
+            self.bans[peer_id] = Ban(peer_id, round_index, reason, tuple(evidence))
+
+    def is_banned(self, peer_id: str) -> bool:
+        return peer_id in self.bans
+
+
+@dataclass(frozen=True)
+class MergeDecision:
+    merge: bool
+    reason: str
+    cheat: bool = False  # proven: the signer is to be banned
+    evidence: tuple[str, ...] = ()  # verdict ids the decision relied on
+
+
+def merge_decision(
+    contribution: Contribution,
+    findings: Sequence[Finding],
+    verdicts: Sequence[Verdict],
+    policy: MergePolicy,
+    assignment: AuditAssignment,
+    bans: BanList | None = None,
+) -> MergeDecision:
+    """Whether a contribution may merge now. `verdicts` may hold any verdicts; only the drawn verifiers'
+    verdicts on this contribution count, one per verifier (a verifier that signs both ways counts as reject)."""
+    cid = contribution.record_id
+    if bans is not None and bans.is_banned(contribution.peer_id):
+        ban = bans.bans[contribution.peer_id]
+        return MergeDecision(False, f"signer was banned in round {ban.round}: {ban.reason}")
+    proven = [f for f in findings if f.blocking and f.cheat]
+    if proven:
+        return MergeDecision(False, PROVEN + proven[0].reason, cheat=True, evidence=(cid,))
+    blocking_findings = [f for f in findings if f.blocking]
+    if blocking_findings:
+        return MergeDecision(False, blocking_findings[0].reason)
+    suspicions = [f for f in findings if not f.blocking]
+    if suspicions and not assignment.audited:
+        return MergeDecision(False, f"{suspicions[0].reason}, but no audit was assigned")
+    if not assignment.audited:
+        return MergeDecision(True, "cheap checks passed; not drawn for audit")
+
+    by_verifier: dict[str, list[Verdict]] = {}
+    for verdict in verdicts:
+        if verdict.contribution == cid and verdict.peer_id in assignment.verifiers:
+            by_verifier.setdefault(verdict.peer_id, []).append(verdict)
+    accepts = [v for vs in by_verifier.values() if all(v.accept for v in vs) for v in vs[:1]]
+    rejects = [v for vs in by_verifier.values() for v in vs if not v.accept]
+    proven_rejects = [v for v in rejects if v.reason.startswith(PROVEN)]
+    if rejects:
+        cheat = len({v.peer_id for v in proven_rejects}) >= max(1, policy.accepts_required)
+        return MergeDecision(False, rejects[0].reason, cheat=cheat,
+                             evidence=(cid, *(v.record_id for v in rejects)))
+    if len(accepts) < policy.accepts_required:
+        return MergeDecision(False, f"audited: {len(accepts)} of {policy.accepts_required} accept verdicts so far")
+    return MergeDecision(True, f"audited and accepted by {len(accepts)} verifier(s)",
+                         evidence=tuple(v.record_id for v in accepts))
+
+
+def apply_decision(bans: BanList, contribution: Contribution, decision: MergeDecision) -> None:
+    """Ban the signer of a proven cheat (keeps the first ban's evidence)."""
+    if decision.cheat:
+        bans.ban(contribution.peer_id, contribution.round, decision.reason, decision.evidence)
