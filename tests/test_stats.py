@@ -18,7 +18,7 @@ def _two_day_run():
     run = RunBuilder()
     old, new, witness, host = peer("old"), peer("new"), peer("witness"), peer("host")
     run.host(old, user_name="Old Timer", team="Pioneers & Co")
-    run.host(new, user_name="newbie", team="Pioneers & Co")
+    run.host(new, user_name="new\x07bie</name>", team="Pioneers & Co")
     run.block([witness], [run.contribution(old, flops=4.32e13), run.contribution(new, flops=4.32e13)], advance_s=DAY)
     run.block([witness], [run.contribution(new, flops=8.64e13)], advance_s=DAY)
     run.usage(host, old.peer_id, tokens=10_000, request_id="q", time=run.time - 100)
@@ -35,7 +35,7 @@ def test_status_page_numbers():
     assert stats.credit_24h == pytest.approx(200.0 + 0.1)
     assert stats.total_credit == pytest.approx(100 + 300 + 0.1)
     assert stats.teraflops == pytest.approx(sum(row.rac for row in table.users) / 200_000)
-    assert [row["name"] for row in stats.top_users][:2] == ["newbie", "Old Timer"]
+    assert [row["name"] for row in stats.top_users][:2] == ["new\x07bie</name>", "Old Timer"]
     assert stats.top_teams[0]["members"] == 2
 
 
@@ -55,6 +55,7 @@ def test_boinc_export_files_parse_and_carry_boinc_fields(tmp_path):
     assert old_user.findtext("cpid") == cpid(old.public_key_hex) and len(old_user.findtext("cpid")) == 32
     assert int(old_user.findtext("teamid")) == numeric_id("Pioneers & Co")
     assert by_name[host.peer_id[:12]].find("teamid") is None
+    assert "newbie</name>" in by_name  # control characters dropped, markup escaped
 
     hosts = ET.fromstring(gzip.decompress((tmp_path / "stats" / "host.gz").read_bytes()))
     assert hosts.tag == "hosts" and {h.findtext("userid") for h in hosts} == {u.findtext("id") for u in users}

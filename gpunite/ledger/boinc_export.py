@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import re
 import time
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -38,6 +39,14 @@ def numeric_id(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF or 1
 
 
+_NOT_XML_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _text(value: str) -> str:
+    """Names come from peers: drop characters XML 1.0 cannot carry, then escape markup."""
+    return escape(_NOT_XML_CHARS.sub("", value))
+
+
 def _xml_document(tag: str, entries: list[str]) -> bytes:
     out = io.StringIO()
     out.write('<?xml version="1.0" encoding="utf-8"?>\n')
@@ -57,7 +66,7 @@ def _user_xml(row: CreditRow) -> str:
     lines = [
         "<user>",
         f" <id>{numeric_id(row.id)}</id>",
-        f" <name>{escape(row.name)}</name>",
+        f" <name>{_text(row.name)}</name>",
         f" <create_time>{int(row.create_time)}</create_time>",
         f" <total_credit>{row.total_credit:f}</total_credit>",
         f" <expavg_credit>{row.expavg_credit:f}</expavg_credit>",
@@ -79,7 +88,7 @@ def _host_xml(row: CreditRow) -> str:
         f"    <expavg_credit>{row.expavg_credit:f}</expavg_credit>",
         f"    <expavg_time>{row.expavg_time:f}</expavg_time>",
         "    <p_vendor></p_vendor>",
-        f"    <p_model>{escape(row.device)}</p_model>",
+        f"    <p_model>{_text(row.device)}</p_model>",
         "    <os_name></os_name>",
         "    <os_version></os_version>",
         f"    <create_time>{int(row.create_time)}</create_time>",
@@ -94,14 +103,14 @@ def _team_xml(row: CreditRow, founder: CreditRow | None) -> str:
         "<team>",
         f" <id>{numeric_id(row.id)}</id>",
         " <type>1</type>",
-        f" <name>{escape(row.name)}</name>",
+        f" <name>{_text(row.name)}</name>",
         f" <userid>{numeric_id(founder.id) if founder else 0}</userid>",
         f" <total_credit>{row.total_credit:f}</total_credit>",
         f" <expavg_credit>{row.expavg_credit:f}</expavg_credit>",
         f" <expavg_time>{row.expavg_time:f}</expavg_time>",
     ]
     if founder:
-        lines.append(f" <founder_name>{escape(founder.name)}</founder_name>")
+        lines.append(f" <founder_name>{_text(founder.name)}</founder_name>")
     lines += [f" <create_time>{int(row.create_time)}</create_time>", " <country>None</country>", "</team>\n"]
     return "\n".join(lines)
 
