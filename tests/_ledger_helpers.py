@@ -107,7 +107,8 @@ def small_run(name: str = "run", rounds: int = 4) -> tuple[RunBuilder, dict[str,
     run.host(peers["carol"], user_name="carol", team="red")
     run.host(peers["vera"], user_name="vera")
     for _ in range(rounds):
-        contributions = [run.contribution(peers[n], flops=1e12 * (i + 1)) for i, n in enumerate(("alice", "bob", "carol"))]
+        contributions = [run.contribution(peers[n], flops=1e12 * (i + 1), tokens=1000 * (i + 1))
+                         for i, n in enumerate(("alice", "bob", "carol"))]
         verdict = run.verdict(peers["vera"], contributions[run.round % 3])
         run.block([peers["alice"], peers["bob"], peers["vera"]], contributions, [verdict])
     run.usage(peers["hank"], peers["alice"].peer_id, tokens=5000, request_id="q1")

@@ -88,15 +88,30 @@ def test_claims_are_capped_and_audits_credited_within_the_work_they_replay():
     assert capped.user(verifier.peer_id).total_credit == pytest.approx(6e9 / FLOPS_PER_CREDIT)
 
 
-def test_hosting_credit_is_a_small_share_per_served_token():
+def test_without_a_manifest_claims_are_capped_at_the_runs_median_flops_per_token():
     run = RunBuilder()
-    host, caller = peer("host"), peer("caller")
+    honest = [peer(f"h{i}") for i in range(3)]
+    liar = peer("liar")
+    work = [run.contribution(p, flops=6e9, tokens=1000) for p in honest]
+    work.append(run.contribution(liar, flops=6e15, tokens=1000))
+    run.block(honest, work)
+    table = credit_table(run.records, now=run.time + 10)
+    assert table.user(liar.peer_id).total_credit == pytest.approx(table.user(honest[0].peer_id).total_credit)
+
+
+def test_hosting_credit_is_a_small_share_per_token_served_to_verified_peers():
+    run = RunBuilder()
+    host, caller, sybil, witness = peer("host"), peer("caller"), peer("sybil"), peer("witness")
+    run.usage(host, caller.peer_id, tokens=50_000, request_id="early")  # before the caller did verified work
+    run.block([witness], [run.contribution(caller)])
     run.usage(host, caller.peer_id, tokens=20_000, request_id="a")
     run.usage(host, caller.peer_id, tokens=20_000, request_id="a", time=run.time + 1)  # same request twice
     run.usage(host, host.peer_id, tokens=10**6, request_id="self")  # serving itself earns nothing
+    run.usage(host, sybil.peer_id, tokens=10**6, request_id="s")  # a caller with no verified work: nothing
+    run.usage(host, "anonymous", tokens=10**6, request_id="anon")
     table = credit_table(run.records, now=run.time + 5, host_credit_per_1k_tokens=0.05)
     assert table.user(host.peer_id).hosting_credit == pytest.approx(20 * 0.05)
-    assert [g.what for g in grants(run.records)] == ["hosting"]
+    assert [g.what for g in grants(run.records)] == ["training", "hosting"]
 
 
 def test_rac_follows_boinc_update_rule_by_hand():

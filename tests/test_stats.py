@@ -20,7 +20,7 @@ def _two_day_run():
     run.host(old, user_name="Old Timer", team="Pioneers & Co")
     run.host(new, user_name="new\x07bie</name>", team="Pioneers & Co")
     run.block([witness], [run.contribution(old, flops=4.32e13), run.contribution(new, flops=4.32e13)], advance_s=DAY)
-    run.block([witness], [run.contribution(new, flops=8.64e13)], advance_s=DAY)
+    run.block([witness], [run.contribution(new, flops=8.64e13, tokens=2000)], advance_s=DAY)
     run.usage(host, old.peer_id, tokens=10_000, request_id="q", time=run.time - 100)
     return run, old, new, host
 

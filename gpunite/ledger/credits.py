@@ -5,15 +5,19 @@ whatever order the records arrived in (everything is sorted by content, never by
 
 What earns credit (1 credit = 4.32e11 FLOP: 200 credits per day of a 1 GFLOPS machine, as BOINC):
 - training: a contribution listed in `accepted` of its run's canonical block for its own round earns
-  its signer `claimed_flops`, capped at `flops_per_token[run] * tokens` when the run's model is known.
-  One contribution per signer per round at most (a second one is equivocation, kept as evidence).
+  its signer `claimed_flops`, capped at `flops_per_token[run] * tokens` when the run's model is known
+  (from its manifest), else at the run's median claimed FLOPs per token, so a minority of trainers
+  cannot inflate their claims. One contribution per signer per round at most (a second one is
+  equivocation, kept as evidence).
 - audits: a verdict listed in `verdicts` of a canonical block earns its signer `replay_flops`, capped at
   the audited contribution's own (capped) FLOPs: a replay of part of the work never costs more than
   the work. The audited contribution must be in the set and not signed by the verifier.
 - hosting: a usage record earns its host `host_credit_per_1k_tokens` per 1000 served tokens (the
   manifest's `credit.host_credit_per_1k_tokens`). Usage records are signed only by the host, so they
   cannot be verified; that is why hosting earns a small fixed share measured in tokens, not FLOPs,
-  and a host serving itself (caller = host) earns nothing.
+  and only for callers whose identity already earned verified (training or audit) credit, counted
+  from their first such grant: a host can neither bill itself nor invent callers. Anonymous service
+  is a public good that earns no credit.
 A peer rejected with `cheat=True` in any canonical block of a run is banned from that run: it gets no
 credit from that run at all, earlier rounds included.
 
@@ -33,7 +37,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from gpunite.ledger.chain import canonical_chain
+from gpunite.ledger.chain import ChainLink, canonical_chain
 from gpunite.records import Block, Contribution, HostRecord, Usage, Verdict, _Record
 
 FLOPS_PER_CREDIT = 4.32e11  # 1 GFLOPS for a day = 8.64e13 FLOP = 200 credits
@@ -103,41 +107,38 @@ def grants(
     for run_id, blocks in blocks_by_run.items():
         chain = canonical_chain(blocks)
         banned[run_id] = {rej.trainer for link in chain for rej in link.block.rejected if rej.cheat}
+        merged = _merged_contributions(chain, by_id, run_id)
         cap = (flops_per_token or {}).get(run_id)
-        credited_slots: set[tuple[str, int]] = set()
-        credited_ids: set[str] = set()
-        work_start_of_round = {link.round: chain[link.round - 1].time if link.round else link.time for link in chain}
+        if cap is None:
+            cap = median_flops_per_token([c for _, _, c in merged])
+        for link, contribution_id, contribution in merged:
+            out.append(Grant(contribution.peer_id, run_id, capped_flops(contribution, cap) / FLOPS_PER_CREDIT,
+                             link.time, _work_start(chain, link), contribution_id, "training"))
+        credited_verdicts: set[str] = set()
         for link in chain:
-            start = work_start_of_round[link.round]
-            for contribution_id in sorted(set(link.block.accepted)):
-                contribution = by_id.get(contribution_id)
-                if not isinstance(contribution, Contribution) or contribution_id in credited_ids:
-                    continue
-                if contribution.run_id != run_id or contribution.round != link.round:
-                    continue
-                slot = (contribution.peer_id, contribution.round)
-                if slot in credited_slots:
-                    continue
-                credited_slots.add(slot)
-                credited_ids.add(contribution_id)
-                flops = capped_flops(contribution, cap)
-                out.append(Grant(contribution.peer_id, run_id, flops / FLOPS_PER_CREDIT, link.time, start,
-                                 contribution_id, "training"))
             for verdict_id in sorted(set(link.block.verdicts)):
                 verdict = by_id.get(verdict_id)
-                if not isinstance(verdict, Verdict) or verdict.run_id != run_id or verdict_id in credited_ids:
+                if not isinstance(verdict, Verdict) or verdict.run_id != run_id or verdict_id in credited_verdicts:
                     continue
                 audited = by_id.get(verdict.contribution)
                 if not isinstance(audited, Contribution) or audited.peer_id == verdict.peer_id:
                     continue
-                credited_ids.add(verdict_id)
+                credited_verdicts.add(verdict_id)
                 flops = min(verdict.replay_flops, capped_flops(audited, cap))
-                out.append(Grant(verdict.peer_id, run_id, flops / FLOPS_PER_CREDIT, link.time, start,
-                                 verdict_id, "audit"))
+                out.append(Grant(verdict.peer_id, run_id, flops / FLOPS_PER_CREDIT, link.time,
+                                 _work_start(chain, link), verdict_id, "audit"))
+    out = [g for g in out if g.peer not in banned.get(g.run_id, ()) and g.credit > 0]
 
+    # Hosting: only service to callers whose identity is backed by verified work counts, from the time
+    # of their first verified grant, so a host cannot invent callers (Sybils) to bill.
+    verified_since: dict[str, float] = {}
+    for grant in out:
+        verified_since[grant.peer] = min(grant.time, verified_since.get(grant.peer, grant.time))
     served: set[tuple[str, str, str, str]] = set()
     for record_id, record in sorted(by_id.items()):
         if not isinstance(record, Usage) or record.caller == record.peer_id:
+            continue
+        if record.time < verified_since.get(record.caller, float("inf")):
             continue
         request = (record.peer_id, record.run_id, record.caller, record.request_id)
         if request in served:
@@ -146,15 +147,47 @@ def grants(
         rate = (host_credit_per_1k_tokens.get(record.run_id, DEFAULT_HOST_CREDIT_PER_1K_TOKENS)
                 if isinstance(host_credit_per_1k_tokens, Mapping) else host_credit_per_1k_tokens)
         tokens = record.prompt_tokens + record.completion_tokens
-        out.append(Grant(record.peer_id, record.run_id, rate * tokens / 1000.0, record.time, record.time,
-                         record_id, "hosting"))
+        if record.peer_id not in banned.get(record.run_id, ()) and rate * tokens > 0:
+            out.append(Grant(record.peer_id, record.run_id, rate * tokens / 1000.0, record.time, record.time,
+                             record_id, "hosting"))
+    return sorted(out, key=lambda g: (g.time, g.source, g.peer))
 
-    kept = [g for g in out if g.peer not in banned.get(g.run_id, ()) and g.credit > 0]
-    return sorted(kept, key=lambda g: (g.time, g.source, g.peer))
+
+def _merged_contributions(chain: list[ChainLink], by_id: dict[str, _Record], run_id: str):
+    """(link, id, contribution) for each contribution merged by the canonical chain in its own run and round,
+    at most one per signer and round, each once."""
+    merged = []
+    seen_ids: set[str] = set()
+    seen_slots: set[tuple[str, int]] = set()
+    for link in chain:
+        for contribution_id in sorted(set(link.block.accepted)):
+            contribution = by_id.get(contribution_id)
+            if not isinstance(contribution, Contribution) or contribution_id in seen_ids:
+                continue
+            if contribution.run_id != run_id or contribution.round != link.round:
+                continue
+            if (contribution.peer_id, contribution.round) in seen_slots:
+                continue
+            seen_ids.add(contribution_id)
+            seen_slots.add((contribution.peer_id, contribution.round))
+            merged.append((link, contribution_id, contribution))
+    return merged
+
+
+def _work_start(chain: list[ChainLink], link: ChainLink) -> float:
+    """A round's work starts when the previous round's block is agreed (round 0: unknown, so its own time)."""
+    return chain[link.round - 1].time if link.round else link.time
+
+
+def median_flops_per_token(contributions: list[Contribution]) -> float | None:
+    """The lower median of claimed FLOPs per token: without the run's manifest, a claim above what most
+    trainers of the run claim per token is capped there, so a minority cannot inflate its credit."""
+    ratios = sorted(c.claimed_flops / c.tokens for c in contributions if c.tokens > 0)
+    return ratios[(len(ratios) - 1) // 2] if ratios else None
 
 
 def capped_flops(contribution: Contribution, flops_per_token: float | None) -> float:
-    """The contribution's claimed FLOPs, at most flops_per_token * tokens when the model's cost is known."""
+    """The contribution's claimed FLOPs, at most flops_per_token * tokens when a per-token cost is known."""
     if flops_per_token is None:
         return contribution.claimed_flops
     return min(contribution.claimed_flops, flops_per_token * contribution.tokens)
