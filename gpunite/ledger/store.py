@@ -15,9 +15,11 @@ itself. The cost is one fsync per commit; `add_many` (used by sync) commits a wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -27,6 +29,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from gpunite.identity import RecordError, canonical_json
 from gpunite.records import AnyRecord, Block, _Record, parse_record, record_bytes
+from gpunite.util import sha256_bytes
 
 SCHEMA_VERSION = 1
 # Records read back were verified when they were stored, so reads only parse them (ten times faster);
@@ -128,45 +131,40 @@ class Ledger:
             self._db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False, isolation_level=None)
         except (sqlite3.Error, OSError) as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc}; check the path and its permissions") from None
-        with self._guard():
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=30000")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise LedgerError(
-                    f"ledger {self.path} has schema version {version}, newer than this gpunite "
-                    f"({SCHEMA_VERSION}); upgrade gpunite"
-                )
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        try:
+            with self._guard() as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise LedgerError(
+                        f"ledger {self.path} has schema version {version}, newer than this gpunite "
+                        f"({SCHEMA_VERSION}); upgrade gpunite"
+                    )
+                db.executescript(_SCHEMA)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except LedgerError:
+            self._db.close()
+            raise
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    class _Guard:
-        def __init__(self, ledger: Ledger):
-            self.ledger = ledger
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.ledger._lock.acquire()
-            return self.ledger._db
-
-        def __exit__(self, exc_type, exc, tb) -> bool:
-            self.ledger._lock.release()
-            if exc_type is not None and issubclass(exc_type, sqlite3.OperationalError):
+    @contextmanager
+    def _guard(self) -> Iterator[sqlite3.Connection]:
+        """The connection, held by this thread; SQLite errors become one-line LedgerErrors."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.OperationalError as exc:
                 raise LedgerError(
-                    f"ledger {self.ledger.path}: {exc}; check free disk space and that no other process "
-                    "keeps it locked, then try again"
+                    f"ledger {self.path}: {exc}; check free disk space and that no other process keeps it "
+                    "locked, then try again"
                 ) from None
-            if exc_type is not None and issubclass(exc_type, sqlite3.DatabaseError):
+            except sqlite3.DatabaseError as exc:
                 raise LedgerError(
-                    f"ledger {self.ledger.path} is damaged or not a gpunite ledger ({exc}); move it aside "
-                    "and run `gpunite ledger sync` to fetch the records again from peers"
+                    f"ledger {self.path} is damaged or not a gpunite ledger ({exc}); move it aside and run "
+                    "`gpunite ledger sync` to fetch the records again from peers"
                 ) from None
-            return False
-
-    def _guard(self) -> Ledger._Guard:
-        return Ledger._Guard(self)
 
     def close(self) -> None:
         with self._lock:
@@ -224,8 +222,6 @@ class Ledger:
 
     @staticmethod
     def _insert(db: sqlite3.Connection, record: _Record, data: bytes) -> bool:
-        from gpunite.util import sha256_bytes
-
         record_id = sha256_bytes(data)
         slot, content = _slot_and_content(record, record_id)
         kind, signer = record.kind, record.peer_id  # type: ignore[attr-defined]
@@ -281,9 +277,6 @@ class Ledger:
                 for record_id, body in db.execute(f"SELECT id, body FROM records WHERE id IN ({marks})", chunk):
                     found[record_id] = bytes(body)
         return found
-
-    def get_records(self, ids: Iterable[str]) -> dict[str, _Record]:
-        return {record_id: self._load(body) for record_id, body in self.get(ids).items()}
 
     def records(
         self,
@@ -351,8 +344,6 @@ class Ledger:
 
     def prefix_counts(self, prefix: str) -> dict[str, tuple[int, str]]:
         """For each one-hex-digit extension of prefix: (number of ids, sha256 of their sorted concatenation)."""
-        import hashlib
-
         children: dict[str, tuple[int, str]] = {}
         for digit in "0123456789abcdef":
             child = prefix + digit
