@@ -1,4 +1,4 @@
-"""Builds real signed records of a run (contributions, verdicts, blocks, host and usage records) for ledger tests."""
+"""Builds real signed records of a run (contributions, verdicts, blocks, host and usage records) for tests."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import hashlib
 
 from gpunite.identity import Identity
 from gpunite.records import (
-    GENESIS, Block, Contribution, HostRecord, Rejection, Usage, Verdict, WorkUnit, sign_record,
+    GENESIS,
+    Block,
+    Contribution,
+    HostRecord,
+    Rejection,
+    Usage,
+    Verdict,
+    WorkUnit,
+    sign_record,
 )
 
 T0 = 1_750_000_000.0
@@ -35,37 +43,78 @@ class RunBuilder:
     def base(self) -> str:
         return weights_hash(self.run_id, self.round - 1) if self.round else weights_hash(self.run_id, -1)
 
-    def contribution(self, who: Identity, flops: float = 1e12, tokens: int = 1000, round_: int | None = None,
-                     base: str | None = None, time: float | None = None) -> Contribution:
-        record = sign_record(who, Contribution(
-            run_id=self.run_id, round=self.round if round_ is None else round_, base_hash=base or self.base,
-            work_units=[WorkUnit(shard="c" * 64, first=0, count=4)], inner_steps=20, tokens=tokens,
-            trail_interval=10, trail=["d" * 64] * 3, delta_hash=hashlib.sha256(who.peer_id.encode()).hexdigest(),
-            delta_norm=1.0, claimed_flops=flops, time=self.time if time is None else time,
-        ))
+    def contribution(
+        self,
+        who: Identity,
+        flops: float = 1e12,
+        tokens: int = 1000,
+        round_: int | None = None,
+        base: str | None = None,
+        time: float | None = None,
+    ) -> Contribution:
+        record = sign_record(
+            who,
+            Contribution(
+                run_id=self.run_id,
+                round=self.round if round_ is None else round_,
+                base_hash=base or self.base,
+                work_units=[WorkUnit(shard="c" * 64, first=0, count=4)],
+                inner_steps=20,
+                tokens=tokens,
+                trail_interval=10,
+                trail=["d" * 64] * 3,
+                delta_hash=hashlib.sha256(who.peer_id.encode()).hexdigest(),
+                delta_norm=1.0,
+                claimed_flops=flops,
+                time=self.time if time is None else time,
+            ),
+        )
         self.records.append(record)
         return record
 
-    def verdict(self, who: Identity, contribution: Contribution, replay_flops: float = 1e10,
-                accept: bool = True) -> Verdict:
-        record = sign_record(who, Verdict(
-            run_id=self.run_id, round=contribution.round, contribution=contribution.record_id,
-            trainer=contribution.peer_id, accept=accept, reason="replay within tolerance" if accept else "far",
-            segment=0, distance=0.0, replay_flops=replay_flops, time=self.time,
-        ))
+    def verdict(
+        self, who: Identity, contribution: Contribution, replay_flops: float = 1e10, accept: bool = True
+    ) -> Verdict:
+        record = sign_record(
+            who,
+            Verdict(
+                run_id=self.run_id,
+                round=contribution.round,
+                contribution=contribution.record_id,
+                trainer=contribution.peer_id,
+                accept=accept,
+                reason="replay within tolerance" if accept else "far",
+                segment=0,
+                distance=0.0,
+                replay_flops=replay_flops,
+                time=self.time,
+            ),
+        )
         self.records.append(record)
         return record
 
-    def block(self, signers: list[Identity], accepted: list[Contribution], verdicts: list[Verdict] = (),
-              cheats: list[Contribution] = (), advance_s: float = 3600.0, prev: str | None = None,
-              weights: str | None = None) -> list[Block]:
+    def block(
+        self,
+        signers: list[Identity],
+        accepted: list[Contribution],
+        verdicts: list[Verdict] = (),
+        cheats: list[Contribution] = (),
+        advance_s: float = 3600.0,
+        prev: str | None = None,
+        weights: str | None = None,
+    ) -> list[Block]:
         """Every signer signs the round's block; the run moves to the next round, advance_s later."""
         self.time += advance_s
         body = dict(
-            run_id=self.run_id, round=self.round, prev=prev or self.prev,
-            accepted=[c.record_id for c in accepted], verdicts=[v.record_id for v in verdicts],
-            rejected=[Rejection(contribution=c.record_id, trainer=c.peer_id, reason="replay far", cheat=True)
-                      for c in cheats],
+            run_id=self.run_id,
+            round=self.round,
+            prev=prev or self.prev,
+            accepted=[c.record_id for c in accepted],
+            verdicts=[v.record_id for v in verdicts],
+            rejected=[
+                Rejection(contribution=c.record_id, trainer=c.peer_id, reason="replay far", cheat=True)
+                for c in cheats
+            ],
             weights_hash=weights or weights_hash(self.run_id, self.round),
             tokens=sum(c.tokens for c in accepted),
         )
@@ -75,31 +124,59 @@ class RunBuilder:
         self.round += 1
         return copies
 
-    def host(self, who: Identity, user_name: str = "", team: str = "", host_name: str = "box",
-             time: float | None = None) -> HostRecord:
-        record = sign_record(who, HostRecord(
-            host_name=host_name, user_name=user_name, team=team, device="cpu", memory_gb=8.0, tflops=0.1,
-            time=self.time if time is None else time,
-        ))
+    def host(
+        self,
+        who: Identity,
+        user_name: str = "",
+        team: str = "",
+        host_name: str = "box",
+        time: float | None = None,
+    ) -> HostRecord:
+        record = sign_record(
+            who,
+            HostRecord(
+                host_name=host_name,
+                user_name=user_name,
+                team=team,
+                device="cpu",
+                memory_gb=8.0,
+                tflops=0.1,
+                time=self.time if time is None else time,
+            ),
+        )
         self.records.append(record)
         return record
 
-    def usage(self, host: Identity, caller: str, tokens: int = 1000, request_id: str = "r1",
-              time: float | None = None) -> Usage:
+    def usage(
+        self,
+        host: Identity,
+        caller: str,
+        tokens: int = 1000,
+        request_id: str = "r1",
+        time: float | None = None,
+    ) -> Usage:
         import datetime as dt
 
         when = self.time if time is None else time
-        record = sign_record(host, Usage(
-            run_id=self.run_id, caller=caller, request_id=request_id, prompt_tokens=tokens // 2,
-            completion_tokens=tokens - tokens // 2, flops=2e9 * tokens,
-            day=dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime("%Y-%m-%d"), time=when,
-        ))
+        record = sign_record(
+            host,
+            Usage(
+                run_id=self.run_id,
+                caller=caller,
+                request_id=request_id,
+                prompt_tokens=tokens // 2,
+                completion_tokens=tokens - tokens // 2,
+                flops=2e9 * tokens,
+                day=dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime("%Y-%m-%d"),
+                time=when,
+            ),
+        )
         self.records.append(record)
         return record
 
 
 def small_run(name: str = "run", rounds: int = 4) -> tuple[RunBuilder, dict[str, Identity]]:
-    """Three trainers, one verifier, one host; every round audited once; team 'blue' and a host record each."""
+    """Three trainers, one verifier, one host; each round audited once; teams 'blue' and 'red'."""
     run = RunBuilder(name)
     peers = {n: peer(f"{name}-{n}") for n in ("alice", "bob", "carol", "vera", "hank")}
     run.host(peers["alice"], user_name="alice", team="blue")
@@ -107,8 +184,10 @@ def small_run(name: str = "run", rounds: int = 4) -> tuple[RunBuilder, dict[str,
     run.host(peers["carol"], user_name="carol", team="red")
     run.host(peers["vera"], user_name="vera")
     for _ in range(rounds):
-        contributions = [run.contribution(peers[n], flops=1e12 * (i + 1), tokens=1000 * (i + 1))
-                         for i, n in enumerate(("alice", "bob", "carol"))]
+        contributions = [
+            run.contribution(peers[n], flops=1e12 * (i + 1), tokens=1000 * (i + 1))
+            for i, n in enumerate(("alice", "bob", "carol"))
+        ]
         verdict = run.verdict(peers["vera"], contributions[run.round % 3])
         run.block([peers["alice"], peers["bob"], peers["vera"]], contributions, [verdict])
     run.usage(peers["hank"], peers["alice"].peer_id, tokens=5000, request_id="q1")

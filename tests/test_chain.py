@@ -1,9 +1,9 @@
 import json
 import sqlite3
 
+from _ledger_helpers import RunBuilder, peer, small_run, weights_hash
 from typer.testing import CliRunner
 
-from _ledger_helpers import RunBuilder, peer, small_run, weights_hash
 from gpunite.cli import app
 from gpunite.ledger.chain import canonical_chain, verify_chain
 from gpunite.ledger.store import Ledger

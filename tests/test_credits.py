@@ -3,10 +3,14 @@ import random
 from dataclasses import asdict
 
 import pytest
-
 from _ledger_helpers import DAY, T0, RunBuilder, peer, small_run
+
 from gpunite.ledger.credits import (
-    FLOPS_PER_CREDIT, credit_table, decay_average, grants, update_average,
+    FLOPS_PER_CREDIT,
+    credit_table,
+    decay_average,
+    grants,
+    update_average,
 )
 from gpunite.ledger.quota import QuotaCheck, daily_quota, used_today, utc_day
 from gpunite.ledger.store import Ledger
@@ -14,8 +18,12 @@ from gpunite.manifest import CreditSection
 
 
 def _table_dict(table):
-    return {"users": [asdict(r) for r in table.users], "hosts": [asdict(r) for r in table.hosts],
-            "teams": [asdict(r) for r in table.teams], "banned": table.banned}
+    return {
+        "users": [asdict(r) for r in table.users],
+        "hosts": [asdict(r) for r in table.hosts],
+        "teams": [asdict(r) for r in table.teams],
+        "banned": table.banned,
+    }
 
 
 def test_every_order_of_the_records_gives_the_same_table():
@@ -148,8 +156,9 @@ def test_team_and_host_rows():
 
 
 def test_daily_quota_policy():
-    policy = CreditSection(anonymous_daily_queries=5, base_daily_queries=20, queries_per_rac=10,
-                           max_daily_queries=1000)
+    policy = CreditSection(
+        anonymous_daily_queries=5, base_daily_queries=20, queries_per_rac=10, max_daily_queries=1000
+    )
     assert daily_quota(0.0, policy) == 5
     assert daily_quota(0.05, policy) == 20
     assert daily_quota(3.2, policy) == 52
@@ -159,10 +168,14 @@ def test_daily_quota_policy():
 def test_quota_check_counts_todays_signed_usage(tmp_path):
     run = RunBuilder(start=T0)
     worker, verifier, host, stranger = peer("w"), peer("v"), peer("host"), peer("s")
-    run.block([verifier], [run.contribution(worker, flops=2e9 * DAY)], advance_s=DAY)  # RAC about 2 * ln2/7... > 0
+    run.block(
+        [verifier], [run.contribution(worker, flops=2e9 * DAY)], advance_s=DAY
+    )  # RAC about 2 * ln2/7... > 0
     ledger = Ledger(tmp_path / "l.sqlite")
     ledger.add_many(run.records)
-    policy = CreditSection(anonymous_daily_queries=2, base_daily_queries=3, queries_per_rac=0, max_daily_queries=100)
+    policy = CreditSection(
+        anonymous_daily_queries=2, base_daily_queries=3, queries_per_rac=0, max_daily_queries=100
+    )
     gate = QuotaCheck(ledger, run.run_id, policy, host=host.peer_id)
     now = run.time + 60
     day = utc_day(now)

@@ -5,8 +5,8 @@ import textwrap
 import threading
 
 import pytest
-
 from _ledger_helpers import RunBuilder, peer, small_run
+
 from gpunite.identity import RecordError, canonical_json
 from gpunite.ledger.store import Ledger, LedgerError
 from gpunite.records import record_bytes
@@ -25,7 +25,8 @@ def test_add_dedups_and_queries(tmp_path):
     contributions = ledger.records(kind="contribution", run_id=run.run_id, round=1)
     assert len(contributions) == 3 and {c.round for c in contributions} == {1}
     assert {c.peer_id for c in ledger.records(kind="contribution", signer=peers["bob"].peer_id)} == {
-        peers["bob"].peer_id}
+        peers["bob"].peer_id
+    }
     blocks = ledger.blocks(run.run_id)
     assert [b.round for b in blocks] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert ledger.ids() == sorted(r.record_id for r in run.records)
@@ -45,15 +46,24 @@ def test_conflicting_records_are_all_kept_as_evidence(tmp_path):
     block_b = run.block([mallory], [two], prev=block_a.prev)[0]  # a different block for the same round
     for record in run.records:
         assert ledger.add(record)
-    resigned = run.block([honest], [one], prev=block_a.prev)  # honest signs round 1 twice with the same content
+    resigned = run.block(
+        [honest], [one], prev=block_a.prev
+    )  # honest signs round 1 twice with the same content
     run.round -= 1
     resigned += run.block([honest], [one], prev=block_a.prev, advance_s=5.0)
     for record in resigned:
         assert ledger.add(record)
     conflicts = ledger.conflicts()
-    assert {(c.kind, c.signer) for c in conflicts} == {("contribution", mallory.peer_id), ("block", mallory.peer_id)}
+    assert {(c.kind, c.signer) for c in conflicts} == {
+        ("contribution", mallory.peer_id),
+        ("block", mallory.peer_id),
+    }
     assert {c.first for c in conflicts} | {c.second for c in conflicts} == {
-        one.record_id, two.record_id, block_a.record_id, block_b.record_id}
+        one.record_id,
+        two.record_id,
+        block_a.record_id,
+        block_b.record_id,
+    }
     assert len(ledger.records(kind="contribution", signer=mallory.peer_id)) == 2
 
 
@@ -73,7 +83,9 @@ def test_invalid_records_are_refused_and_nothing_is_lost(tmp_path):
     sloppy = ident.sign({**{k: v for k, v in good.items() if k not in ("signer", "signature")}, "time": 5})
     with pytest.raises(RecordError, match="canonical form"):
         ledger.add(sloppy)
-    added, refused = ledger.add_many([{**good, "round": 9}, canonical_json(run.records[0].model_dump(mode="json"))])
+    added, refused = ledger.add_many(
+        [{**good, "round": 9}, canonical_json(run.records[0].model_dump(mode="json"))]
+    )
     assert added == 0 and len(refused) == 1 and "bad signature" in refused[0]
     assert ledger.ids() == before
     assert ledger.get(before).keys() == set(before)
@@ -117,7 +129,9 @@ WRITER = textwrap.dedent("""
 def test_kill_9_mid_write_keeps_every_committed_record(tmp_path):
     path = tmp_path / "ledger.sqlite"
     tests_dir = str(__import__("pathlib").Path(__file__).parent)
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), tests_dir], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), tests_dir], stdout=subprocess.PIPE, text=True
+    )
     committed = []
     try:
         for line in proc.stdout:

@@ -4,12 +4,12 @@ import logging
 from dataclasses import asdict
 
 import pytest
-
 from _ledger_helpers import RunBuilder, peer, small_run
+
 from gpunite.ledger.credits import credit_table
 from gpunite.ledger.store import Ledger
-from gpunite.records import record_bytes
 from gpunite.ledger.sync import HANDLER_NAME, SyncError, serve_sync, sync_with
+from gpunite.records import record_bytes
 
 
 def _table(ledger, now):
@@ -21,7 +21,9 @@ async def _two_peers():
     from hivemind.p2p import P2P
 
     server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    client = await P2P.create(initial_peers=await server.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    client = await P2P.create(
+        initial_peers=await server.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"]
+    )
     return server, client
 
 
@@ -98,5 +100,6 @@ def test_sync_refuses_records_it_did_not_ask_for(tmp_path):
     honest = run.contribution(peer("h"))
     unrelated = RunBuilder("x").contribution(peer("u"))
     records, dropped = sync_module._decode_records(
-        [record_bytes(unrelated).decode(), record_bytes(honest).decode()], expected={honest.record_id})
+        [record_bytes(unrelated).decode(), record_bytes(honest).decode()], expected={honest.record_id}
+    )
     assert dropped == 1 and len(records) == 1

@@ -3,9 +3,9 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
+from _ledger_helpers import DAY, RunBuilder, peer, small_run
 from typer.testing import CliRunner
 
-from _ledger_helpers import DAY, RunBuilder, peer, small_run
 from gpunite.cli import app
 from gpunite.ledger.boinc_export import cpid, export_boinc_stats, numeric_id
 from gpunite.ledger.credits import FLOPS_PER_CREDIT, credit_table
@@ -19,7 +19,9 @@ def _two_day_run():
     old, new, witness, host = peer("old"), peer("new"), peer("witness"), peer("host")
     run.host(old, user_name="Old Timer", team="Pioneers & Co")
     run.host(new, user_name="new\x07bie</name>", team="Pioneers & Co")
-    run.block([witness], [run.contribution(old, flops=4.32e13), run.contribution(new, flops=4.32e13)], advance_s=DAY)
+    run.block(
+        [witness], [run.contribution(old, flops=4.32e13), run.contribution(new, flops=4.32e13)], advance_s=DAY
+    )
     run.block([witness], [run.contribution(new, flops=8.64e13, tokens=2000)], advance_s=DAY)
     run.usage(host, old.peer_id, tokens=10_000, request_id="q", time=run.time - 100)
     return run, old, new, host
@@ -49,7 +51,16 @@ def test_boinc_export_files_parse_and_carry_boinc_fields(tmp_path):
     assert users.tag == "users" and len(users) == 3
     by_name = {u.findtext("name"): u for u in users}
     old_user = by_name["Old Timer"]
-    for field in ("id", "name", "create_time", "total_credit", "expavg_credit", "expavg_time", "cpid", "teamid"):
+    for field in (
+        "id",
+        "name",
+        "create_time",
+        "total_credit",
+        "expavg_credit",
+        "expavg_time",
+        "cpid",
+        "teamid",
+    ):
         assert old_user.find(field) is not None, field
     assert float(old_user.findtext("total_credit")) == pytest.approx(100.0, abs=1e-5)
     assert old_user.findtext("cpid") == cpid(old.public_key_hex) and len(old_user.findtext("cpid")) == 32
@@ -68,13 +79,18 @@ def test_boinc_export_files_parse_and_carry_boinc_fields(tmp_path):
 
     tables = ET.parse(tmp_path / "stats" / "tables.xml").getroot()
     assert tables.findtext("update_time") == "1234567890"
-    assert (tables.findtext("nusers_total"), tables.findtext("nhosts_total"), tables.findtext("nteams_total")) == (
-        "3", "3", "1")
+    assert (
+        tables.findtext("nusers_total"),
+        tables.findtext("nhosts_total"),
+        tables.findtext("nteams_total"),
+    ) == ("3", "3", "1")
     assert float(tables.findtext("total_credit")) == pytest.approx(400.1, abs=1e-5)
 
     again = export_boinc_stats(table, tmp_path / "stats", update_time=1234567890)
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in written]
-    assert not [p for p in (tmp_path / "stats").iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert not [
+        p for p in (tmp_path / "stats").iterdir() if p.name.startswith(".")
+    ]  # no temporary files left
 
 
 def test_stats_cli_json_and_export(tmp_path):
@@ -90,7 +106,9 @@ def test_stats_cli_json_and_export(tmp_path):
     assert data["total_credit"] == pytest.approx((3 * 6e12 + 3 * 1e10) / FLOPS_PER_CREDIT + 0.05)
     human = runner.invoke(app, ["stats", "--home", str(tmp_path / "home")])
     assert human.exit_code == 0 and "Top users" in human.output and "alice" in human.output
-    exported = runner.invoke(app, ["stats", "export", str(tmp_path / "out"), "--home", str(tmp_path / "home")])
+    exported = runner.invoke(
+        app, ["stats", "export", str(tmp_path / "out"), "--home", str(tmp_path / "home")]
+    )
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "out" / "user.gz").exists()
     missing = runner.invoke(app, ["stats", "--ledger", str(tmp_path / "nope.sqlite")])

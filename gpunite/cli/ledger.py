@@ -1,4 +1,4 @@
-"""`gpunite stats`, `gpunite chain verify` and `gpunite ledger ...`: credits, BOINC export, chain checks, ledger sync."""
+"""`gpunite stats`, `gpunite chain verify`, `gpunite ledger ...`: credits, BOINC export, chain check, sync."""
 
 from __future__ import annotations
 
@@ -10,14 +10,20 @@ import typer
 
 from gpunite.cli._common import console, print_json
 
-stats_app = typer.Typer(help="Credit statistics, as a BOINC server status page shows them.", no_args_is_help=False)
+stats_app = typer.Typer(
+    help="Credit statistics, as a BOINC server status page shows them.", no_args_is_help=False
+)
 chain_app = typer.Typer(help="Check a run's chain of blocks.", no_args_is_help=True)
-ledger_app = typer.Typer(help="Inspect this peer's ledger and sync it with other peers.", no_args_is_help=True)
+ledger_app = typer.Typer(
+    help="Inspect this peer's ledger and sync it with other peers.", no_args_is_help=True
+)
 
 LEDGER_OPTION = typer.Option(None, "--ledger", help="Ledger file (default: HOME/ledger.sqlite).")
 HOME_OPTION = typer.Option(None, "--home", help="Peer home folder (default: $GPUNITE_HOME or ~/.gpunite).")
 MANIFEST_OPTION = typer.Option(
-    None, "--manifest", help="Run manifest(s): caps claimed FLOPs at the model's cost and sets the hosting rate."
+    None,
+    "--manifest",
+    help="Run manifest(s): caps claimed FLOPs at the model's cost and sets the hosting rate.",
 )
 
 
@@ -76,24 +82,36 @@ def _print_stats(result) -> None:
     banned = sum(len(peers) for peers in result.banned.values())
     summary.add_row("banned (peer, run) pairs", str(banned))
     console.print(summary)
-    for title, rows, extra in (("Top users", result.top_users, "team"), ("Top hosts", result.top_hosts, "device"),
-                               ("Top teams", result.top_teams, "members")):
+    for title, rows, extra in (
+        ("Top users", result.top_users, "team"),
+        ("Top hosts", result.top_hosts, "device"),
+        ("Top teams", result.top_teams, "members"),
+    ):
         if not rows:
             continue
         table = Table(title=title, title_justify="left")
         for column in ("#", "name", extra, "RAC", "total credit", "24 h", "training", "audits", "hosting"):
             table.add_column(column, justify="left" if column in ("name", extra) else "right")
         for rank, row in enumerate(rows, 1):
-            table.add_row(str(rank), row["name"], str(row[extra]), f"{row['rac']:,.2f}",
-                          f"{row['total_credit']:,.2f}", f"{row['credit_24h']:,.2f}",
-                          f"{row['training_credit']:,.2f}", f"{row['audit_credit']:,.2f}",
-                          f"{row['hosting_credit']:,.2f}")
+            table.add_row(
+                str(rank),
+                row["name"],
+                str(row[extra]),
+                f"{row['rac']:,.2f}",
+                f"{row['total_credit']:,.2f}",
+                f"{row['credit_24h']:,.2f}",
+                f"{row['training_credit']:,.2f}",
+                f"{row['audit_credit']:,.2f}",
+                f"{row['hosting_credit']:,.2f}",
+            )
         console.print(table)
 
 
 @stats_app.command("export")
 def stats_export(
-    directory: Path = typer.Argument(..., help="Folder to write user.gz, host.gz, team.gz and tables.xml into."),
+    directory: Path = typer.Argument(
+        ..., help="Folder to write user.gz, host.gz, team.gz and tables.xml into."
+    ),
     ledger_path: Optional[Path] = LEDGER_OPTION,
     home: Optional[Path] = HOME_OPTION,
     manifests: Optional[list[Path]] = MANIFEST_OPTION,
@@ -109,11 +127,19 @@ def stats_export(
         table = credit_table(ledger.records(), now, caps, rates)
     written = export_boinc_stats(table, directory, update_time=now)
     if as_json:
-        print_json({"files": [str(path) for path in written], "users": len(table.users), "hosts": len(table.hosts),
-                    "teams": len(table.teams)})
+        print_json(
+            {
+                "files": [str(path) for path in written],
+                "users": len(table.users),
+                "hosts": len(table.hosts),
+                "teams": len(table.teams),
+            }
+        )
         return
-    console.print(f"wrote {', '.join(path.name for path in written)} to [bold]{directory}[/] "
-                  f"({len(table.users)} users, {len(table.hosts)} hosts, {len(table.teams)} teams)")
+    console.print(
+        f"wrote {', '.join(path.name for path in written)} to [bold]{directory}[/] "
+        f"({len(table.users)} users, {len(table.hosts)} hosts, {len(table.teams)} teams)"
+    )
 
 
 @chain_app.command("verify")
@@ -122,7 +148,8 @@ def chain_verify(
     home: Optional[Path] = HOME_OPTION,
     run_id: Optional[str] = typer.Option(None, "--run", help="Run id (default: every run in the ledger)."),
     initial_weights: Optional[str] = typer.Option(
-        None, "--initial-weights", help="Weights hash round 0 must start from (default: not checked)."),
+        None, "--initial-weights", help="Weights hash round 0 must start from (default: not checked)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Check every block from genesis: signatures, links, rounds, and the contributions each block merged."""
@@ -140,10 +167,14 @@ def chain_verify(
     else:
         for report in reports:
             if report.ok:
-                console.print(f"[green]ok[/] run {report.run_id[:16]}: {report.rounds} rounds, "
-                              f"{report.accepted} contributions, head {report.head[:16]}")
+                console.print(
+                    f"[green]ok[/] run {report.run_id[:16]}: {report.rounds} rounds, "
+                    f"{report.accepted} contributions, head {report.head[:16]}"
+                )
             else:
-                console.print(f"[bold red]broken[/] run {report.run_id[:16]}: {report.problem}", soft_wrap=True)
+                console.print(
+                    f"[bold red]broken[/] run {report.run_id[:16]}: {report.problem}", soft_wrap=True
+                )
     if not all(report.ok for report in reports):
         raise typer.Exit(1)
 
@@ -160,19 +191,29 @@ def ledger_show(
     with _open_ledger(ledger_path, home) as ledger:
         kinds = Counter(record.kind for record in ledger.records())
         conflicts = ledger.conflicts()
-        info = {"path": str(ledger.path), "records": len(ledger), "by_kind": dict(sorted(kinds.items())),
-                "runs": ledger.run_ids(),
-                "conflicts": [{"kind": c.kind, "signer": c.signer, "slot": c.slot, "records": [c.first, c.second]}
-                              for c in conflicts]}
+        info = {
+            "path": str(ledger.path),
+            "records": len(ledger),
+            "by_kind": dict(sorted(kinds.items())),
+            "runs": ledger.run_ids(),
+            "conflicts": [
+                {"kind": c.kind, "signer": c.signer, "slot": c.slot, "records": [c.first, c.second]}
+                for c in conflicts
+            ],
+        }
     if as_json:
         print_json(info)
         return
-    console.print(f"[bold]{info['path']}[/]: {info['records']} records "
-                  + ", ".join(f"{n} {k}" for k, n in info["by_kind"].items()))
+    console.print(
+        f"[bold]{info['path']}[/]: {info['records']} records "
+        + ", ".join(f"{n} {k}" for k, n in info["by_kind"].items())
+    )
     for run in info["runs"]:
         console.print(f"run {run}")
     for c in conflicts:
-        console.print(f"[yellow]conflict[/] {c.kind} by {c.signer[:16]} at {c.slot}: {c.first[:16]} vs {c.second[:16]}")
+        console.print(
+            f"[yellow]conflict[/] {c.kind} by {c.signer[:16]} at {c.slot}: {c.first[:16]} vs {c.second[:16]}"
+        )
 
 
 @ledger_app.command("sync")
@@ -182,7 +223,7 @@ def ledger_sync(
     home: Optional[Path] = HOME_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Exchange missing records with each peer (anti-entropy); every record is verified before it is stored."""
+    """Exchange missing records with each peer (anti-entropy); each record is verified before it is stored."""
     import asyncio
 
     from gpunite.ledger.sync import SyncError, sync_with
@@ -195,8 +236,10 @@ def ledger_sync(
             try:
                 peer_ids.append(PeerID.from_base58(maddr.rsplit("/p2p/", 1)[1]))
             except (IndexError, ValueError):
-                raise SyncError(f"{maddr} is not a peer address ending in /p2p/<peer id>; "
-                                "copy the full address the peer prints") from None
+                raise SyncError(
+                    f"{maddr} is not a peer address ending in /p2p/<peer id>; "
+                    "copy the full address the peer prints"
+                ) from None
         try:
             p2p = await P2P.create(initial_peers=peers)
         except Exception as exc:  # hivemind reports bad addresses and daemon failures alike
@@ -226,7 +269,7 @@ def ledger_serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(0, help="TCP port (0: any free port)."),
 ) -> None:
-    """Serve this ledger to `gpunite ledger sync` until interrupted (peers in a swarm do this on their own)."""
+    """Serve this ledger to `gpunite ledger sync` until interrupted (swarm peers do this on their own)."""
     import asyncio
 
     from gpunite.ledger.sync import serve_sync

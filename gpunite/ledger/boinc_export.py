@@ -115,22 +115,35 @@ def _team_xml(row: CreditRow, founder: CreditRow | None) -> str:
     return "\n".join(lines)
 
 
-def export_boinc_stats(table: CreditTable, directory: str | Path, update_time: float | None = None) -> list[Path]:
+def export_boinc_stats(
+    table: CreditTable, directory: str | Path, update_time: float | None = None
+) -> list[Path]:
     """Write user.gz, host.gz, team.gz and tables.xml for the entities with credit > 0; the paths written."""
     directory = Path(directory)
     users = [row for row in table.users if row.total_credit > 0]
     hosts = [row for row in table.hosts if row.total_credit > 0]
     teams = [row for row in table.teams if row.total_credit > 0]
     founders = {
-        team.id: min((row for row in users if row.team == team.id), key=lambda row: (row.create_time, row.id),
-                     default=None)
+        team.id: min(
+            (row for row in users if row.team == team.id),
+            key=lambda row: (row.create_time, row.id),
+            default=None,
+        )
         for team in teams
     }
     files = {
         "user.gz": _gzip(_xml_document("users", [_user_xml(row) for row in sorted(users, key=_by_id)])),
-        "host.gz": _gzip(_xml_document("hosts", [_host_xml(row) for row in sorted(hosts, key=lambda row: numeric_id("host:" + row.id))])),
-        "team.gz": _gzip(_xml_document(
-            "teams", [_team_xml(row, founders.get(row.id)) for row in sorted(teams, key=_by_id)])),
+        "host.gz": _gzip(
+            _xml_document(
+                "hosts",
+                [_host_xml(row) for row in sorted(hosts, key=lambda row: numeric_id("host:" + row.id))],
+            )
+        ),
+        "team.gz": _gzip(
+            _xml_document(
+                "teams", [_team_xml(row, founders.get(row.id)) for row in sorted(teams, key=_by_id)]
+            )
+        ),
     }
     total = sum(row.total_credit for row in users)
     tables = [

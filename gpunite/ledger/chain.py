@@ -1,4 +1,4 @@
-"""A run's chain of blocks: which copy of each round is canonical, and a check of the whole chain from genesis.
+"""A run's chain of blocks: which copy of each round is canonical, and a check of the chain from genesis.
 
 Every honest peer signs the same block content for a round, so copies of one round differ only in
 signer and time. The canonical block of round r is, among the blocks of round r whose `prev` is the
@@ -90,8 +90,13 @@ class ChainReport:
 
     def as_dict(self) -> dict:
         return {
-            "run_id": self.run_id, "ok": self.ok, "rounds": self.rounds, "head": self.head,
-            "weights_hash": self.weights_hash, "accepted": self.accepted, "problem": self.problem,
+            "run_id": self.run_id,
+            "ok": self.ok,
+            "rounds": self.rounds,
+            "head": self.head,
+            "weights_hash": self.weights_hash,
+            "accepted": self.accepted,
+            "problem": self.problem,
             "broken_round": self.broken_round,
         }
 
@@ -120,7 +125,9 @@ def verify_chain(ledger, run_id: str, initial_weights_hash: str | None = None) -
     for link in chain:
         problem = _check_link(ledger, run_id, link, base)
         if problem:
-            return _broken(report, link.round, f"round {link.round} (block {link.block_hash[:16]}): {problem}")
+            return _broken(
+                report, link.round, f"round {link.round} (block {link.block_hash[:16]}): {problem}"
+            )
         base = link.block.weights_hash
         report.rounds = link.round + 1
         report.head = link.block_hash
@@ -130,10 +137,13 @@ def verify_chain(ledger, run_id: str, initial_weights_hash: str | None = None) -
     if report.rounds <= last:
         missing = report.rounds
         if missing not in rounds_present:
-            return _broken(report, missing, f"round {missing} has no block, but blocks up to round {last} exist")
+            return _broken(
+                report, missing, f"round {missing} has no block, but blocks up to round {last} exist"
+            )
         prevs = sorted({block.prev[:16] for block in blocks if block.round == missing})
         return _broken(
-            report, missing,
+            report,
+            missing,
             f"round {missing}: no block links to round {missing - 1}'s block {report.head[:16]} "
             f"(its blocks point to {', '.join(prevs)})",
         )
@@ -148,18 +158,25 @@ def _check_link(ledger, run_id: str, link: ChainLink, base: str | None) -> str |
     round_bases: set[str] = set()
     for contribution_id in block.accepted:
         if contribution_id not in bodies:
-            return f"accepted contribution {contribution_id[:16]} is not in the ledger (run `gpunite ledger sync`)"
+            return (
+                f"accepted contribution {contribution_id[:16]} is not in the ledger (`gpunite ledger sync`)"
+            )
         contribution = _checked(bodies[contribution_id], contribution_id)
         if isinstance(contribution, str):
             return f"accepted contribution {contribution_id[:16]} {contribution}"
         if not isinstance(contribution, Contribution):
             return f"accepted record {contribution_id[:16]} is a {contribution.kind}, not a contribution"
         if contribution.run_id != run_id or contribution.round != block.round:
-            return (f"accepted contribution {contribution_id[:16]} is for run {contribution.run_id[:16]} "
-                    f"round {contribution.round}")
+            return (
+                f"accepted contribution {contribution_id[:16]} is for run {contribution.run_id[:16]} "
+                f"round {contribution.round}"
+            )
         if base is not None and contribution.base_hash != base:
-            return (f"accepted contribution {contribution_id[:16]} starts from weights {contribution.base_hash[:16]}, "
-                    f"not the previous round's {base[:16]}")
+            return (
+                f"accepted contribution {contribution_id[:16]} starts from weights "
+                f"{contribution.base_hash[:16]}, "
+                f"not the previous round's {base[:16]}"
+            )
         round_bases.add(contribution.base_hash)
     if base is None and len(round_bases) > 1:
         return "accepted contributions start from different weights"

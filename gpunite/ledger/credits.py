@@ -1,4 +1,4 @@
-"""Credits: BOINC cobblestones for verified work, and RAC, computed identically by every peer from a set of records.
+"""Credits: BOINC cobblestones for verified work, and RAC, computed alike by every peer from its records.
 
 Pure functions: the same set of records and the same `now` give the same table on every peer,
 whatever order the records arrived in (everything is sorted by content, never by arrival).
@@ -60,10 +60,14 @@ class Grant:
 
 
 def update_average(
-    avg: float, avg_time: float, credit: float, now: float, work_start: float,
+    avg: float,
+    avg_time: float,
+    credit: float,
+    now: float,
+    work_start: float,
     half_life_s: float = RAC_HALF_LIFE_S,
 ) -> tuple[float, float]:
-    """BOINC's RAC update: the new (average credit per day, time of the average) after granting credit at now."""
+    """BOINC's RAC update: the new (average credit per day, time of the average) after a grant at now."""
     if avg_time > 0:
         dt = max(0.0, now - avg_time)
         weight = math.exp(-dt * math.log(2) / half_life_s)
@@ -112,21 +116,43 @@ def grants(
         if cap is None:
             cap = median_flops_per_token([c for _, _, c in merged])
         for link, contribution_id, contribution in merged:
-            out.append(Grant(contribution.peer_id, run_id, capped_flops(contribution, cap) / FLOPS_PER_CREDIT,
-                             link.time, _work_start(chain, link), contribution_id, "training"))
+            out.append(
+                Grant(
+                    contribution.peer_id,
+                    run_id,
+                    capped_flops(contribution, cap) / FLOPS_PER_CREDIT,
+                    link.time,
+                    _work_start(chain, link),
+                    contribution_id,
+                    "training",
+                )
+            )
         credited_verdicts: set[str] = set()
         for link in chain:
             for verdict_id in sorted(set(link.block.verdicts)):
                 verdict = by_id.get(verdict_id)
-                if not isinstance(verdict, Verdict) or verdict.run_id != run_id or verdict_id in credited_verdicts:
+                if (
+                    not isinstance(verdict, Verdict)
+                    or verdict.run_id != run_id
+                    or verdict_id in credited_verdicts
+                ):
                     continue
                 audited = by_id.get(verdict.contribution)
                 if not isinstance(audited, Contribution) or audited.peer_id == verdict.peer_id:
                     continue
                 credited_verdicts.add(verdict_id)
                 flops = min(verdict.replay_flops, capped_flops(audited, cap))
-                out.append(Grant(verdict.peer_id, run_id, flops / FLOPS_PER_CREDIT, link.time,
-                                 _work_start(chain, link), verdict_id, "audit"))
+                out.append(
+                    Grant(
+                        verdict.peer_id,
+                        run_id,
+                        flops / FLOPS_PER_CREDIT,
+                        link.time,
+                        _work_start(chain, link),
+                        verdict_id,
+                        "audit",
+                    )
+                )
     out = [g for g in out if g.peer not in banned.get(g.run_id, ()) and g.credit > 0]
 
     # Hosting: only service to callers whose identity is backed by verified work counts, from the time
@@ -144,12 +170,24 @@ def grants(
         if request in served:
             continue  # one usage record per request; a second one is a conflict, not more credit
         served.add(request)
-        rate = (host_credit_per_1k_tokens.get(record.run_id, DEFAULT_HOST_CREDIT_PER_1K_TOKENS)
-                if isinstance(host_credit_per_1k_tokens, Mapping) else host_credit_per_1k_tokens)
+        rate = (
+            host_credit_per_1k_tokens.get(record.run_id, DEFAULT_HOST_CREDIT_PER_1K_TOKENS)
+            if isinstance(host_credit_per_1k_tokens, Mapping)
+            else host_credit_per_1k_tokens
+        )
         tokens = record.prompt_tokens + record.completion_tokens
         if record.peer_id not in banned.get(record.run_id, ()) and rate * tokens > 0:
-            out.append(Grant(record.peer_id, record.run_id, rate * tokens / 1000.0, record.time, record.time,
-                             record_id, "hosting"))
+            out.append(
+                Grant(
+                    record.peer_id,
+                    record.run_id,
+                    rate * tokens / 1000.0,
+                    record.time,
+                    record.time,
+                    record_id,
+                    "hosting",
+                )
+            )
     return sorted(out, key=lambda g: (g.time, g.source, g.peer))
 
 
@@ -283,11 +321,19 @@ def credit_table(
         user_name = (profile.user_name or profile.host_name) if profile else ""
         team_name = profile.team if profile else ""
         if grant.peer not in users:
-            users[grant.peer] = CreditRow(grant.peer, user_name or grant.peer[:12], team_name,
-                                          public_key=public_keys.get(grant.peer, ""))
-            hosts[grant.peer] = CreditRow(grant.peer, (profile.host_name if profile else "") or grant.peer[:12],
-                                          team_name, public_key=public_keys.get(grant.peer, ""),
-                                          device=profile.device if profile else "")
+            users[grant.peer] = CreditRow(
+                grant.peer,
+                user_name or grant.peer[:12],
+                team_name,
+                public_key=public_keys.get(grant.peer, ""),
+            )
+            hosts[grant.peer] = CreditRow(
+                grant.peer,
+                (profile.host_name if profile else "") or grant.peer[:12],
+                team_name,
+                public_key=public_keys.get(grant.peer, ""),
+                device=profile.device if profile else "",
+            )
         users[grant.peer].add(grant, now, half_life_s)
         hosts[grant.peer].add(grant, now, half_life_s)
         if team_name:

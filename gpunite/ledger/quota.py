@@ -1,4 +1,4 @@
-"""Daily inference quotas: how many queries an identity may make per UTC day, from its RAC and the run's policy.
+"""Daily inference quotas: queries an identity may make per UTC day, from its RAC and the run's policy.
 
 Hosts enforce quotas from their own ledger: a caller's RAC comes from the credit table of the verified
 records the host has, and what the caller used today from the signed usage records of this run (one
@@ -47,7 +47,9 @@ def used_today(ledger, caller: str, day: str, run_id: str | None = None, host: s
     start, _ = day_bounds(day)
     requests = {
         (record.run_id, record.request_id)
-        for record in ledger.usage_of(caller, run_id, since=start - 86400.0)  # a record's time may lag its day
+        for record in ledger.usage_of(
+            caller, run_id, since=start - 86400.0
+        )  # a record's time may lag its day
         if isinstance(record, Usage) and record.day == day and (host is None or record.peer_id == host)
     }
     return len(requests)
@@ -66,8 +68,13 @@ class QuotaCheck:
     """
 
     def __init__(
-        self, ledger, run_id: str, policy: CreditSection, host: str | None = None,
-        flops_per_token: Mapping[str, float] | None = None, rac_cache_s: float = 60.0,
+        self,
+        ledger,
+        run_id: str,
+        policy: CreditSection,
+        host: str | None = None,
+        flops_per_token: Mapping[str, float] | None = None,
+        rac_cache_s: float = 60.0,
     ):
         self.ledger = ledger
         self.run_id = run_id
@@ -82,8 +89,9 @@ class QuotaCheck:
     def rac_of(self, caller: str, now: float) -> float:
         with self._lock:
             if now - self._rac_time > self.rac_cache_s or now < self._rac_time:
-                table = credit_table(self.ledger.records(), now, self.flops_per_token,
-                                     self.policy.host_credit_per_1k_tokens)
+                table = credit_table(
+                    self.ledger.records(), now, self.flops_per_token, self.policy.host_credit_per_1k_tokens
+                )
                 self._rac = {row.id: row.rac for row in table.users}
                 self._rac_time = now
             return self._rac.get(caller, 0.0)
@@ -93,10 +101,12 @@ class QuotaCheck:
         day = utc_day(now)
         if caller == ANONYMOUS:
             return daily_quota(0.0, self.policy), used_today(self.ledger, caller, day, self.run_id, self.host)
-        return daily_quota(self.rac_of(caller, now), self.policy), used_today(self.ledger, caller, day, self.run_id)
+        return daily_quota(self.rac_of(caller, now), self.policy), used_today(
+            self.ledger, caller, day, self.run_id
+        )
 
     def check(self, caller: str, now: float) -> QuotaDecision:
-        """Whether the caller may make one more query now, how many remain after it, and when the count resets."""
+        """Whether the caller may query once more now, how many remain after that, when the count resets."""
         quota, used = self.quota_and_used(caller, now)
         _, reset_time = day_bounds(utc_day(now))
         allowed = used < quota

@@ -39,9 +39,14 @@ class Stats:
 
 def _row(row: CreditRow, kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "id": row.id, "name": row.name, "total_credit": row.total_credit, "rac": row.rac,
-        "credit_24h": row.credit_24h, "training_credit": row.training_credit,
-        "audit_credit": row.audit_credit, "hosting_credit": row.hosting_credit,
+        "id": row.id,
+        "name": row.name,
+        "total_credit": row.total_credit,
+        "rac": row.rac,
+        "credit_24h": row.credit_24h,
+        "training_credit": row.training_credit,
+        "audit_credit": row.audit_credit,
+        "hosting_credit": row.hosting_credit,
     }
     if kind != "team":
         out["team"] = row.team
@@ -54,6 +59,7 @@ def _row(row: CreditRow, kind: str) -> dict[str, Any]:
 
 def stats_from_table(table: CreditTable, top: int = 10) -> Stats:
     """The status-page numbers of a credit table; top lists ordered by RAC, then total credit."""
+
     def ranked(rows: list[CreditRow]) -> list[CreditRow]:
         return sorted(rows, key=lambda row: (-row.rac, -row.total_credit, row.id))[:top]
 
@@ -75,7 +81,10 @@ def stats_from_table(table: CreditTable, top: int = 10) -> Stats:
 
 
 def stats_from_ledger(
-    ledger, now: float, top: int = 10, flops_per_token: Mapping[str, float] | None = None,
+    ledger,
+    now: float,
+    top: int = 10,
+    flops_per_token: Mapping[str, float] | None = None,
     host_credit_per_1k_tokens: float | Mapping[str, float] = DEFAULT_HOST_CREDIT_PER_1K_TOKENS,
 ) -> tuple[Stats, CreditTable]:
     table = credit_table(ledger.records(), now, flops_per_token, host_credit_per_1k_tokens)
@@ -86,7 +95,7 @@ def stats_from_ledger(
 
 
 def run_policies(manifest_paths: list[Path]) -> tuple[dict[str, float], dict[str, float]]:
-    """Per run id, from run manifests: training FLOPs per token (caps claims) and hosting credit per 1k tokens."""
+    """Per run id, from manifests: training FLOPs per token (caps claims) and hosting credit per 1k tokens."""
     from gpunite.manifest import load_manifest
     from gpunite.model import config_from_manifest, flops_per_token
 

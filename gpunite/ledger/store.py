@@ -1,4 +1,4 @@
-"""The ledger: every signed record a peer has seen, kept in SQLite (WAL, crash-safe), deduplicated, with evidence.
+"""The ledger: every signed record a peer has seen, in SQLite (WAL, crash-safe), deduplicated, with evidence.
 
 A record is stored as the exact canonical JSON bytes that were signed, under its id (sha256 of those
 bytes), so any peer can re-verify and re-send it. The store only grows: a record is never changed or
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from gpunite.errors import GpuniteError
 from pydantic import TypeAdapter, ValidationError
 
+from gpunite.errors import GpuniteError
 from gpunite.identity import RecordError, canonical_json
 from gpunite.records import AnyRecord, Block, _Record, parse_record, record_bytes
 from gpunite.util import sha256_bytes
@@ -128,9 +128,13 @@ class Ledger:
         self._lock = threading.RLock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(
+                str(self.path), timeout=30, check_same_thread=False, isolation_level=None
+            )
         except (sqlite3.Error, OSError) as exc:
-            raise LedgerError(f"cannot open ledger {self.path}: {exc}; check the path and its permissions") from None
+            raise LedgerError(
+                f"cannot open ledger {self.path}: {exc}; check the path and its permissions"
+            ) from None
         try:
             with self._guard() as db:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -184,7 +188,7 @@ class Ledger:
     # -- writing ----------------------------------------------------------------------------------
 
     def add(self, item: _Record | dict[str, Any] | bytes) -> bool:
-        """Verify and store one record; False if it was already there; RecordError (nothing stored) if invalid."""
+        """Verify and store one record; False if it was already there; RecordError (nothing stored) if bad."""
         record, data = normalize(item)
         with self._guard() as db:
             db.execute("BEGIN IMMEDIATE")
@@ -198,7 +202,7 @@ class Ledger:
         return added
 
     def add_many(self, items: Iterable[_Record | dict[str, Any] | bytes]) -> tuple[int, list[str]]:
-        """Verify and store many records in one transaction: (number newly added, reasons for refused ones)."""
+        """Verify and store records in one transaction: (number newly added, reasons for refused ones)."""
         checked: list[tuple[_Record, bytes]] = []
         refused: list[str] = []
         for item in items:
@@ -228,20 +232,31 @@ class Ledger:
         cursor = db.execute(
             "INSERT OR IGNORE INTO records (id, kind, signer, run_id, round, time, slot, content, body) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record_id, kind, signer, getattr(record, "run_id", None), getattr(record, "round", None),
-             float(record.time), slot, content, data),  # type: ignore[attr-defined]
+            (
+                record_id,
+                kind,
+                signer,
+                getattr(record, "run_id", None),
+                getattr(record, "round", None),
+                float(record.time),
+                slot,
+                content,
+                data,
+            ),  # type: ignore[attr-defined]
         )
         if cursor.rowcount == 0:
             return False
         if slot is not None:
             rivals = db.execute(
-                "SELECT id FROM records WHERE kind = ? AND signer = ? AND slot = ? AND content != ? AND id != ?",
+                "SELECT id FROM records "
+                "WHERE kind = ? AND signer = ? AND slot = ? AND content != ? AND id != ?",
                 (kind, signer, slot, content, record_id),
             ).fetchall()
             for (other,) in rivals:
                 first, second = sorted((record_id, other))
                 db.execute(
-                    "INSERT OR IGNORE INTO conflicts (first, second, kind, signer, slot) VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO conflicts (first, second, kind, signer, slot) "
+                    "VALUES (?, ?, ?, ?, ?)",
                     (first, second, kind, signer, slot),
                 )
         return True
@@ -263,7 +278,9 @@ class Ledger:
             where.append("kind = ?")
             args.append(kind)
         with self._guard() as db:
-            rows = db.execute(f"SELECT id FROM records WHERE {' AND '.join(where)} ORDER BY id", args).fetchall()
+            rows = db.execute(
+                f"SELECT id FROM records WHERE {' AND '.join(where)} ORDER BY id", args
+            ).fetchall()
         return [row[0] for row in rows]
 
     def get(self, ids: Iterable[str]) -> dict[str, bytes]:
@@ -274,7 +291,9 @@ class Ledger:
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                for record_id, body in db.execute(f"SELECT id, body FROM records WHERE id IN ({marks})", chunk):
+                for record_id, body in db.execute(
+                    f"SELECT id, body FROM records WHERE id IN ({marks})", chunk
+                ):
                     found[record_id] = bytes(body)
         return found
 
@@ -319,8 +338,10 @@ class Ledger:
             args: tuple = (since,)
         else:
             start = f"{run_id}:{caller}:"  # the slot index finds one run's caller directly
-            query = ("SELECT body FROM records WHERE kind = 'usage' AND slot >= ? AND slot < ? AND time >= ? "
-                     "ORDER BY time, id")
+            query = (
+                "SELECT body FROM records WHERE kind = 'usage' AND slot >= ? AND slot < ? AND time >= ? "
+                "ORDER BY time, id"
+            )
             args = (start, start[:-1] + ";", since)  # ';' is the character after ':'
         with self._guard() as db:
             rows = db.execute(query, args).fetchall()
@@ -334,16 +355,20 @@ class Ledger:
 
     def run_ids(self) -> list[str]:
         with self._guard() as db:
-            rows = db.execute("SELECT DISTINCT run_id FROM records WHERE kind = 'block' ORDER BY run_id").fetchall()
+            rows = db.execute(
+                "SELECT DISTINCT run_id FROM records WHERE kind = 'block' ORDER BY run_id"
+            ).fetchall()
         return [row[0] for row in rows]
 
     def conflicts(self) -> list[Conflict]:
         with self._guard() as db:
-            rows = db.execute("SELECT kind, signer, slot, first, second FROM conflicts ORDER BY kind, signer, slot")
+            rows = db.execute(
+                "SELECT kind, signer, slot, first, second FROM conflicts ORDER BY kind, signer, slot"
+            )
             return [Conflict(*row) for row in rows.fetchall()]
 
     def prefix_counts(self, prefix: str) -> dict[str, tuple[int, str]]:
-        """For each one-hex-digit extension of prefix: (number of ids, sha256 of their sorted concatenation)."""
+        """For each one-hex-digit extension of prefix: (number of ids, sha256 of the sorted ids joined)."""
         children: dict[str, tuple[int, str]] = {}
         for digit in "0123456789abcdef":
             child = prefix + digit

@@ -1,4 +1,4 @@
-"""Anti-entropy between two peers' ledgers over a hivemind P2P stream: find the difference, swap the missing records.
+"""Anti-entropy of two peers' ledgers over a hivemind P2P stream: find the difference, swap missing records.
 
 Record ids are sha256 hashes, so they spread evenly over hex prefixes. The client walks a trie of id
 prefixes: it asks the server for the digest of a prefix, and the server answers either with the ids
@@ -102,8 +102,7 @@ def _records_reply(ledger, ids: list[str]) -> dict[str, Any]:
 def _decode_records(items: Any, expected: set[str] | None = None) -> tuple[list[bytes], int]:
     """Record bytes from a wire list (only expected ids when given), and how many items were dropped."""
     if not isinstance(items, list) or len(items) > MAX_RECORDS_PER_MESSAGE:
-        raise _ProtocolError("records field is not a list of at most "
-                             f"{MAX_RECORDS_PER_MESSAGE} items")
+        raise _ProtocolError(f"records field is not a list of at most {MAX_RECORDS_PER_MESSAGE} items")
     out, dropped = [], 0
     for item in items:
         if not isinstance(item, str) or len(item) > MAX_RECORD_BYTES:
@@ -118,8 +117,10 @@ def _decode_records(items: Any, expected: set[str] | None = None) -> tuple[list[
 
 
 def _valid_ids(items: Any, limit: int) -> list[str]:
-    if not isinstance(items, list) or len(items) > limit or not all(
-        isinstance(item, str) and _ID.match(item) for item in items
+    if (
+        not isinstance(items, list)
+        or len(items) > limit
+        or not all(isinstance(item, str) and _ID.match(item) for item in items)
     ):
         raise _ProtocolError(f"ids field is not a list of at most {limit} record ids")
     return items
@@ -167,11 +168,18 @@ async def serve_sync(p2p, ledger, leaf_ids: int = LEAF_IDS, timeout: float = REA
 
 
 async def sync_with(p2p, peer_id, ledger, timeout: float = READ_TIMEOUT_S) -> tuple[int, int]:
-    """One anti-entropy exchange with a peer serving `serve_sync`: (records received and stored, records sent and stored)."""
+    """One anti-entropy exchange with a peer serving `serve_sync`.
+
+    Returns (records received and stored here, records sent and stored there).
+    """
     try:
-        _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, HANDLER_NAME), timeout)
+        _, reader, writer = await asyncio.wait_for(
+            p2p.call_binary_stream_handler(peer_id, HANDLER_NAME), timeout
+        )
     except Exception as exc:  # the daemon reports unreachable peers with several exception types
-        raise SyncError(f"cannot open a sync stream to {peer_id}: {exc}; check that the peer is online") from None
+        raise SyncError(
+            f"cannot open a sync stream to {peer_id}: {exc}; check that the peer is online"
+        ) from None
     requests = 0
 
     async def call(message: dict[str, Any]) -> dict[str, Any]:
