@@ -1,4 +1,4 @@
-"""Batches: sequence windows, the held-out split, trainable ranges, the shuffled stream and its exact resume."""
+"""Batches: sequence windows, held-out split, trainable ranges, the shuffled stream and its exact resume."""
 
 from __future__ import annotations
 
@@ -26,15 +26,24 @@ def build_dataset(folder, n_tokens: int, shard_tokens: int = 1024) -> ShardIndex
     writer = ShardWriter(folder, shard_tokens, "uint16")
     writer.add(np.arange(n_tokens, dtype=np.int64))
     shards = writer.finish()
-    index = ShardIndex(tokenizer_hash="0" * 64, vocab_size=65536, eos_id=0, dtype="uint16", seq_len=SEQ_LEN,
-                       shard_tokens=shard_tokens, documents=1, total_tokens=n_tokens, shards=shards)
+    index = ShardIndex(
+        tokenizer_hash="0" * 64,
+        vocab_size=65536,
+        eos_id=0,
+        dtype="uint16",
+        seq_len=SEQ_LEN,
+        shard_tokens=shard_tokens,
+        documents=1,
+        total_tokens=n_tokens,
+        shards=shards,
+    )
     index.save(folder)
     return ShardIndex.load(folder)
 
 
 @pytest.fixture()
 def dataset(tmp_path):
-    # 3 full shards of 63 sequences (1 held out each) and a last shard of 1000 tokens (62 sequences, 1 held out).
+    # 3 full shards of 63 sequences (1 held out each), a last one of 1000 tokens (62 sequences, 1 held out).
     return tmp_path, build_dataset(tmp_path, 3 * 1024 + 1000)
 
 
@@ -44,7 +53,9 @@ def test_sequence_windows_overlap_by_one_token(dataset):
     second = index.shards[1]
     rows = load_sequences(folder, index, second.sha256, 5, 3, SEQ_LEN)
     assert rows.dtype == torch.int64 and rows.shape == (3, SEQ_LEN + 1)
-    expected = torch.stack([torch.arange(1024 + j * SEQ_LEN, 1024 + j * SEQ_LEN + SEQ_LEN + 1) for j in (5, 6, 7)])
+    expected = torch.stack(
+        [torch.arange(1024 + j * SEQ_LEN, 1024 + j * SEQ_LEN + SEQ_LEN + 1) for j in (5, 6, 7)]
+    )
     assert torch.equal(rows, expected)
     with pytest.raises(DataError, match="outside shard"):
         load_sequences(folder, index, second.sha256, 60, 4, SEQ_LEN)
@@ -64,9 +75,17 @@ def test_training_units_and_heldout_split_partition_every_shard(dataset):
 
 def build_dataset_index_only(n_sequences: int) -> ShardIndex:
     n_tokens = n_sequences * SEQ_LEN + 1
-    return ShardIndex(tokenizer_hash="0" * 64, vocab_size=65536, eos_id=0, dtype="uint16", seq_len=SEQ_LEN,
-                      shard_tokens=n_tokens, documents=1, total_tokens=n_tokens,
-                      shards=[{"sha256": "a" * 64, "n_tokens": n_tokens}])
+    return ShardIndex(
+        tokenizer_hash="0" * 64,
+        vocab_size=65536,
+        eos_id=0,
+        dtype="uint16",
+        seq_len=SEQ_LEN,
+        shard_tokens=n_tokens,
+        documents=1,
+        total_tokens=n_tokens,
+        shards=[{"sha256": "a" * 64, "n_tokens": n_tokens}],
+    )
 
 
 def test_heldout_sequences_are_never_in_the_training_stream(dataset):
@@ -91,14 +110,18 @@ def test_stream_covers_each_epoch_once_in_a_seeded_order(dataset):
     assert len(set(first_epoch[:, 0].tolist())) == per_epoch
     second_epoch = torch.cat([next(stream) for _ in range(19)])
     assert not torch.equal(first_epoch, second_epoch)  # reshuffled
-    other_seed = torch.cat([next(BatchStream(folder, index, SEQ_LEN, batch_size=13, seed=43)) for _ in range(1)])
+    other_seed = torch.cat(
+        [next(BatchStream(folder, index, SEQ_LEN, batch_size=13, seed=43)) for _ in range(1)]
+    )
     assert not torch.equal(other_seed, first_epoch[:13])
 
 
 def test_resume_at_any_position_equals_the_uninterrupted_stream(dataset):
     folder, index = dataset
     uninterrupted = BatchStream(folder, index, SEQ_LEN, batch_size=10, seed=7)
-    batches = [next(uninterrupted) for _ in range(60)]  # crosses two epoch boundaries mid-batch (247 % 10 != 0)
+    batches = [
+        next(uninterrupted) for _ in range(60)
+    ]  # crosses two epoch boundaries mid-batch (247 % 10 != 0)
     for position in (0, 1, 24, 25, 49, 59):
         resumed = BatchStream(folder, index, SEQ_LEN, batch_size=10, seed=7, position=position)
         assert resumed.epoch == position * 10 // 247
@@ -114,7 +137,9 @@ def test_epoch_permutation_is_a_fixed_permutation():
     # The order must not change with numpy versions or platforms (peers share it): pinned, and equal to a
     # plain-integer splitmix64 written out here.
     assert epoch_permutation(8, seed=0, epoch=0).tolist() == [0, 7, 2, 5, 4, 6, 3, 1]
-    assert epoch_permutation(300, seed=2**40 + 3, epoch=9).tolist() == reference_permutation(300, 2**40 + 3, 9)
+    assert epoch_permutation(300, seed=2**40 + 3, epoch=9).tolist() == reference_permutation(
+        300, 2**40 + 3, 9
+    )
 
 
 def reference_permutation(n: int, seed: int, epoch: int) -> list[int]:

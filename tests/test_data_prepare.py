@@ -1,4 +1,4 @@
-"""`data prepare`: tokenizer, content-addressed shards, index checks, manifest hashes, and the CLI end to end."""
+"""`data prepare`: tokenizer, content-addressed shards, index checks, manifest hashes, the CLI end to end."""
 
 from __future__ import annotations
 
@@ -24,13 +24,17 @@ WORDS = "the model learns from data shared by peers who verify every step and ea
 
 def corpus_texts(count: int, seed: int = 3) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) + f" #{i}\n" for i in range(count)]
+    return [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) + f" #{i}\n" for i in range(count)
+    ]
 
 
 def write_run(folder: Path, texts: list[str], **data) -> Path:
     """A Pile-format corpus and a manifest for it in `folder`; returns the manifest path."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = b"".join(json.dumps({"text": t, "meta": {"pile_set_name": "Pile-CC"}}).encode() + b"\n" for t in texts)
+    lines = b"".join(
+        json.dumps({"text": t, "meta": {"pile_set_name": "Pile-CC"}}).encode() + b"\n" for t in texts
+    )
     (folder / "00.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
     manifest = parse_manifest("")
     manifest.data.sources = ["00.jsonl.zst"]
@@ -64,7 +68,9 @@ def test_prepare_writes_hashed_shards_index_and_manifest_hashes(prepared):
     assert index.total_tokens == result.tokens == sum(entry.n_tokens for entry in index.shards)
     for entry in index.shards:
         assert sha256_file(shard_path(prepared_dir, entry.sha256)) == entry.sha256
-    assert manifest.data.tokenizer_hash == sha256_file(prepared_dir / "tokenizer.json") == index.tokenizer_hash
+    assert (
+        manifest.data.tokenizer_hash == sha256_file(prepared_dir / "tokenizer.json") == index.tokenizer_hash
+    )
     assert manifest.data.dataset_hash == sha256_file(prepared_dir / "index.json") == index.dataset_hash
 
 
@@ -87,7 +93,9 @@ def test_prepare_is_deterministic_and_reuses_an_existing_tokenizer(prepared, tmp
     assert (again.tokenizer_hash, again.dataset_hash) == (first.tokenizer_hash, first.dataset_hash)
 
     tokenizer_file = load_manifest(manifest_path).prepared_path / "tokenizer.json"
-    reused = prepare_dataset(load_manifest(write_run(tmp_path / "reused", texts, tokenizer=str(tokenizer_file))))
+    reused = prepare_dataset(
+        load_manifest(write_run(tmp_path / "reused", texts, tokenizer=str(tokenizer_file)))
+    )
     assert (reused.tokenizer_hash, reused.dataset_hash) == (first.tokenizer_hash, first.dataset_hash)
 
 
@@ -145,6 +153,7 @@ def test_failed_prepare_keeps_the_previous_dataset_and_a_new_one_drops_stale_sha
     write_run(tmp_path, corpus_texts(40, seed=6))
     second = prepare_dataset(load_manifest(manifest_path))
     assert second.dataset_hash != first.dataset_hash and second.removed_stale_shards > 0
+    assert second.previous_dataset_hash == first.dataset_hash
     listed = {entry.sha256 for entry in ShardIndex.load(prepared_dir).shards}
     assert {path.stem for path in (prepared_dir / "shards").iterdir()} == listed
 
@@ -175,8 +184,9 @@ def test_uint32_shards_for_large_vocabularies(tmp_path):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gpunite", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gpunite", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_prepare_and_info_end_to_end(prepared, tmp_path):
@@ -196,7 +206,9 @@ def test_cli_prepare_and_info_end_to_end(prepared, tmp_path):
 
 def test_cli_bad_data_is_a_one_line_error(tmp_path):
     manifest_path = write_run(tmp_path, corpus_texts(5))
-    (tmp_path / "00.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "ok"}\n{"txt": 1}\n'))
+    (tmp_path / "00.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(b'{"text": "ok"}\n{"txt": 1}\n')
+    )
     done = run_cli("data", "prepare", str(manifest_path), cwd=tmp_path)
     assert done.returncode == 2 and done.stdout == ""
     message = done.stderr.strip()

@@ -17,7 +17,8 @@ from gpunite.errors import GpuniteError
 
 def pile_lines(records: list[tuple[str, str]]) -> bytes:
     return b"".join(
-        json.dumps({"text": text, "meta": {"pile_set_name": subset}}).encode() + b"\n" for text, subset in records
+        json.dumps({"text": text, "meta": {"pile_set_name": subset}}).encode() + b"\n"
+        for text, subset in records
     )
 
 

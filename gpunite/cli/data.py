@@ -19,8 +19,11 @@ def register(app: typer.Typer) -> None:
 def prepare(
     manifest_path: Path = typer.Argument(..., help="A run manifest (TOML)."),
     skip_bad_lines: bool = typer.Option(
-        False, "--skip-bad-lines", help="Count and skip bad lines (bad JSON, missing field, bad UTF-8, truncated "
-        ".zst) instead of stopping at the first one."),
+        False,
+        "--skip-bad-lines",
+        help="Count and skip bad lines (bad JSON, missing field, bad UTF-8, truncated "
+        ".zst) instead of stopping at the first one.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (no progress bar)."),
 ) -> None:
     """Train or load the tokenizer, tokenize every source into shards, record the hashes in the manifest."""
@@ -45,7 +48,9 @@ def prepare(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console_err, transient=True) as bar:
-        task = bar.add_task("training tokenizer", total=None, read_mb=0.0, total_mb=0.0, tokens=0, documents=0)
+        task = bar.add_task(
+            "training tokenizer", total=None, read_mb=0.0, total_mb=0.0, tokens=0, documents=0
+        )
 
         def show(state) -> None:
             bar.update(
@@ -68,16 +73,27 @@ def prepare(
     table.add_row("documents", f"{result.documents:,}")
     table.add_row("tokens", f"{result.tokens:,} ({result.dtype})")
     table.add_row("shards", f"{result.shards:,}")
-    table.add_row("text", f"{result.text_bytes / 1e6:.2f} MB at {result.text_mb_per_s:.2f} MB/s "
-                          f"(tokenizer {result.tokenizer_seconds:.1f} s)")
+    table.add_row(
+        "text",
+        f"{result.text_bytes / 1e6:.2f} MB at {result.text_mb_per_s:.2f} MB/s "
+        f"(tokenizer {result.tokenizer_seconds:.1f} s)",
+    )
     if result.skipped_lines or result.truncated_files:
-        table.add_row("skipped", f"{result.skipped_lines:,} bad lines, {result.truncated_files} truncated files "
-                                 f"(first: {result.first_skip})")
+        table.add_row(
+            "skipped",
+            f"{result.skipped_lines:,} bad lines, {result.truncated_files} truncated files "
+            f"(first: {result.first_skip})",
+        )
     if result.filtered_documents:
         table.add_row("filtered", f"{result.filtered_documents:,} documents outside data.pile_subsets")
     table.add_row("tokenizer hash", result.tokenizer_hash)
     table.add_row("dataset hash", result.dataset_hash)
     console.print(table)
+    if result.previous_dataset_hash and result.previous_dataset_hash != result.dataset_hash:
+        console.print(
+            f"[yellow]the dataset hash changed (was {result.previous_dataset_hash[:16]}...): "
+            "the manifest now describes a new run id[/]"
+        )
     console.print(f"hashes written to [bold]{manifest_path}[/]; next: [bold]gpunite train {manifest_path}[/]")
 
 
@@ -124,5 +140,7 @@ def info(
         table.add_row(key.replace("_", " "), str(value))
     console.print(table)
     if not summary["manifest_matches"]:
-        console.print(f"[yellow]the manifest's data.dataset_hash differs from this index; "
-                      f"run `gpunite data prepare {manifest_path}`[/]")
+        console.print(
+            f"[yellow]the manifest's data.dataset_hash differs from this index; "
+            f"run `gpunite data prepare {manifest_path}`[/]"
+        )

@@ -1,12 +1,12 @@
-"""Sequences and batches from prepared shards: the held-out split, trainable ranges, a resumable shuffled stream.
+"""Sequences and batches from prepared shards: held-out split, trainable ranges, a resumable shuffled stream.
 
 Rules every layer shares (trainer, swarm work units, audit replay):
-- Sequence j of a shard is ``tokens[j*seq_len : j*seq_len + seq_len + 1]`` (inputs and their next-token targets;
-  neighbouring sequences share one token). A shard of n tokens holds ``(n - 1) // seq_len`` sequences; no
-  sequence crosses a shard boundary.
+- Sequence j of a shard is ``tokens[j*seq_len : j*seq_len + seq_len + 1]`` (inputs and their next-token
+  targets; neighbouring sequences share one token). A shard of n tokens holds ``(n - 1) // seq_len``
+  sequences; no sequence crosses a shard boundary.
 - Held-out split: in every shard with at least 2 sequences, the last ``ceil(1%)`` of its sequences (at least
-  one) are held out for evaluation. Per-shard tails spread the held-out data over all sources while keeping each
-  shard's trainable part one contiguous range, which is what the swarm carves work units from.
+  one) are held out for evaluation. Per-shard tails spread the held-out data over all sources while keeping
+  each shard's trainable part one contiguous range, which is what the swarm carves work units from.
 - BatchStream: the trainable sequences of all shards, numbered in index order, are shuffled per epoch by
   ``epoch_permutation(seed, epoch)``; epochs follow each other without a gap, so batch p is made of stream
   entries ``[p*batch_size, (p+1)*batch_size)``. Resuming at any position computes the permutation instead of
@@ -34,7 +34,7 @@ _GOLDEN64 = 0x9E3779B97F4A7C15
 
 @dataclass(frozen=True)
 class SequenceRange:
-    """`count` consecutive sequences of one shard, starting at sequence `first` (a unit of data to train on)."""
+    """`count` consecutive sequences of one shard from sequence `first` on (a unit of data to train on)."""
 
     shard_sha256: str
     first: int
@@ -53,7 +53,7 @@ def heldout_in_shard(n_sequences: int) -> int:
 
 
 def training_units(index: ShardIndex, seq_len: int) -> list[SequenceRange]:
-    """The trainable sequences of every shard, one range per shard in index order (held-out tails excluded)."""
+    """The trainable sequences: one range per shard, in index order (held-out tails excluded)."""
     units = []
     for entry in index.shards:
         n_sequences = sequences_in_shard(entry.n_tokens, seq_len)
@@ -78,29 +78,37 @@ def _shard_entry(index: ShardIndex, shard_sha: str):
     for entry in index.shards:
         if entry.sha256 == shard_sha:
             return entry
-    raise DataError(f"shard {shard_sha[:16]}... is not in this dataset's index; check the work unit or re-prepare")
+    raise DataError(
+        f"shard {shard_sha[:16]}... is not in this dataset's index; check the work unit or re-prepare"
+    )
 
 
 def _open_shard(prepared_dir: str | Path, index: ShardIndex, shard_sha: str) -> np.ndarray:
     entry = _shard_entry(index, shard_sha)
     tokens = read_shard(prepared_dir, shard_sha, verify=True, dtype=index.dtype)
     if len(tokens) != entry.n_tokens:
-        raise DataError(f"shard {shard_sha[:16]}... holds {len(tokens)} tokens, the index says {entry.n_tokens}")
+        raise DataError(
+            f"shard {shard_sha[:16]}... holds {len(tokens)} tokens, the index says {entry.n_tokens}"
+        )
     return tokens
 
 
 def _windows(tokens: np.ndarray, first: int, count: int, seq_len: int) -> np.ndarray:
-    """Rows [count, seq_len + 1] of int64: sequences first .. first+count-1 (a strided view, then one copy)."""
+    """Rows [count, seq_len + 1] of int64: sequences first .. first+count-1 (a strided view, one copy)."""
     span = tokens[first * seq_len : (first + count) * seq_len + 1]
     view = np.lib.stride_tricks.as_strided(
-        span, shape=(count, seq_len + 1), strides=(seq_len * span.strides[0], span.strides[0]), writeable=False
+        span,
+        shape=(count, seq_len + 1),
+        strides=(seq_len * span.strides[0], span.strides[0]),
+        writeable=False,
     )
     return view.astype(np.int64)
 
 
-def load_sequences(prepared_dir: str | Path, index: ShardIndex, shard_sha: str, first: int, count: int,
-                   seq_len: int):
-    """Sequences first .. first+count-1 of a shard as a torch.LongTensor [count, seq_len + 1] (hash-checked)."""
+def load_sequences(
+    prepared_dir: str | Path, index: ShardIndex, shard_sha: str, first: int, count: int, seq_len: int
+):
+    """Sequences first .. first+count-1 of a shard, hash-checked, as a LongTensor [count, seq_len + 1]."""
     import torch
 
     n_sequences = sequences_in_shard(_shard_entry(index, shard_sha).n_tokens, seq_len)
@@ -114,7 +122,7 @@ def load_sequences(prepared_dir: str | Path, index: ShardIndex, shard_sha: str, 
 
 
 def heldout_sequences(prepared_dir: str | Path, index: ShardIndex, seq_len: int, max_sequences: int):
-    """Up to max_sequences held-out sequences, evenly spread over the whole held-out split, as a LongTensor."""
+    """Up to max_sequences held-out sequences, spread evenly over the held-out split, as a LongTensor."""
     import torch
 
     units = heldout_units(index, seq_len)
@@ -147,7 +155,8 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """A shuffle of range(n) fixed by (seed, epoch), identical on every platform and library version.
 
     Each position gets a 64-bit key from splitmix64 (a bijection, so keys never tie) and the order is the
-    argsort of the keys: plain integer arithmetic, unlike library RNG streams that may change between versions.
+    argsort of the keys: plain integer arithmetic, unlike library RNG streams, which may change between
+    versions.
     """
     base = _splitmix64((seed & _MASK64) ^ _splitmix64(epoch & _MASK64))
     with np.errstate(over="ignore"):
@@ -167,8 +176,15 @@ class BatchStream:
     uninterrupted stream would be after p batches.
     """
 
-    def __init__(self, prepared_dir: str | Path, index: ShardIndex, seq_len: int, batch_size: int, seed: int,
-                 position: int = 0):
+    def __init__(
+        self,
+        prepared_dir: str | Path,
+        index: ShardIndex,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        position: int = 0,
+    ):
         if batch_size <= 0 or position < 0:
             raise DataError(f"batch_size must be > 0 and position >= 0, got {batch_size} and {position}")
         self.prepared_dir = Path(prepared_dir)
@@ -182,7 +198,8 @@ class BatchStream:
         self.sequences_per_epoch = int(self.unit_starts[-1])
         if self.sequences_per_epoch == 0:
             raise DataError(
-                f"no trainable sequences of {seq_len} tokens in {self.prepared_dir} ({index.total_tokens} tokens); "
+                f"no trainable sequences of {seq_len} tokens in {self.prepared_dir} "
+                f"({index.total_tokens} tokens); "
                 "add data, lower data.seq_len or raise data.shard_tokens"
             )
         self._permutations: dict[int, np.ndarray] = {}

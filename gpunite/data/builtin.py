@@ -25,7 +25,9 @@ _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 def iter_builtin(name: str, max_builtin_mb: float, stats: ReadStats) -> Iterator[str]:
     """Documents of a built-in corpus, capped at max_builtin_mb MB of text."""
     if name not in BUILTIN_CORPORA:
-        raise DataError(f"unknown built-in corpus {name!r}; the built-in corpora are: {', '.join(BUILTIN_CORPORA)}")
+        raise DataError(
+            f"unknown built-in corpus {name!r}; the built-in corpora are: {', '.join(BUILTIN_CORPORA)}"
+        )
     budget_bytes = int(max_builtin_mb * 1_000_000)
     stats.files += 1
     for text in _python_docs():

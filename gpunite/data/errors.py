@@ -1,4 +1,4 @@
-"""The data layer's error: bad corpus files, corrupt shards or a missing index, said in one actionable line."""
+"""The data layer's error: bad corpus files, corrupt shards or a missing index, in one actionable line."""
 
 from gpunite.errors import GpuniteError
 

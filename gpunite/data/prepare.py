@@ -1,10 +1,10 @@
-"""`data prepare`: stream a run's corpus through its tokenizer into content-addressed shards, in bounded memory.
+"""`data prepare`: stream a run's corpus through its tokenizer into content-addressed shards, bounded memory.
 
 Pipeline: a reader thread parses documents into batches of about ENCODE_BATCH_BYTES of text; the calling
 thread encodes each batch with the tokenizers library's batch encoder (Rust, all cores, GIL released, so
 reading the next batch overlaps with encoding this one), appends the end-of-document id after every document
 and feeds a ShardWriter that writes each shard as soon as it is full. The index is written last: until then
-an earlier prepared dataset stays intact. Same sources, same tokenizer => same shard hashes, same dataset hash.
+an earlier prepared dataset stays intact. Same sources and tokenizer => same shard hashes and dataset hash.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -73,11 +73,12 @@ class PrepareResult:
     tokenizer_seconds: float
     shard_seconds: float
     removed_stale_shards: int = 0
+    previous_dataset_hash: str | None = None  # the manifest's data.dataset_hash before this prepare
     sources: list[str] = field(default_factory=list)
 
     @property
     def text_mb_per_s(self) -> float:
-        """Shard preparation throughput in MB (10**6 bytes) of raw text per second (tokenizer training excluded)."""
+        """Shard preparation throughput: MB (10**6 bytes) of raw text per second, tokenizer training aside."""
         return self.text_bytes / 1e6 / max(self.shard_seconds, 1e-9)
 
     def to_json(self) -> dict:
@@ -85,13 +86,18 @@ class PrepareResult:
 
 
 def build_tokenizer(manifest: Manifest, skip_bad_lines: bool = False) -> RunTokenizer:
-    """The run's tokenizer: data.tokenizer if set, else a byte-level BPE trained on a sample of the sources."""
+    """The run's tokenizer: data.tokenizer if set, else a byte-level BPE trained on a sample of the data."""
     data = manifest.data
     if data.tokenizer:
         return load_tokenizer_file(resolve_source(manifest, data.tokenizer))
     sources = [resolve_source(manifest, source) for source in data.sources]
     sample = sample_documents(
-        sources, TOKENIZER_SAMPLE_BYTES, data.text_field, data.pile_subsets, skip_bad_lines, data.max_builtin_mb
+        sources,
+        TOKENIZER_SAMPLE_BYTES,
+        data.text_field,
+        data.pile_subsets,
+        skip_bad_lines,
+        data.max_builtin_mb,
     )
     return train_bpe(sample, data.vocab_size)
 
@@ -103,7 +109,7 @@ def prepare_dataset(
     run_tokenizer: RunTokenizer | None = None,
     update_manifest: bool = True,
 ) -> PrepareResult:
-    """Tokenize the manifest's sources into <manifest.prepared_path>; record the hashes in the manifest file."""
+    """Tokenize the manifest's sources into manifest.prepared_path; record the hashes in the manifest file."""
     data = manifest.data
     sources = [resolve_source(manifest, source) for source in data.sources]
     prepared_dir = manifest.prepared_path
@@ -129,18 +135,21 @@ def prepare_dataset(
     documents = iter_sources(
         sources, data.text_field, data.pile_subsets, skip_bad_lines, stats, data.max_builtin_mb
     )
-    for token_ids in encode_documents(run_tokenizer, documents):
-        writer.add(token_ids)
-        state.tokens = writer.total_tokens
-        state.shards = len(writer.shards)
-        if progress:
-            progress(state)
+    # closing(): on an error here the reader thread stops now, not when the traceback is collected.
+    with closing(encode_documents(run_tokenizer, documents)) as encoded:
+        for token_ids in encoded:
+            writer.add(token_ids)
+            state.tokens = writer.total_tokens
+            state.shards = len(writer.shards)
+            if progress:
+                progress(state)
     shards = writer.finish()
     shard_seconds = time.perf_counter() - started
     if stats.documents == 0:
         raise DataError(
             f"no documents in {', '.join(data.sources)} ({stats.filtered_documents} filtered out by "
-            f"data.pile_subsets, {stats.skipped_lines} bad lines skipped); check data.sources and data.pile_subsets"
+            f"data.pile_subsets, {stats.skipped_lines} bad lines skipped); "
+            "check data.sources and data.pile_subsets"
         )
 
     index = ShardIndex(
@@ -160,6 +169,7 @@ def prepare_dataset(
     if progress:
         progress(state)
 
+    previous_dataset_hash = data.dataset_hash
     if update_manifest and manifest.path is not None:
         data.tokenizer_hash = run_tokenizer.sha256
         data.dataset_hash = index.dataset_hash
@@ -183,6 +193,7 @@ def prepare_dataset(
         tokenizer_seconds=tokenizer_seconds,
         shard_seconds=shard_seconds,
         removed_stale_shards=removed,
+        previous_dataset_hash=previous_dataset_hash,
         sources=list(data.sources),
     )
 
@@ -190,7 +201,7 @@ def prepare_dataset(
 def encode_documents(run_tokenizer: RunTokenizer, documents: Iterator[str]) -> Iterator[np.ndarray]:
     """Token ids of the documents, each followed by the end-of-document id, one array per encoded batch."""
     tokenizer = run_tokenizer.tokenizer
-    # encode_batch_fast skips computing character offsets we never use; older libraries only have encode_batch.
+    # encode_batch_fast skips the character offsets we never use; older libraries only have encode_batch.
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     eos = [run_tokenizer.eos_id]
     for batch in _read_ahead(_text_batches(documents, ENCODE_BATCH_BYTES), READ_AHEAD_BATCHES):

@@ -1,4 +1,4 @@
-"""Streaming corpus readers: yield document texts from Pile .jsonl.zst, .jsonl, .txt files, folders and builtins.
+"""Streaming corpus readers: document texts from Pile .jsonl.zst, .jsonl and .txt files, folders and builtins.
 
 Every reader streams: memory holds one compressed chunk, one line (or one .txt piece) at a time, never a
 whole file. Order is deterministic (folders are walked in sorted path order), so the same sources always
@@ -11,7 +11,7 @@ Formats:
 - ``.txt``: one document per file. A file piece that has grown past ``TXT_SOFT_SPLIT_BYTES`` ends at the next
   blank line, and no piece exceeds ``TXT_HARD_SPLIT_BYTES`` (cut at a line end, or inside a longer line), so a
   multi-GB text file streams in bounded memory; pieces are separated like documents.
-- a folder: every ``.jsonl.zst``, ``.jsonl`` and ``.txt`` file below it (hidden files skipped), sorted by path.
+- a folder: every ``.jsonl.zst``, ``.jsonl`` and ``.txt`` file below it (hidden ones skipped), sorted by path.
 - ``builtin:python-docs``: see :mod:`gpunite.data.builtin`.
 
 The pile subset filter applies to every JSON record: with ``pile_subsets`` set, only records whose
@@ -31,7 +31,7 @@ from gpunite.data.errors import DataError
 SUPPORTED_SUFFIXES = (".jsonl.zst", ".jsonl", ".txt")
 TXT_SOFT_SPLIT_BYTES = 1 << 20
 TXT_HARD_SPLIT_BYTES = 8 << 20
-# Compressed bytes fed to zstd per call: small, so even a highly compressible frame inflates to a bounded chunk.
+# Compressed bytes fed to zstd per call: small, so even a very compressible frame inflates to a bounded chunk.
 ZSTD_INPUT_CHUNK_BYTES = 32 << 10
 PLAIN_READ_CHUNK_BYTES = 1 << 20
 SKIP_HINT = "fix the line or pass --skip-bad-lines"
@@ -127,7 +127,9 @@ def iter_documents(
     if path.is_dir():
         files = corpus_files(path)
         if not files:
-            raise DataError(f"{path}: folder holds no .jsonl.zst, .jsonl or .txt files; add some or fix data.sources")
+            raise DataError(
+                f"{path}: folder holds no .jsonl.zst, .jsonl or .txt files; add some or fix data.sources"
+            )
     elif path.is_file():
         if source_kind(path) is None:
             raise DataError(f"{path}: unsupported file type; use .jsonl.zst (Pile), .jsonl or .txt files")
@@ -155,9 +157,13 @@ def _iter_file(
                 stats.documents += 1
                 yield text
     except _TruncatedZstd as exc:
-        where = f"{path}: truncated .zst: the stream stops after line {lines.line_number} ({exc.offset} bytes)"
+        where = (
+            f"{path}: truncated .zst: the stream stops after line {lines.line_number} ({exc.offset} bytes)"
+        )
         if not skip_bad_lines:
-            raise DataError(f"{where}; re-download the file, or pass --skip-bad-lines to keep the lines before it")
+            raise DataError(
+                f"{where}; re-download the file, or pass --skip-bad-lines to keep the lines before it"
+            ) from None
         stats.truncated_files += 1
         stats.note_skip(where)
 

@@ -1,10 +1,10 @@
-"""Content-addressed token shards: writing them, the index.json that lists them, and reading them back checked.
+"""Content-addressed token shards: writing them, the index.json listing them, and reading them back checked.
 
 A prepared dataset is a folder::
 
     <prepared_dir>/tokenizer.json          the tokenizer the tokens come from
     <prepared_dir>/index.json              ShardIndex: format, tokenizer hash, dtype, shards in order, totals
-    <prepared_dir>/shards/<sha256>.bin     flat little-endian token ids (uint16 if the vocab fits, else uint32)
+    <prepared_dir>/shards/<sha256>.bin     flat little-endian token ids (uint16 if the vocab fits, or uint32)
 
 A shard's name is the sha256 of its bytes, so a shard fetched from any peer is checked by its name; the
 dataset hash is the sha256 of the index.json bytes.
@@ -81,7 +81,7 @@ class ShardIndex(BaseModel):
         return self
 
     def to_bytes(self) -> bytes:
-        """The canonical index.json bytes (sorted keys, fixed layout): the dataset hash is taken over these."""
+        """The canonical index.json bytes (sorted keys, fixed layout); the dataset hash is their sha256."""
         return (json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=1) + "\n").encode("utf-8")
 
     @property
@@ -101,7 +101,9 @@ class ShardIndex(BaseModel):
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise DataError(f"{path}: the shard index is corrupt or truncated (not JSON); {PREPARE_HINT}") from None
+            raise DataError(
+                f"{path}: the shard index is corrupt or truncated (not JSON); {PREPARE_HINT}"
+            ) from None
         try:
             index = cls.model_validate(data)
         except ValidationError as exc:
@@ -111,7 +113,9 @@ class ShardIndex(BaseModel):
                 f"{path}: the shard index is invalid ({where}: {err.get('msg', 'bad value')}); {PREPARE_HINT}"
             ) from None
         if index.to_bytes() != raw:
-            raise DataError(f"{path}: the shard index was edited by hand (not in canonical form); {PREPARE_HINT}")
+            raise DataError(
+                f"{path}: the shard index was edited by hand (not in canonical form); {PREPARE_HINT}"
+            )
         return index
 
     def save(self, prepared_dir: str | Path) -> Path:
@@ -185,7 +189,9 @@ def remove_unlisted_shards(prepared_dir: str | Path, index: ShardIndex) -> int:
 _verified_shards: set[tuple[str, int, int]] = set()
 
 
-def read_shard(prepared_dir: str | Path, sha256: str, verify: bool = True, dtype: str | None = None) -> np.ndarray:
+def read_shard(
+    prepared_dir: str | Path, sha256: str, verify: bool = True, dtype: str | None = None
+) -> np.ndarray:
     """A shard's tokens as a read-only memory map; with verify, its bytes must hash to its name.
 
     dtype defaults to the one in the prepared dir's index.json.
@@ -198,10 +204,14 @@ def read_shard(prepared_dir: str | Path, sha256: str, verify: bool = True, dtype
     try:
         stat = os.stat(path)
     except FileNotFoundError:
-        raise DataError(f"{path}: shard missing; {PREPARE_HINT} again or fetch the shard from a peer") from None
+        raise DataError(
+            f"{path}: shard missing; {PREPARE_HINT} again or fetch the shard from a peer"
+        ) from None
     item_bytes = numpy_dtype(dtype).itemsize
     if stat.st_size == 0 or stat.st_size % item_bytes:
-        raise DataError(f"{path}: shard size {stat.st_size} is not a whole number of {dtype} tokens; {PREPARE_HINT}")
+        raise DataError(
+            f"{path}: shard size {stat.st_size} is not a whole number of {dtype} tokens; {PREPARE_HINT}"
+        )
     if verify:
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in _verified_shards:

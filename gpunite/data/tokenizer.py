@@ -1,4 +1,4 @@
-"""A run's tokenizer: train a deterministic byte-level BPE on a bounded corpus sample, or load a tokenizer.json.
+"""A run's tokenizer: train a deterministic byte-level BPE on a bounded corpus sample, or load tokenizer.json.
 
 A trained tokenizer has ``<|endoftext|>`` as id 0, used to separate documents in the token stream, and the 256
 byte symbols in its alphabet, so any text encodes without unknown tokens. Training is deterministic: the same
@@ -92,8 +92,10 @@ def sample_documents(
     skip_bad_lines: bool = False,
     max_builtin_mb: float = 8.0,
 ) -> Iterator[str]:
-    """The first documents of each source, up to sample_bytes / len(sources) bytes each: a bounded, deterministic
-    sample that reads only the start of each source (so a bad line early in a file fails fast)."""
+    """The first documents of each source, up to sample_bytes / len(sources) bytes each.
+
+    A bounded, deterministic sample that reads only the start of each source (an early bad line fails fast).
+    """
     per_source_bytes = max(1, sample_bytes // max(1, len(sources)))
     for source in sources:
         stats = ReadStats()
