@@ -47,7 +47,8 @@ class _ProtocolError(Exception):
 
 
 async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-    data = json.dumps(message, separators=(",", ":")).encode()
+    # ensure_ascii=False keeps non-ASCII text as UTF-8, so quoting a record at most doubles its size
+    data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
     if len(data) > MAX_MESSAGE_BYTES:
         raise _ProtocolError(f"message of {len(data)} bytes is over the limit")
     writer.write(len(data).to_bytes(4, "big") + data)
