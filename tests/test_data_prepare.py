@@ -29,13 +29,17 @@ def corpus_texts(count: int, seed: int = 3) -> list[str]:
     ]
 
 
-def write_run(folder: Path, texts: list[str], **data) -> Path:
-    """A Pile-format corpus and a manifest for it in `folder`; returns the manifest path."""
-    folder.mkdir(parents=True, exist_ok=True)
+def write_pile(folder: Path, texts: list[str]) -> None:
     lines = b"".join(
         json.dumps({"text": t, "meta": {"pile_set_name": "Pile-CC"}}).encode() + b"\n" for t in texts
     )
     (folder / "00.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+
+
+def write_run(folder: Path, texts: list[str], **data) -> Path:
+    """A Pile-format corpus and a manifest for it in `folder`; returns the manifest path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_pile(folder, texts)
     manifest = parse_manifest("")
     manifest.data.sources = ["00.jsonl.zst"]
     manifest.data.vocab_size = 300
@@ -150,7 +154,7 @@ def test_failed_prepare_keeps_the_previous_dataset_and_a_new_one_drops_stale_sha
         prepare_dataset(load_manifest(manifest_path))
     assert ShardIndex.load(prepared_dir).dataset_hash == first.dataset_hash
 
-    write_run(tmp_path, corpus_texts(40, seed=6))
+    write_pile(tmp_path, corpus_texts(40, seed=6))
     second = prepare_dataset(load_manifest(manifest_path))
     assert second.dataset_hash != first.dataset_hash and second.removed_stale_shards > 0
     assert second.previous_dataset_hash == first.dataset_hash
