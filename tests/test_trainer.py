@@ -1,0 +1,144 @@
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from gpunite.manifest import parse_manifest
+from gpunite.model import PRESETS, build_model
+from gpunite.train.trainer import InnerTrainer, TrainingError, lr_at, pick_device
+from gpunite.train.weights import model_hash
+
+VOCAB = 256
+CONFIG = replace(PRESETS["tiny"], vocab_size=VOCAB, n_layers=2, max_seq_len=64)
+
+
+def train_section(**overrides):
+    text = "\n".join(f"{key} = {value!r}" for key, value in overrides.items())
+    return parse_manifest(f"[train]\n{text}\n".replace("True", "true").replace("False", "false")).train
+
+
+def token_batches(count, seed=0, batch=2, seq_len=32):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, seq_len + 1), generator=generator) for _ in range(count)]
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    cfg = train_section(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    total = 110
+    assert lr_at(0, cfg, total) == pytest.approx(1e-4)
+    assert lr_at(4, cfg, total) == pytest.approx(5e-4)
+    assert lr_at(9, cfg, total) == pytest.approx(1e-3)
+    assert lr_at(10, cfg, total) == pytest.approx(1e-3)
+    assert lr_at(60, cfg, total) == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway through the cosine
+    assert lr_at(110, cfg, total) == pytest.approx(1e-4)
+    assert lr_at(500, cfg, total) == pytest.approx(1e-4)  # past the end it stays at the floor
+    decay = [lr_at(step, cfg, total) for step in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    no_warmup = train_section(lr=2e-3, warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_at(0, no_warmup, 50) == pytest.approx(2e-3)
+    assert lr_at(25, no_warmup, 50) == pytest.approx(1e-3)
+    assert lr_at(50, no_warmup, 50) == pytest.approx(0.0)
+
+
+def test_training_is_bitwise_deterministic_and_depends_on_the_data():
+    cfg = train_section(lr=3e-3, warmup_steps=2, total_steps=6)
+    batches = token_batches(4)
+    hashes = []
+    for data in (batches, batches, token_batches(4, seed=1)):
+        model = build_model(CONFIG, seed=5)
+        trainer = InnerTrainer(model, cfg)
+        losses = [trainer.train_step(batch) for batch in data]
+        assert trainer.step == 4
+        assert all(math.isfinite(loss) for loss in losses)
+        hashes.append(model_hash(model))
+    assert hashes[0] == hashes[1]
+    assert hashes[0] != hashes[2]
+
+
+def test_loss_falls_on_data_the_model_sees_again():
+    cfg = train_section(lr=3e-3, warmup_steps=0, total_steps=30)
+    trainer = InnerTrainer(build_model(CONFIG, seed=0), cfg)
+    batch = token_batches(1)[0]
+    before = trainer.evaluate(batch)
+    for _ in range(12):
+        trainer.train_step(batch)
+    assert trainer.evaluate(batch) < before - 1.0
+
+
+def test_weight_decay_skips_norm_gains():
+    trainer = InnerTrainer(build_model(CONFIG, seed=0), train_section(weight_decay=0.1))
+    decayed, not_decayed = trainer.optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decayed["params"])
+    assert all(p.ndim == 1 for p in not_decayed["params"])
+    assert len(decayed["params"]) + len(not_decayed["params"]) == len(list(trainer.model.parameters()))
+
+
+def test_evaluate_averages_over_tokens_and_leaves_weights_alone():
+    trainer = InnerTrainer(build_model(CONFIG, seed=0), train_section())
+    batches = token_batches(3)
+    before = model_hash(trainer.model)
+    each = [trainer.evaluate(batch) for batch in batches]
+    assert trainer.evaluate(batches) == pytest.approx(sum(each) / 3, rel=1e-6)
+    assert model_hash(trainer.model) == before and trainer.step == 0
+    assert trainer.optimizer_state_tensors() == {}
+
+
+def test_optimizer_state_round_trip_continues_identically_and_is_never_shared():
+    cfg = train_section(lr=3e-3, warmup_steps=1, total_steps=8)
+    first, rest = token_batches(2), token_batches(3, seed=9)
+    original = InnerTrainer(build_model(CONFIG, seed=3), cfg)
+    for batch in first:
+        original.train_step(batch)
+    weights = {k: v.clone() for k, v in original.model.state_dict().items()}
+    state = original.optimizer_state_tensors()
+    assert {name.rsplit(".", 1)[1] for name in state} == {"step", "exp_avg", "exp_avg_sq"}
+
+    replicas = []
+    for _ in range(2):  # two replays loaded from one dict: each must own its moments
+        model = build_model(CONFIG, seed=99)
+        model.load_state_dict(weights)
+        replica = InnerTrainer(model, cfg, step=original.step)
+        replica.load_optimizer_state_tensors(state)
+        replicas.append(replica)
+    saved = {k: v.clone() for k, v in state.items()}
+    for batch in rest:
+        original.train_step(batch)
+        replicas[0].train_step(batch)
+    for batch in rest:
+        replicas[1].train_step(batch)
+    assert all(torch.equal(state[k], saved[k]) for k in state)
+    assert model_hash(replicas[0].model) == model_hash(original.model) == model_hash(replicas[1].model)
+    for name, tensor in replicas[0].optimizer_state_tensors().items():
+        assert torch.equal(tensor, original.optimizer_state_tensors()[name]), name
+
+
+def test_optimizer_state_for_another_model_is_refused():
+    trainer = InnerTrainer(build_model(CONFIG, seed=0), train_section())
+    trainer.train_step(token_batches(1)[0])
+    state = trainer.optimizer_state_tensors()
+    other = InnerTrainer(build_model(replace(CONFIG, n_layers=1), seed=0), train_section())
+    with pytest.raises(TrainingError, match="does not fit"):
+        other.load_optimizer_state_tensors(state)
+
+
+def test_non_finite_loss_and_bad_batches_raise_training_errors():
+    model = build_model(CONFIG, seed=0)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    trainer = InnerTrainer(model, train_section())
+    with pytest.raises(TrainingError, match="loss became nan at step 0"):
+        trainer.train_step(token_batches(1)[0])
+    with pytest.raises(TrainingError, match="batch must be"):
+        trainer.train_step(torch.zeros(5, dtype=torch.long))
+
+
+def test_pick_device():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type in ("cpu", "cuda", "mps", "xpu")
+    with pytest.raises(TrainingError, match="unknown device"):
+        pick_device("quantum")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="not available"):
+            pick_device("cuda")
