@@ -91,3 +91,18 @@ def test_broken_links_are_reported_with_their_round(tmp_path):
     run.block([v], [run.contribution(a)])
     report = verify_chain(_ledger(tmp_path / "4", run.records), run.run_id)
     assert report.broken_round == 1 and "round 1 has no block" in report.problem
+
+
+def test_tampered_contribution_is_named(tmp_path):
+    run, _ = small_run(rounds=3)
+    ledger = _ledger(tmp_path, run.records)
+    target = next(r for r in run.records if r.kind == "contribution" and r.round == 1)
+    db = sqlite3.connect(str(ledger.path))
+    body = json.loads(db.execute("SELECT body FROM records WHERE id = ?", (target.record_id,)).fetchone()[0])
+    body["claimed_flops"] = 1e30
+    db.execute("UPDATE records SET body = ? WHERE id = ?", (json.dumps(body).encode(), target.record_id))
+    db.commit()
+    db.close()
+    report = verify_chain(ledger, run.run_id)
+    assert report.broken_round == 1 and report.rounds == 1
+    assert f"accepted contribution {target.record_id[:16]} does not verify" in report.problem

@@ -10,6 +10,7 @@ from gpunite.ledger.credits import (
     credit_table,
     decay_average,
     grants,
+    run_chains,
     update_average,
 )
 from gpunite.ledger.quota import QuotaCheck, daily_quota, used_today, utc_day
@@ -79,6 +80,25 @@ def test_a_proven_cheater_gets_nothing_from_that_run_even_retroactively():
     assert table.banned == {run.run_id: [cheater.peer_id]}
     assert table.user(cheater.peer_id).total_credit == pytest.approx(1.0)  # only the other run's work
     assert table.user(honest.peer_id).total_credit == pytest.approx(4 * 1e12 / FLOPS_PER_CREDIT)
+
+
+def test_sybils_without_standing_cannot_outvote_peers_that_did_verified_work():
+    run = RunBuilder()
+    honest = [peer(f"honest{i}") for i in range(3)]
+    sybils = [peer(f"sybil{i}") for i in range(10)]
+    for _ in range(3):
+        run.block(honest, [run.contribution(p) for p in honest])
+    real_work = [run.contribution(p) for p in honest]
+    fake_work = run.contribution(sybils[0], flops=1e18)
+    prev = run.prev
+    run.block(sybils, [fake_work], cheats=real_work)  # ten signatures, but no standing
+    run.round -= 1
+    real = run.block(honest, real_work, prev=prev)
+    table = credit_table(run.records, now=run.time + 60)
+    assert table.banned == {}
+    assert table.user(sybils[0].peer_id) is None
+    assert table.user(honest[0].peer_id).total_credit == pytest.approx(4 * 1e12 / FLOPS_PER_CREDIT)
+    assert [link.block_hash for link in run_chains(run.records)[run.run_id]][-1] == real[0].block_hash
 
 
 def test_claims_are_capped_and_audits_credited_within_the_work_they_replay():

@@ -1,11 +1,16 @@
 """A run's chain of blocks: which copy of each round is canonical, and a check of the chain from genesis.
 
 Every honest peer signs the same block content for a round, so copies of one round differ only in
-signer and time. The canonical block of round r is, among the blocks of round r whose `prev` is the
-canonical block hash of round r - 1 (GENESIS for round 0), the content signed by the most distinct
-peers, ties broken by the smallest block hash. The canonical time of that block is the lower median
-of its signers' times (each signer's earliest copy), so one signer with a wrong clock cannot move it.
-Every peer derives the same chain from the same set of records, whatever order they arrived in.
+signer and time. The canonical block of round r is chosen among the blocks of round r whose `prev`
+is the canonical block hash of round r - 1 (GENESIS for round 0): the content signed by the most
+peers with standing in the run, then by the most peers, then the smallest block hash. A peer has
+standing from round r on if the canonical chain before r merged one of its contributions or relied
+on one of its verdicts, and keeps it unless a canonical block rejects it as a cheat. So identities
+made up for the occasion (Sybils) cannot outvote the peers that did verified work; with no standing
+anywhere (round 0) the rule is simply "signed by the most peers".
+The canonical time of a block is the lower median of its signers' times (each signer's earliest
+copy), so one signer with a wrong clock cannot move it. Every peer derives the same chain from the
+same set of records, whatever order they arrived in.
 """
 
 from __future__ import annotations
@@ -14,13 +19,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
-from gpunite.errors import GpuniteError
 from gpunite.identity import RecordError, record_hash
 from gpunite.records import GENESIS, Block, Contribution, Verdict, _Record, parse_record
-
-
-class ChainError(GpuniteError):
-    """A chain that does not verify; the message names the first broken link."""
 
 
 @dataclass(frozen=True)
@@ -34,43 +34,53 @@ class ChainLink:
     time: float
 
 
-def canonical_chain(blocks: Iterable[_Record]) -> list[ChainLink]:
-    """The canonical chain of one run's blocks (other records are ignored), from round 0 up to the first
-    round with no linking block."""
+def canonical_chain(records: Iterable[_Record]) -> list[ChainLink]:
+    """The canonical chain of one run from its blocks, contributions and verdicts (other records are
+    ignored), from round 0 up to the first round with no linking block."""
     by_round: dict[int, dict[str, list[Block]]] = defaultdict(lambda: defaultdict(list))
-    for block in blocks:
-        if isinstance(block, Block):
-            by_round[block.round][block.block_hash].append(block)
+    authors: dict[str, str] = {}  # contribution / verdict id -> signer peer id
+    for record in records:
+        if isinstance(record, Block):
+            by_round[record.round][record.block_hash].append(record)
+        elif isinstance(record, (Contribution, Verdict)):
+            authors[record.record_id] = record.peer_id
     chain: list[ChainLink] = []
+    standing: set[str] = set()
     prev = GENESIS
     round_ = 0
     while round_ in by_round:
         candidates = {h: copies for h, copies in by_round[round_].items() if copies[0].prev == prev}
         if not candidates:
             break
-        link = _pick(round_, candidates)
+        link = _pick(round_, candidates, standing)
         chain.append(link)
+        block = link.block
+        standing |= {authors[i] for i in list(block.accepted) + list(block.verdicts) if i in authors}
+        standing -= {rejection.trainer for rejection in block.rejected if rejection.cheat}
         prev = link.block_hash
         round_ += 1
     return chain
 
 
-def _pick(round_: int, candidates: dict[str, list[Block]]) -> ChainLink:
-    def signers_of(copies: list[Block]) -> dict[str, float]:
+def _pick(round_: int, candidates: dict[str, list[Block]], standing: set[str]) -> ChainLink:
+    signer_times: dict[str, dict[str, float]] = {}
+    for block_hash, copies in candidates.items():
         earliest: dict[str, float] = {}
         for copy in copies:
             earliest[copy.peer_id] = min(copy.time, earliest.get(copy.peer_id, copy.time))
-        return earliest
+        signer_times[block_hash] = earliest
 
-    ranked = sorted(candidates.items(), key=lambda item: (-len(signers_of(item[1])), item[0]))
-    block_hash, copies = ranked[0]
-    signer_times = signers_of(copies)
-    times = sorted(signer_times.values())
+    def rank(block_hash: str) -> tuple[int, int, str]:
+        signers = signer_times[block_hash]
+        return (-len(standing.intersection(signers)), -len(signers), block_hash)
+
+    block_hash = min(candidates, key=rank)
+    times = sorted(signer_times[block_hash].values())
     return ChainLink(
         round=round_,
         block_hash=block_hash,
-        block=min(copies, key=lambda copy: copy.record_id),
-        signers=tuple(sorted(signer_times)),
+        block=min(candidates[block_hash], key=lambda copy: copy.record_id),
+        signers=tuple(sorted(signer_times[block_hash])),
         time=times[(len(times) - 1) // 2],
     )
 
@@ -119,7 +129,14 @@ def verify_chain(ledger, run_id: str, initial_weights_hash: str | None = None) -
         blocks.append(block)  # type: ignore[arg-type]
     if not blocks:
         return _broken(report, None, f"no blocks of run {run_id[:16]} in this ledger")
-    chain = canonical_chain(blocks)
+    # standing comes from contributions and verdicts; one that does not verify is reported below if used
+    authored = [
+        record
+        for kind in ("contribution", "verdict")
+        for record_id, body in ledger.raw(kind=kind, run_id=run_id)
+        if not isinstance(record := _checked(body, record_id), str)
+    ]
+    chain = canonical_chain(blocks + authored)
     rounds_present = sorted({block.round for block in blocks})
     base = initial_weights_hash
     for link in chain:

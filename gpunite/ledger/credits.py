@@ -101,15 +101,9 @@ def grants(
     by_id: dict[str, _Record] = {}
     for record in records:
         by_id.setdefault(record.record_id, record)
-    blocks_by_run: dict[str, list[Block]] = defaultdict(list)
-    for record in by_id.values():
-        if isinstance(record, Block):
-            blocks_by_run[record.run_id].append(record)
-
     out: list[Grant] = []
     banned: dict[str, set[str]] = {}
-    for run_id, blocks in blocks_by_run.items():
-        chain = canonical_chain(blocks)
+    for run_id, chain in run_chains(by_id.values()).items():
         banned[run_id] = {rej.trainer for link in chain for rej in link.block.rejected if rej.cheat}
         merged = _merged_contributions(chain, by_id, run_id)
         cap = (flops_per_token or {}).get(run_id)
@@ -231,15 +225,24 @@ def capped_flops(contribution: Contribution, flops_per_token: float | None) -> f
     return min(contribution.claimed_flops, flops_per_token * contribution.tokens)
 
 
+def run_chains(records: Iterable[_Record]) -> dict[str, list[ChainLink]]:
+    """The canonical chain of every run that has blocks among the records."""
+    by_run: dict[str, list[_Record]] = defaultdict(list)
+    for record in records:
+        if isinstance(record, (Block, Contribution, Verdict)):
+            by_run[record.run_id].append(record)
+    return {
+        run_id: canonical_chain(run_records)
+        for run_id, run_records in by_run.items()
+        if any(isinstance(record, Block) for record in run_records)
+    }
+
+
 def banned_peers(records: Iterable[_Record]) -> dict[str, list[str]]:
     """Per run: the peers a canonical block rejected as proven cheats."""
-    blocks_by_run: dict[str, list[Block]] = defaultdict(list)
-    for record in records:
-        if isinstance(record, Block):
-            blocks_by_run[record.run_id].append(record)
     out: dict[str, list[str]] = {}
-    for run_id, blocks in blocks_by_run.items():
-        cheats = {rej.trainer for link in canonical_chain(blocks) for rej in link.block.rejected if rej.cheat}
+    for run_id, chain in run_chains(records).items():
+        cheats = {rej.trainer for link in chain for rej in link.block.rejected if rej.cheat}
         if cheats:
             out[run_id] = sorted(cheats)
     return out
