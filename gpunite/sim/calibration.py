@@ -1,0 +1,241 @@
+"""Figures measured on a real swarm (loopback or the WAN test bed) that calibrate the simulator, and the
+side-by-side comparison of simulated and measured round time, utilization and bytes per peer.
+
+`measure_swarm` starts real peers with the CLI (`gpunite run start`, `gpunite join`, each with `--status`),
+polls their status files and takes per-round figures between the first and the last merged round (so the
+joiners' first download of data and weights is not counted as round traffic). `costs_from` turns a loopback
+measurement into `ProtocolCosts` (bytes per parameter on the wire, fixed per-round overhead); `compare`
+simulates a measured run with those costs and reports the relative errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from gpunite.errors import GpuniteError
+from gpunite.sim.model import LINKS, ProtocolCosts, SimConfig, simulate
+
+MANIFEST = """[run]
+name = "gpunite-sim-calibration"
+seed = 7
+[model]
+preset = "tiny"
+[data]
+sources = ["builtin:python-docs"]
+vocab_size = 512
+seq_len = 64
+max_builtin_mb = 0.5
+[train]
+batch_size = 4
+inner_steps = {inner_steps}
+round_deadline_s = 600
+"""
+_MADDR = re.compile(r"(/ip4/\S+/tcp/\d+/p2p/\w+)")
+
+
+class CalibrationError(GpuniteError):
+    """A calibration file or a measured run that cannot be used."""
+
+
+@dataclass(frozen=True)
+class SwarmMeasurement:
+    testbed: str  # "loopback" or "netbed:<profile>"
+    peers: int
+    rounds: int  # rounds in the measured window (after the first merge)
+    params: int
+    round_s: float  # mean wall time of a round
+    compute_s: float  # mean inner-step compute time per peer per round
+    compute_spread: float  # standard deviation of log(compute per round) across peers
+    bytes_sent_per_peer_round: float
+    bytes_received_per_peer_round: float
+
+    @property
+    def utilization(self) -> float:
+        return self.compute_s / self.round_s
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "utilization": self.utilization}
+
+
+def save_measurement(path: Path, measured: SwarmMeasurement) -> None:
+    from gpunite.util import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(asdict(measured), indent=1).encode())
+
+
+def load_measurement(path: Path) -> SwarmMeasurement:
+    try:
+        data = json.loads(Path(path).read_text())
+        return SwarmMeasurement(**{f.name: data[f.name] for f in fields(SwarmMeasurement)})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CalibrationError(f"cannot read calibration file {path}: {exc}; create one with "
+                               "`gpunite netbed run --profile loopback --save FILE`") from None
+
+
+def load_costs(path: Path) -> ProtocolCosts:
+    """ProtocolCosts from a calibration file (a loopback measurement)."""
+    return costs_from(load_measurement(path))
+
+
+def costs_from(measured: SwarmMeasurement, base: ProtocolCosts | None = None) -> ProtocolCosts:
+    """Protocol costs from a loopback run: wire bytes per parameter, and per-round time that is neither compute
+    nor transfer (loopback moves bytes about as fast as memory, so what is left is the protocol's overhead)."""
+    base = base or ProtocolCosts()
+    n = measured.peers
+    # each peer sends (n - 1)/n of its pseudo-gradient and serves its merged slice to n - 1 peers: 2 (n - 1)/n
+    wire_factor = 2.0 * (n - 1) / n
+    bytes_per_param = measured.bytes_sent_per_peer_round / (wire_factor * measured.params)
+    probe = simulate(_config_for(measured, replace(base, exchange_bytes_per_param=bytes_per_param,
+                                                   round_overhead_s=0.0)))
+    overhead_s = max(measured.round_s - probe.mean_round_s, 0.0)
+    return replace(base, exchange_bytes_per_param=bytes_per_param, round_overhead_s=overhead_s)
+
+
+def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
+    """The simulation of a measured run: same peers, model size, compute per round and links; the real peer
+    runs its exchange after its steps and (so far) audits nothing inline, so no overlap and no audits."""
+    profile = measured.testbed.removeprefix("netbed:")
+    link_mix = {profile: 1.0} if profile in LINKS else {"datacenter": 1.0}
+    if measured.testbed == "loopback":
+        costs = replace(costs, round_overhead_rtts=0.0)
+    return SimConfig(
+        peers=measured.peers, gpu_mix={"cpu": 1.0}, link_mix=link_mix, params=measured.params,
+        rounds=max(measured.rounds, 5), round_compute_s=measured.compute_s, speed_jitter=measured.compute_spread,
+        deadline_slack=10.0, overlap=False, adaptive=False, audit_fraction=0.0, seed=0, costs=costs)
+
+
+def compare(measured: SwarmMeasurement, costs: ProtocolCosts | None = None) -> dict:
+    """Simulated vs measured round time, utilization and bytes per peer per round, with relative errors."""
+    costs = costs or costs_from(measured)
+    simulated = simulate(_config_for(measured, costs))
+    rows = []
+    for figure, real, model in (
+        ("round_s", measured.round_s, simulated.mean_round_s),
+        ("compute_utilization", measured.utilization, simulated.compute_utilization),
+        ("bytes_sent_per_peer_round", measured.bytes_sent_per_peer_round, simulated.bytes_sent_per_peer_round),
+        ("bytes_received_per_peer_round", measured.bytes_received_per_peer_round,
+         simulated.bytes_received_per_peer_round),
+    ):
+        rows.append({"figure": figure, "measured": real, "simulated": model,
+                     "relative_error": (model - real) / real if real else math.inf})
+    return {"testbed": measured.testbed, "peers": measured.peers, "rows": rows,
+            "max_abs_error": max(abs(r["relative_error"]) for r in rows), "costs": asdict(costs)}
+
+
+def measure_swarm(peers: int, profile: str | None, rounds: int = 3, workdir: Path | None = None,
+                  inner_steps: int = 4, timeout_s: float = 900.0) -> SwarmMeasurement:
+    """Run a real swarm of `peers` peers (tiny model) on loopback (`profile` None) or the WAN test bed."""
+    from gpunite.manifest import load_manifest
+    from gpunite.model import config_from_manifest, param_count
+
+    own_dir = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="gpunite-calib-")) if workdir is None else Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path = root / "run.toml"
+    manifest_path.write_text(MANIFEST.format(inner_steps=inner_steps))
+    params = param_count(config_from_manifest(load_manifest(manifest_path)))
+    bed = None
+    try:
+        if profile is not None:
+            from gpunite.sim.netbed import Netbed
+
+            bed = Netbed(peers, profile, tag="calib")
+            bed.up()
+        snapshots = _run_peers(root, manifest_path, peers, rounds + 1, bed, timeout_s)
+    finally:
+        if bed is not None:
+            bed.down()
+        if own_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    return _figures(snapshots, "loopback" if profile is None else f"netbed:{profile}", peers, params)
+
+
+def _run_peers(root: Path, manifest: Path, peers: int, rounds: int, bed, timeout_s: float) -> list[dict]:
+    """Start the peers, poll their status files until they stop; returns each peer's status at each merge."""
+    gpunite = [sys.executable, "-m", "gpunite"]
+    common = ["--rounds", str(rounds), "--threads", "1", "--speed", "1", "--heartbeat", "1", "--log-level", "WARNING"]
+
+    def launch(index: int, argv: list[str]) -> subprocess.Popen:
+        host = bed.peers[index].address if bed is not None else "127.0.0.1"
+        argv = [*argv, "--home", str(root / f"peer{index}"), "--host", host, "--status",
+                str(root / f"status{index}.json"), *common]
+        log = open(root / f"peer{index}.log", "w")
+        if bed is not None:
+            return bed.popen(index, argv, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    processes = [launch(0, [*gpunite, "run", "start", str(manifest), "--wait-peers", str(peers)])]
+    deadline = time.time() + timeout_s
+    snapshots: dict[tuple[int, int], dict] = {}
+    try:
+        maddr = None
+        while maddr is None:
+            if time.time() > deadline or processes[0].poll() is not None:
+                raise CalibrationError(f"the first peer did not start; see {root / 'peer0.log'}")
+            found = _MADDR.search((root / "peer0.log").read_text(errors="replace"))
+            maddr = found.group(1) if found else None
+            time.sleep(0.2)
+        for index in range(1, peers):
+            processes.append(launch(index, [*gpunite, "join", maddr]))
+        while any(p.poll() is None for p in processes):
+            if time.time() > deadline:
+                raise CalibrationError(f"the swarm did not finish {rounds} rounds in {timeout_s:.0f} s; see {root}")
+            for index in range(peers):
+                status = _read_status(root / f"status{index}.json")
+                if status and status.get("phase") in ("merged", "stopped"):
+                    snapshots.setdefault((index, status["rounds_done"]), {**status, "peer": index})
+            time.sleep(0.1)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    failed = [i for i, p in enumerate(processes) if p.returncode != 0]
+    if failed:
+        raise CalibrationError(f"peers {failed} exited with an error; see {root}/peer*.log")
+    return list(snapshots.values())
+
+
+def _read_status(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _figures(snapshots: list[dict], testbed: str, peers: int, params: int) -> SwarmMeasurement:
+    """Per-round figures between each peer's first and last merge (the join download is before the first)."""
+    import numpy as np
+
+    per_peer = []
+    for index in range(peers):
+        mine = sorted((s for s in snapshots if s["peer"] == index and s["rounds_done"] >= 1),
+                      key=lambda s: s["rounds_done"])
+        if len(mine) < 2:
+            continue
+        first, last = mine[0], mine[-1]
+        done = last["rounds_done"] - first["rounds_done"]
+        per_peer.append((done, (last["time"] - first["time"]) / done, (last["compute_s"] - first["compute_s"]) / done,
+                         (last["bytes_sent"] - first["bytes_sent"]) / done,
+                         (last["bytes_received"] - first["bytes_received"]) / done))
+    if len(per_peer) < max(2, peers // 2):
+        raise CalibrationError(f"only {len(per_peer)} of {peers} peers finished two merged rounds; run more rounds")
+    rows = np.array(per_peer)
+    return SwarmMeasurement(
+        testbed=testbed, peers=peers, rounds=int(rows[:, 0].min()), params=params, round_s=float(rows[:, 1].mean()),
+        compute_s=float(rows[:, 2].mean()), compute_spread=float(np.std(np.log(rows[:, 2]))),
+        bytes_sent_per_peer_round=float(rows[:, 3].mean()), bytes_received_per_peer_round=float(rows[:, 4].mean()))
