@@ -23,7 +23,7 @@ def _register() -> None:
     # Each module adds its verbs to `app`; they import heavy libraries only inside the commands.
     from gpunite.cli import runs
 
-    for name in ("data", "train", "swarm", "ledger", "serve"):
+    for name in ("data", "train", "swarm", "ledger", "serve", "sim"):
         try:
             module = __import__(f"gpunite.cli.{name}", fromlist=["register"])
         except ModuleNotFoundError as exc:
