@@ -1,3 +1,4 @@
+import json
 import sqlite3
 import subprocess
 import sys
@@ -6,7 +7,9 @@ import threading
 
 import pytest
 from _ledger_helpers import RunBuilder, peer, small_run
+from typer.testing import CliRunner
 
+from gpunite.cli import app
 from gpunite.identity import RecordError, canonical_json
 from gpunite.ledger.store import Ledger, LedgerError
 from gpunite.records import record_bytes
@@ -65,6 +68,11 @@ def test_conflicting_records_are_all_kept_as_evidence(tmp_path):
         block_b.record_id,
     }
     assert len(ledger.records(kind="contribution", signer=mallory.peer_id)) == 2
+    shown = CliRunner().invoke(app, ["ledger", "show", "--ledger", str(ledger.path), "--json"])
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.output)
+    assert info["by_kind"] == {"block": 4, "contribution": 3} and info["runs"] == [run.run_id]
+    assert sorted(c["kind"] for c in info["conflicts"]) == ["block", "contribution"]
 
 
 def test_invalid_records_are_refused_and_nothing_is_lost(tmp_path):

@@ -186,15 +186,12 @@ def ledger_show(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Count the records by kind, list runs and conflicting records (evidence of equivocation)."""
-    from collections import Counter
-
     with _open_ledger(ledger_path, home) as ledger:
-        kinds = Counter(record.kind for record in ledger.records())
         conflicts = ledger.conflicts()
         info = {
             "path": str(ledger.path),
             "records": len(ledger),
-            "by_kind": dict(sorted(kinds.items())),
+            "by_kind": ledger.count_by_kind(),
             "runs": ledger.run_ids(),
             "conflicts": [
                 {"kind": c.kind, "signer": c.signer, "slot": c.slot, "records": [c.first, c.second]}
@@ -205,7 +202,7 @@ def ledger_show(
         print_json(info)
         return
     console.print(
-        f"[bold]{info['path']}[/]: {info['records']} records "
+        f"[bold]{info['path']}[/]: {info['records']} records: "
         + ", ".join(f"{n} {k}" for k, n in info["by_kind"].items())
     )
     for run in info["runs"]:

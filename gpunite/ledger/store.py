@@ -360,6 +360,11 @@ class Ledger:
             ).fetchall()
         return [row[0] for row in rows]
 
+    def count_by_kind(self) -> dict[str, int]:
+        with self._guard() as db:
+            rows = db.execute("SELECT kind, COUNT(*) FROM records GROUP BY kind ORDER BY kind").fetchall()
+        return dict(rows)
+
     def conflicts(self) -> list[Conflict]:
         with self._guard() as db:
             rows = db.execute(
