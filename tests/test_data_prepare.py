@@ -218,3 +218,14 @@ def test_cli_bad_data_is_a_one_line_error(tmp_path):
     message = done.stderr.strip()
     assert "\n" not in message and "Traceback" not in message
     assert "00.jsonl.zst:2: no 'text' field" in message and "--skip-bad-lines" in message
+
+
+def test_prepare_again_repairs_a_corrupt_shard(tmp_path):
+    manifest_path = write_run(tmp_path, corpus_texts(30, seed=8))
+    first = prepare_dataset(load_manifest(manifest_path))
+    prepared_dir = Path(first.prepared_dir)
+    victim = shard_path(prepared_dir, ShardIndex.load(prepared_dir).shards[0].sha256)
+    victim.write_bytes(bytes(victim.stat().st_size))  # same size, wrong bytes
+    again = prepare_dataset(load_manifest(manifest_path))
+    assert again.dataset_hash == first.dataset_hash
+    assert sha256_file(victim) == victim.stem

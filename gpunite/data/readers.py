@@ -246,6 +246,10 @@ class _LineSplitter:
             yield self.line_number, b"".join(partial)
 
 
+class _BadLine(Exception):
+    """What is wrong with one line, e.g. "bad JSON (...)"; _record_text adds the file and line number."""
+
+
 def _record_text(
     path: Path,
     line_number: int,
@@ -258,14 +262,14 @@ def _record_text(
     """The text of one JSON line, None for a blank, filtered or skipped line; DataError for a bad one."""
     if not line.strip():
         return None
-    problem = _record_problem(line, text_field)
-    if isinstance(problem, str):
+    try:
+        record, text, n_bytes = _parse_record(line, text_field)
+    except _BadLine as bad:
         where = f"{path}:{line_number}"
         if skip_bad_lines:
-            stats.note_skip(f"{where}: {problem}")
+            stats.note_skip(f"{where}: {bad}")
             return None
-        raise DataError(f"{where}: {problem}; {SKIP_HINT}")
-    record, text, n_bytes = problem
+        raise DataError(f"{where}: {bad}; {SKIP_HINT}") from None
     if subsets:
         meta = record.get("meta")
         subset = meta.get("pile_set_name") if isinstance(meta, dict) else None
@@ -276,27 +280,27 @@ def _record_text(
     return text
 
 
-def _record_problem(line: bytes, text_field: str) -> str | tuple[dict, str, int]:
-    """Either what is wrong with a JSON line (a string) or (record, text, UTF-8 size of text)."""
+def _parse_record(line: bytes, text_field: str) -> tuple[dict, str, int]:
+    """(record, its text, the text's UTF-8 size) of a JSON line; _BadLine says what is wrong with it."""
     try:
         decoded = line.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return f"not valid UTF-8 (byte {exc.start} of the line)"
+        raise _BadLine(f"not valid UTF-8 (byte {exc.start} of the line)") from None
     try:
         record = json.loads(decoded)
     except json.JSONDecodeError as exc:
-        return f"bad JSON ({exc.msg} at column {exc.colno})"
+        raise _BadLine(f"bad JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(record, dict):
-        return f"expected a JSON object, got {type(record).__name__}"
+        raise _BadLine(f"expected a JSON object, got {type(record).__name__}")
     if text_field not in record:
-        return f"no {text_field!r} field"
+        raise _BadLine(f"no {text_field!r} field")
     text = record[text_field]
     if not isinstance(text, str):
-        return f"field {text_field!r} must be a string, got {type(text).__name__}"
+        raise _BadLine(f"field {text_field!r} must be a string, got {type(text).__name__}")
     try:
         n_bytes = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        return f"field {text_field!r} holds an invalid Unicode escape (a lone surrogate)"
+        raise _BadLine(f"field {text_field!r} holds an invalid Unicode escape (a lone surrogate)") from None
     return record, text, n_bytes
 
 

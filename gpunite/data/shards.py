@@ -61,7 +61,7 @@ class ShardIndex(BaseModel):
     format: Literal["gpunite-shards"] = INDEX_FORMAT
     version: Literal[1] = INDEX_VERSION
     tokenizer_hash: str = Field(pattern=_SHA256_HEX.pattern)
-    vocab_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0, description="The model's vocabulary (data.vocab_size); ids are below it.")
     eos_id: int = Field(ge=0)
     dtype: Literal["uint16", "uint32"]
     seq_len: int = Field(gt=0, description="The manifest's seq_len when prepared (batches may use another).")
@@ -164,8 +164,8 @@ class ShardWriter:
         data = self.buffer[: self.filled].tobytes()
         sha256 = sha256_bytes(data)
         path = shard_path(self.prepared_dir, sha256)
-        # Content-addressed: a file with this name and size already holds these bytes (read_shard checks it).
-        if not (path.exists() and path.stat().st_size == len(data)):
+        # Content-addressed: an intact file of this name already holds exactly these bytes.
+        if not (path.exists() and sha256_file(path) == sha256):
             atomic_write_bytes(path, data)
         self.shards.append(ShardEntry(sha256=sha256, n_tokens=self.filled))
         self.filled = 0
