@@ -218,6 +218,9 @@ def test_cli_bad_data_is_a_one_line_error(tmp_path):
     message = done.stderr.strip()
     assert "\n" not in message and "Traceback" not in message
     assert "00.jsonl.zst:2: no 'text' field" in message and "--skip-bad-lines" in message
+    skipped = run_cli("data", "prepare", str(manifest_path), "--skip-bad-lines", "--json", cwd=tmp_path)
+    assert skipped.returncode == 0, skipped.stderr
+    assert json.loads(skipped.stdout)["skipped_lines"] == 1
 
 
 def test_prepare_again_repairs_a_corrupt_shard(tmp_path):
