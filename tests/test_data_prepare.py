@@ -14,7 +14,14 @@ import zstandard
 
 from gpunite.data.errors import DataError
 from gpunite.data.prepare import prepare_dataset
-from gpunite.data.shards import ShardIndex, ShardWriter, read_shard, shard_path, token_dtype
+from gpunite.data.shards import (
+    ShardIndex,
+    ShardWriter,
+    read_shard,
+    shard_path,
+    token_dtype,
+    verify_shards,
+)
 from gpunite.data.tokenizer import EOS_TOKEN, load_tokenizer_file
 from gpunite.manifest import load_manifest, parse_manifest
 from gpunite.util import sha256_bytes, sha256_file
@@ -127,6 +134,12 @@ def test_corrupt_shard_is_detected_by_its_hash(prepared, tmp_path):
     assert len(read_shard(copy, victim, verify=False)) == index.shards[1].n_tokens
     with pytest.raises(DataError, match="shard missing"):
         read_shard(copy, index.shards[0].sha256)
+    n = len(index.shards)
+    with pytest.raises(
+        DataError, match=rf"{n} of {n} shards are missing or corrupt \(first: .*shard missing\)"
+    ):
+        verify_shards(copy, index)
+    verify_shards(source_dir, index)
 
 
 def test_missing_truncated_or_edited_index_says_run_prepare(prepared, tmp_path):
@@ -201,10 +214,11 @@ def test_cli_prepare_and_info_end_to_end(prepared, tmp_path):
     result = json.loads(done.stdout)
     assert result["dataset_hash"] == in_process.dataset_hash  # same hashes in another process
     assert result["documents"] == len(texts) and result["text_mb_per_s"] > 0
-    info = run_cli("data", "info", str(manifest_path), "--json", cwd=tmp_path)
+    info = run_cli("data", "info", str(manifest_path), "--verify", "--json", cwd=tmp_path)
     assert info.returncode == 0, info.stderr
     summary = json.loads(info.stdout)
     assert summary["manifest_matches"] is True and summary["total_tokens"] == result["tokens"]
+    assert summary["shards_verified"] is True
     assert summary["trainable_sequences"] > 0 and summary["heldout_sequences"] > 0
 
 

@@ -100,15 +100,18 @@ def prepare(
 @data_app.command("info")
 def info(
     manifest_path: Path = typer.Argument(..., help="A run manifest (TOML)."),
+    verify: bool = typer.Option(False, "--verify", help="Also check every shard file against its hash."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Show the prepared dataset of a run: its index, hashes and sequence counts."""
     from gpunite.data.batches import heldout_units, training_units
-    from gpunite.data.shards import ShardIndex
+    from gpunite.data.shards import ShardIndex, verify_shards
     from gpunite.manifest import load_manifest
 
     manifest = load_manifest(manifest_path, check_data=False)
     index = ShardIndex.load(manifest.prepared_path)
+    if verify:
+        verify_shards(manifest.prepared_path, index)
     seq_len = manifest.data.seq_len
     summary = {
         "prepared_dir": str(manifest.prepared_path),
@@ -125,6 +128,7 @@ def info(
         "trainable_sequences": sum(unit.count for unit in training_units(index, seq_len)),
         "heldout_sequences": sum(unit.count for unit in heldout_units(index, seq_len)),
         "shards": [entry.model_dump() for entry in index.shards],
+        "shards_verified": verify,
     }
     if as_json:
         print_json(summary)

@@ -185,6 +185,23 @@ def remove_unlisted_shards(prepared_dir: str | Path, index: ShardIndex) -> int:
     return removed
 
 
+def verify_shards(prepared_dir: str | Path, index: ShardIndex) -> None:
+    """Check every shard of the index (present, hash, length); one DataError summing up what is wrong."""
+    problems = []
+    for entry in index.shards:
+        try:
+            tokens = read_shard(prepared_dir, entry.sha256, verify=True, dtype=index.dtype)
+            if len(tokens) != entry.n_tokens:
+                problems.append(f"{entry.sha256[:16]}... holds {len(tokens)} tokens, not {entry.n_tokens}")
+        except DataError as exc:
+            problems.append(str(exc).split(";")[0])
+    if problems:
+        raise DataError(
+            f"{len(problems)} of {len(index.shards)} shards are missing or corrupt (first: {problems[0]}); "
+            f"{PREPARE_HINT} again or fetch them from a peer"
+        )
+
+
 # Shards whose hash was checked in this process, keyed by (path, size, mtime): checked once, not per batch.
 _verified_shards: set[tuple[str, int, int]] = set()
 
