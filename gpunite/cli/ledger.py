@@ -124,7 +124,7 @@ def stats_export(
     caps, rates = _policies(manifests)
     now = time.time()
     with _open_ledger(ledger_path, home) as ledger:
-        table = credit_table(ledger.records(), now, caps, rates)
+        table = credit_table(ledger.records_by_id(), now, caps, rates)
     written = export_boinc_stats(table, directory, update_time=now)
     if as_json:
         print_json(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from gpunite.identity import RecordError, record_hash
 from gpunite.records import GENESIS, Block, Contribution, Verdict, _Record, parse_record
@@ -34,22 +34,32 @@ class ChainLink:
     time: float
 
 
-def canonical_chain(records: Iterable[_Record]) -> list[ChainLink]:
+def index_records(records: Iterable[_Record] | Mapping[str, _Record]) -> dict[str, _Record]:
+    """Records by id. A mapping (such as `Ledger.records_by_id()`) is taken as is, sparing the hashing."""
+    if isinstance(records, Mapping):
+        return dict(records)
+    by_id: dict[str, _Record] = {}
+    for record in records:
+        by_id.setdefault(record.record_id, record)
+    return by_id
+
+
+def canonical_chain(records: Iterable[_Record] | Mapping[str, _Record]) -> list[ChainLink]:
     """The canonical chain of one run from its blocks, contributions and verdicts (other records are
     ignored), from round 0 up to the first round with no linking block."""
-    by_round: dict[int, dict[str, list[Block]]] = defaultdict(lambda: defaultdict(list))
+    by_round: dict[int, dict[str, list[tuple[str, Block]]]] = defaultdict(lambda: defaultdict(list))
     authors: dict[str, str] = {}  # contribution / verdict id -> signer peer id
-    for record in records:
+    for record_id, record in index_records(records).items():
         if isinstance(record, Block):
-            by_round[record.round][record.block_hash].append(record)
+            by_round[record.round][record.block_hash].append((record_id, record))
         elif isinstance(record, (Contribution, Verdict)):
-            authors[record.record_id] = record.peer_id
+            authors[record_id] = record.peer_id
     chain: list[ChainLink] = []
     standing: set[str] = set()
     prev = GENESIS
     round_ = 0
     while round_ in by_round:
-        candidates = {h: copies for h, copies in by_round[round_].items() if copies[0].prev == prev}
+        candidates = {h: copies for h, copies in by_round[round_].items() if copies[0][1].prev == prev}
         if not candidates:
             break
         link = _pick(round_, candidates, standing)
@@ -62,11 +72,11 @@ def canonical_chain(records: Iterable[_Record]) -> list[ChainLink]:
     return chain
 
 
-def _pick(round_: int, candidates: dict[str, list[Block]], standing: set[str]) -> ChainLink:
+def _pick(round_: int, candidates: dict[str, list[tuple[str, Block]]], standing: set[str]) -> ChainLink:
     signer_times: dict[str, dict[str, float]] = {}
     for block_hash, copies in candidates.items():
         earliest: dict[str, float] = {}
-        for copy in copies:
+        for _, copy in copies:
             earliest[copy.peer_id] = min(copy.time, earliest.get(copy.peer_id, copy.time))
         signer_times[block_hash] = earliest
 
@@ -79,7 +89,7 @@ def _pick(round_: int, candidates: dict[str, list[Block]], standing: set[str]) -
     return ChainLink(
         round=round_,
         block_hash=block_hash,
-        block=min(candidates[block_hash], key=lambda copy: copy.record_id),
+        block=min(candidates[block_hash], key=lambda item: item[0])[1],
         signers=tuple(sorted(signer_times[block_hash])),
         time=times[(len(times) - 1) // 2],
     )
@@ -121,22 +131,21 @@ def verify_chain(ledger, run_id: str, initial_weights_hash: str | None = None) -
     hash); every verdict the block relied on is present and of this run.
     """
     report = ChainReport(run_id=run_id)
-    blocks: list[Block] = []
+    checked: dict[str, _Record] = {}
     for record_id, body in ledger.raw(kind="block", run_id=run_id):
         block = _checked(body, record_id)
         if isinstance(block, str):
             return _broken(report, None, f"a stored block ({record_id[:16]}) {block}")
-        blocks.append(block)  # type: ignore[arg-type]
+        checked[record_id] = block
+    blocks = list(checked.values())
     if not blocks:
         return _broken(report, None, f"no blocks of run {run_id[:16]} in this ledger")
     # standing comes from contributions and verdicts; one that does not verify is reported below if used
-    authored = [
-        record
-        for kind in ("contribution", "verdict")
-        for record_id, body in ledger.raw(kind=kind, run_id=run_id)
-        if not isinstance(record := _checked(body, record_id), str)
-    ]
-    chain = canonical_chain(blocks + authored)
+    for kind in ("contribution", "verdict"):
+        for record_id, body in ledger.raw(kind=kind, run_id=run_id):
+            if not isinstance(record := _checked(body, record_id), str):
+                checked[record_id] = record
+    chain = canonical_chain(checked)
     rounds_present = sorted({block.round for block in blocks})
     base = initial_weights_hash
     for link in chain:

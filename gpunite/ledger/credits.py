@@ -37,7 +37,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from gpunite.ledger.chain import ChainLink, canonical_chain
+from gpunite.ledger.chain import ChainLink, canonical_chain, index_records
 from gpunite.records import Block, Contribution, HostRecord, Usage, Verdict, _Record
 
 FLOPS_PER_CREDIT = 4.32e11  # 1 GFLOPS for a day = 8.64e13 FLOP = 200 credits
@@ -93,17 +93,23 @@ def decay_average(avg: float, avg_time: float, now: float, half_life_s: float = 
 
 
 def grants(
-    records: Iterable[_Record],
+    records: Iterable[_Record] | Mapping[str, _Record],
     flops_per_token: Mapping[str, float] | None = None,
     host_credit_per_1k_tokens: float | Mapping[str, float] = DEFAULT_HOST_CREDIT_PER_1K_TOKENS,
 ) -> list[Grant]:
     """Every credit grant the records justify, sorted by (time, source, peer)."""
-    by_id: dict[str, _Record] = {}
-    for record in records:
-        by_id.setdefault(record.record_id, record)
+    return _grants(index_records(records), flops_per_token, host_credit_per_1k_tokens)[0]
+
+
+def _grants(
+    by_id: dict[str, _Record],
+    flops_per_token: Mapping[str, float] | None,
+    host_credit_per_1k_tokens: float | Mapping[str, float],
+) -> tuple[list[Grant], dict[str, set[str]]]:
+    """(the grants, sorted; per run, the peers banned from it)."""
     out: list[Grant] = []
     banned: dict[str, set[str]] = {}
-    for run_id, chain in run_chains(by_id.values()).items():
+    for run_id, chain in run_chains(by_id).items():
         banned[run_id] = {rej.trainer for link in chain for rej in link.block.rejected if rej.cheat}
         merged = _merged_contributions(chain, by_id, run_id)
         cap = (flops_per_token or {}).get(run_id)
@@ -182,7 +188,7 @@ def grants(
                     "hosting",
                 )
             )
-    return sorted(out, key=lambda g: (g.time, g.source, g.peer))
+    return sorted(out, key=lambda g: (g.time, g.source, g.peer)), banned
 
 
 def _merged_contributions(chain: list[ChainLink], by_id: dict[str, _Record], run_id: str):
@@ -225,20 +231,20 @@ def capped_flops(contribution: Contribution, flops_per_token: float | None) -> f
     return min(contribution.claimed_flops, flops_per_token * contribution.tokens)
 
 
-def run_chains(records: Iterable[_Record]) -> dict[str, list[ChainLink]]:
+def run_chains(records: Iterable[_Record] | Mapping[str, _Record]) -> dict[str, list[ChainLink]]:
     """The canonical chain of every run that has blocks among the records."""
-    by_run: dict[str, list[_Record]] = defaultdict(list)
-    for record in records:
+    by_run: dict[str, dict[str, _Record]] = defaultdict(dict)
+    for record_id, record in index_records(records).items():
         if isinstance(record, (Block, Contribution, Verdict)):
-            by_run[record.run_id].append(record)
+            by_run[record.run_id][record_id] = record
     return {
         run_id: canonical_chain(run_records)
         for run_id, run_records in by_run.items()
-        if any(isinstance(record, Block) for record in run_records)
+        if any(isinstance(record, Block) for record in run_records.values())
     }
 
 
-def banned_peers(records: Iterable[_Record]) -> dict[str, list[str]]:
+def banned_peers(records: Iterable[_Record] | Mapping[str, _Record]) -> dict[str, list[str]]:
     """Per run: the peers a canonical block rejected as proven cheats."""
     out: dict[str, list[str]] = {}
     for run_id, chain in run_chains(records).items():
@@ -303,17 +309,18 @@ class CreditTable:
 
 
 def credit_table(
-    records: Iterable[_Record],
+    records: Iterable[_Record] | Mapping[str, _Record],
     now: float,
     flops_per_token: Mapping[str, float] | None = None,
     host_credit_per_1k_tokens: float | Mapping[str, float] = DEFAULT_HOST_CREDIT_PER_1K_TOKENS,
     half_life_s: float = RAC_HALF_LIFE_S,
 ) -> CreditTable:
     """Users, hosts and teams with total credit and RAC from the grants up to now, largest total first."""
-    records = list(records)
-    profiles = latest_host_records(records)
-    public_keys = {record.peer_id: record.signer for record in records if record.signer}
-    all_grants = [g for g in grants(records, flops_per_token, host_credit_per_1k_tokens) if g.time <= now]
+    by_id = index_records(records)
+    profiles = latest_host_records(by_id)
+    public_keys = {record.peer_id: record.signer for record in by_id.values() if record.signer}
+    every_grant, banned = _grants(by_id, flops_per_token, host_credit_per_1k_tokens)
+    all_grants = [g for g in every_grant if g.time <= now]
 
     users: dict[str, CreditRow] = {}
     hosts: dict[str, CreditRow] = {}
@@ -344,7 +351,9 @@ def credit_table(
             team_members[team_name].add(grant.peer)
     for name, row in teams.items():
         row.members = len(team_members[name])
-    table = CreditTable(now=now, banned=banned_peers(records), grants=all_grants)
+    table = CreditTable(
+        now=now, banned={run: sorted(peers) for run, peers in banned.items() if peers}, grants=all_grants
+    )
     for rows, target in ((users, table.users), (hosts, table.hosts), (teams, table.teams)):
         for row in rows.values():
             row.rac = decay_average(row.expavg_credit, row.expavg_time, now, half_life_s)
@@ -352,12 +361,13 @@ def credit_table(
     return table
 
 
-def latest_host_records(records: Iterable[_Record]) -> dict[str, HostRecord]:
+def latest_host_records(records: Iterable[_Record] | Mapping[str, _Record]) -> dict[str, HostRecord]:
     """Each peer's newest host record (by its time, ties by record id)."""
-    latest: dict[str, HostRecord] = {}
-    for record in records:
+    latest: dict[str, tuple[float, str, HostRecord]] = {}
+    for record_id, record in index_records(records).items():
         if isinstance(record, HostRecord):
+            key = (record.time, record_id, record)
             current = latest.get(record.peer_id)
-            if current is None or (record.time, record.record_id) > (current.time, current.record_id):
-                latest[record.peer_id] = record
-    return latest
+            if current is None or key[:2] > current[:2]:
+                latest[record.peer_id] = key
+    return {peer: entry[2] for peer, entry in latest.items()}

@@ -90,7 +90,10 @@ class QuotaCheck:
         with self._lock:
             if now - self._rac_time > self.rac_cache_s or now < self._rac_time:
                 table = credit_table(
-                    self.ledger.records(), now, self.flops_per_token, self.policy.host_credit_per_1k_tokens
+                    self.ledger.records_by_id(),
+                    now,
+                    self.flops_per_token,
+                    self.policy.host_credit_per_1k_tokens,
                 )
                 self._rac = {row.id: row.rac for row in table.users}
                 self._rac_time = now

@@ -87,7 +87,7 @@ def stats_from_ledger(
     flops_per_token: Mapping[str, float] | None = None,
     host_credit_per_1k_tokens: float | Mapping[str, float] = DEFAULT_HOST_CREDIT_PER_1K_TOKENS,
 ) -> tuple[Stats, CreditTable]:
-    table = credit_table(ledger.records(), now, flops_per_token, host_credit_per_1k_tokens)
+    table = credit_table(ledger.records_by_id(), now, flops_per_token, host_credit_per_1k_tokens)
     stats = stats_from_table(table, top)
     stats.records = len(ledger)
     stats.conflicts = len(ledger.conflicts())

@@ -307,6 +307,10 @@ class Ledger:
         """Stored records matching every given filter, ordered by (time, id)."""
         return [self._load(body) for _, body in self._select(kind, run_id, round, signer)]
 
+    def records_by_id(self, kind: str | None = None, run_id: str | None = None) -> dict[str, _Record]:
+        """Matching records by their stored id (no re-hashing: what credits and chains are computed from)."""
+        return {record_id: self._load(body) for record_id, body in self._select(kind, run_id, None, None)}
+
     def _load(self, body: bytes) -> _Record:
         try:
             return _STORED.validate_json(body)
