@@ -12,7 +12,7 @@ state at entry i+1 is pinned by the replay of segment i, and the state at entry 
 Which sequences each inner step trains on is defined once, in `batches_for_steps`: the assigned work units'
 sequences in order, `batch_size` per step. Trainer and verifier both call it, so they cannot disagree.
 
-Checkpoints are stored as safetensors files written atomically (`store_dir/round-NNNNNNNN/entry-NNNN`), kept
+Checkpoints are stored as safetensors files, each replaced in one rename (`store_dir/round-NNNNNNNN/entry-NNNN`), kept
 until the round's block is final (`prune`).
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,6 @@ from gpunite.errors import GpuniteError
 from gpunite.identity import canonical_json
 from gpunite.records import WorkUnit
 from gpunite.train.weights import from_safetensors_bytes, to_safetensors_bytes, weights_hash
-from gpunite.util import atomic_write_bytes
 
 # loader(shard_sha, first, count) -> int64 tensor [count, seq_len + 1]
 SequenceLoader = Callable[[str, int, int], torch.Tensor]
@@ -241,6 +241,18 @@ def capture_state(model: torch.nn.Module, trainer) -> TrailState:
     return TrailState(weights, optimizer, optimizer_hash(optimizer), trainer.step)
 
 
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename: readers never see half a checkpoint.
+
+    No fsync, unlike gpunite.util.atomic_write_bytes: a trainer that crashes mid-round loses that round's
+    contribution anyway, and 50 fsyncs per round would cost more than the training on small models.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 class TrailRecorder:
     """Records a round's trail while its inner steps run, and serves segments from the stored checkpoints.
 
@@ -292,7 +304,7 @@ class TrailRecorder:
         data = to_safetensors_bytes(
             _state_tensors("", state), metadata={"step": str(state.step), "optimizer_hash": state.optimizer_hash}
         )
-        atomic_write_bytes(self.round_dir(self._round) / f"entry-{index:04d}.safetensors", data)
+        _replace_file(self.round_dir(self._round) / f"entry-{index:04d}.safetensors", data)
         entry = state.entry
         self._trail.append(entry)
         return entry
