@@ -1,0 +1,109 @@
+"""Membership: signed heartbeats and host records in the DHT, and who is alive right now.
+
+A peer republishes its heartbeat (run, round, global weights hash, roles, libp2p id and addresses) every
+`interval_s` with an expiry of three intervals; a peer whose last heartbeat is older than that is gone.
+The heartbeat is also what binds a gpunite peer id (Ed25519 key) to the libp2p id its streams come from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from gpunite.identity import Identity
+from gpunite.records import Heartbeat, HostRecord, parse_record, record_bytes, sign_record
+from gpunite.swarm.node import SwarmNode
+from gpunite.swarm.protocol import run_key
+
+log = logging.getLogger("gpunite.swarm.membership")
+
+
+def parse_heartbeat(data: bytes) -> Heartbeat:
+    record = parse_record(data)
+    if not isinstance(record, Heartbeat):
+        raise ValueError(f"expected a heartbeat, got a {record.kind} record")
+    return record
+
+
+def parse_host(data: bytes) -> HostRecord:
+    record = parse_record(data)
+    if not isinstance(record, HostRecord):
+        raise ValueError(f"expected a host record, got a {record.kind} record")
+    return record
+
+
+@dataclass
+class Membership:
+    """Publishes this peer's heartbeat on the swarm loop and reads everyone else's."""
+
+    node: SwarmNode
+    identity: Identity
+    run_id: str
+    roles: list[str]
+    interval_s: float = 2.0
+    round: int = 0
+    weights_hash: str = "0" * 64
+    _task: object = field(default=None, repr=False)
+    _known: set[str] = field(default_factory=set, repr=False)
+    last_seen: dict[str, Heartbeat] = field(default_factory=dict, repr=False)  # every peer's latest heartbeat
+
+    @property
+    def ttl_s(self) -> float:
+        return 3 * self.interval_s
+
+    def heartbeat(self) -> Heartbeat:
+        return sign_record(self.identity, Heartbeat(
+            run_id=self.run_id, round=self.round, weights_hash=self.weights_hash, roles=self.roles,
+            maddrs=self.node.maddrs[:16], p2p_id=self.node.p2p_id, time=time.time()))
+
+    def update(self, round_index: int, weights_hash: str) -> None:
+        """New round or weights: publish at once, not at the next tick."""
+        self.round, self.weights_hash = round_index, weights_hash
+        self.node.submit(self._publish())
+
+    async def _publish(self) -> None:
+        from hivemind.utils import get_dht_time
+
+        await self.node._dht.store(run_key(self.run_id, "heartbeat"), record_bytes(self.heartbeat()),
+                                   get_dht_time() + self.ttl_s, subkey=self.identity.peer_id)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._publish()
+            except Exception as exc:  # a missed heartbeat is retried next tick; the peer must not die of it
+                log.warning("heartbeat not published: %s", exc)
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> None:
+        self._task = self.node.submit(self._loop())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def publish_host(self, host: HostRecord) -> None:
+        self.node.store(run_key(self.run_id, "host"), self.identity.peer_id,
+                        record_bytes(sign_record(self.identity, host)), ttl_s=3600)
+
+    def alive(self) -> dict[str, Heartbeat]:
+        """Peers of this run with a fresh heartbeat, by peer id; logs arrivals and departures."""
+        now = time.time()
+        beats = self.node.get_records(run_key(self.run_id, "heartbeat"), parse_heartbeat)
+        beats = {pid: hb for pid, hb in beats.items() if hb.run_id == self.run_id}
+        self.last_seen.update(beats)
+        live = {pid: hb for pid, hb in beats.items() if now - hb.time <= self.ttl_s}
+        for pid in sorted(set(live) - self._known):
+            if pid != self.identity.peer_id:
+                log.info("peer %s joined (round %d)", pid[:12], live[pid].round)
+        for pid in sorted(self._known - set(live)):
+            log.info("peer %s left", pid[:12])
+        self._known = set(live)
+        return live
+
+    def speeds(self) -> dict[str, float]:
+        """Measured TFLOPS from host records, by peer id (work is shared out in proportion)."""
+        hosts = self.node.get_records(run_key(self.run_id, "host"), parse_host)
+        return {pid: host.tflops for pid, host in hosts.items() if host.tflops > 0}

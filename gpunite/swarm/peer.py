@@ -1,0 +1,720 @@
+"""A swarm peer: round after round it trains its assigned work, commits, agrees on the merge, aggregates its
+slice and applies the outer step, so that every honest peer ends each round with the same weights hash.
+
+One round r, as every peer runs it (`Peer.run_round`):
+1. roster_r comes from the round close of r - 1; work units from the work plan (deterministic).
+2. trainers run their inner steps, compress the pseudo-gradient, publish a signed Contribution.
+3. the round's coordinator (the roster member with the smallest sha256(prev block hash + peer id) that is
+   alive; the next one takes over if it vanishes) publishes a signed RoundClose: accepted contributions and
+   the roster of r + 1. Every peer checks it.
+4. sharded aggregation: roster member i owns slice i; it pulls slice i of every accepted contribution,
+   checks and merges it robustly, and serves the result; every peer fetches all slices (or, if an owner is
+   gone, merges that slice itself) and applies the outer Nesterov step.
+5. every peer signs the round's Block; a peer whose weights disagree with the majority re-syncs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpunite.errors import GpuniteError
+from gpunite.identity import Identity
+from gpunite.manifest import Manifest
+from gpunite.records import (
+    GENESIS,
+    Block,
+    Contribution,
+    Rejection,
+    WorkUnit,
+    parse_record,
+    record_bytes,
+    sign_record,
+)
+from gpunite.swarm.checks import CheckResult, RoundContext, check_contribution, check_slice
+from gpunite.swarm.membership import Membership
+from gpunite.swarm.node import SwarmError, SwarmNode
+from gpunite.swarm.protocol import (
+    HANDLE_AGGREGATE,
+    HANDLE_FILE,
+    HANDLE_SLICE,
+    HANDLE_STATE,
+    ProtocolError,
+    RosterEntry,
+    RoundClose,
+    parse_swarm_message,
+    run_key,
+)
+from gpunite.swarm.state_sync import GlobalState, ParamLayout, file_handler, state_from_frame, state_to_frame
+
+log = logging.getLogger("gpunite.swarm.peer")
+RecordHook = Callable[[Any], None]
+
+
+class PeerError(GpuniteError):
+    """The peer cannot go on (for example: no peer serves the state it needs)."""
+
+
+@dataclass
+class PeerConfig:
+    home: Path
+    roles: list[str] = field(default_factory=lambda: ["trainer"])
+    heartbeat_s: float = 2.0
+    poll_s: float = 0.25
+    takeover_s: float = 4.0  # a backup coordinator of rank k waits k x this for the ones before it
+    max_rounds: int | None = None  # stop after this many rounds (None: run until stopped)
+    speed: float | None = None  # relative speed for work sharing; None measures matmul TFLOPS
+    device: str = "cpu"
+    status_path: Path | None = None
+    cheat: str | None = None  # demos and tests only: make this peer send a hostile delta (see CHEATS)
+
+
+CHEATS = ("scaled", "random", "nan")
+
+
+@dataclass
+class RoundTiming:
+    """Where a peer's wall time went, for the status file and the utilization benchmark."""
+
+    compute_s: float = 0.0
+    wall_s: float = 0.0
+    started: float = 0.0
+
+
+def coordinator_order(prev_block: str, peer_ids: list[str]) -> list[str]:
+    """Candidates for coordinating a round, best first: no one picks its rank, the previous block decides."""
+    return sorted(peer_ids, key=lambda pid: hashlib.sha256((prev_block + pid).encode()).hexdigest())
+
+
+def hostile_delta(mode: str | None, pseudo_grad: torch.Tensor) -> torch.Tensor:
+    """The cheater hook (`--cheat`): a scaled-up or random delta in place of the honest one."""
+    if mode == "scaled":
+        return pseudo_grad * 50.0
+    if mode == "random":
+        noise = torch.randn(pseudo_grad.shape, generator=torch.Generator().manual_seed(0))
+        return noise * (float(pseudo_grad.norm()) / max(float(noise.norm()), 1e-12))
+    return pseudo_grad
+
+
+def parse_contribution(data: bytes) -> Contribution:
+    record = parse_record(data)
+    if not isinstance(record, Contribution):
+        raise ValueError(f"expected a contribution, got a {record.kind} record")
+    return record
+
+
+def parse_block(data: bytes) -> Block:
+    record = parse_record(data)
+    if not isinstance(record, Block):
+        raise ValueError(f"expected a block, got a {record.kind} record")
+    return record
+
+
+def parse_close(data: bytes) -> RoundClose:
+    return parse_swarm_message(data, RoundClose)  # type: ignore[return-value]
+
+
+class Peer:
+    """One peer of one run. Build it with `gpunite.swarm.bootstrap.start_run` / `join_run`, then call `run()`."""
+
+    def __init__(self, manifest: Manifest, prepared_dir: Path, identity: Identity, node: SwarmNode,
+                 config: PeerConfig, state: GlobalState | None = None, on_record: RecordHook | None = None,
+                 fetch_file: Callable[[str, str], Path] | None = None) -> None:
+        from gpunite.data.batches import training_units
+        from gpunite.data.shards import ShardIndex
+        from gpunite.model import build_model, config_from_manifest
+        from gpunite.proof.trail import TrailRecorder
+        from gpunite.swarm.assignment import WorkPlan
+        from gpunite.train.compression import ErrorFeedback
+        from gpunite.train.diloco import OuterOptimizer
+        from gpunite.train.trainer import InnerTrainer, unique_named_parameters
+        from gpunite.train.weights import flatten
+
+        self.manifest = manifest
+        self.run_id = manifest.run_id
+        self.train_cfg = manifest.train
+        self.prepared_dir = prepared_dir
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.node = node
+        self.config = config
+        self.on_record = on_record
+        self._fetch_file = fetch_file
+        self.run_dir = config.home / "runs" / self.run_id
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        self.index = ShardIndex.load(prepared_dir)
+        self.model_config = config_from_manifest(manifest)
+        self.model = build_model(self.model_config, seed=manifest.run.seed)
+        self.params = [param for _, param in unique_named_parameters(self.model)]
+        self.layout = ParamLayout.of(self.model)
+        self.numel = self.layout.numel
+        ranges = [WorkUnit(shard=r.shard_sha256, first=r.first, count=r.count)
+                  for r in training_units(self.index, manifest.data.seq_len)]
+        self.plan = WorkPlan(ranges, manifest.run.seed, sequences_per_unit=self.train_cfg.batch_size)
+        self._ranges = ranges
+        self.outer = OuterOptimizer(self.train_cfg.outer_lr, self.train_cfg.outer_momentum, self.train_cfg.nesterov)
+        self.error_feedback = ErrorFeedback(self.train_cfg.compression, self.train_cfg.compression_chunk)
+        self.recorder = TrailRecorder(manifest.proof.trail_interval, self.run_dir / "trail")
+        self.trainer = InnerTrainer(self.model, self.train_cfg, device=config.device)
+
+        self._lock = threading.Lock()  # guards self.state against the stream handlers
+        if state is None:
+            weights = flatten(self.params)
+            state = GlobalState(0, weights, None, self.plan.state_dict(), None, None, self.layout.hash(weights))
+        self.state = state
+        self._load_state(state)
+
+        self.membership = Membership(node, identity, self.run_id, config.roles, config.heartbeat_s,
+                                     state.round, state.weights_hash)
+        self.payloads: dict[int, list[bytes]] = {}  # round -> this peer's compressed slices (served to owners)
+        self.aggregates: dict[tuple[int, int], bytes] = {}  # (round, slice) -> merged slice this peer owns
+        self.last_loss: float | None = None
+        self.tokens_trained = 0
+        self.rounds_done = 0
+        self.timing = RoundTiming()
+        self.stopping = threading.Event()
+        self.last_close: RoundClose | None = state.close
+        self._serving = False
+        self._max_slice_bytes = self.numel * 4 + (1 << 20)
+
+    # ----- set-up -----
+    def _load_state(self, state: GlobalState) -> None:
+        from gpunite.swarm.assignment import WorkPlan
+        from gpunite.train.weights import unflatten_into
+
+        self.plan = WorkPlan.from_state_dict(self._ranges, state.plan)
+        self.outer.load_state_tensors({} if state.momentum is None else {"outer.momentum_buffer": state.momentum},
+                                      numel=self.numel)
+        unflatten_into(state.weights, self.params)
+        self.trainer.step = state.round * self.train_cfg.inner_steps
+        with self._lock:
+            self.state = state
+
+    def serve(self) -> None:
+        """Register the stream handlers and start heartbeating (once)."""
+        if self._serving:
+            return
+        self._serving = True
+        self.node.add_handler(HANDLE_STATE, self._handle_state, max_request_bytes=4096)
+        self.node.add_handler(HANDLE_FILE, file_handler(self.prepared_dir), max_request_bytes=4096)
+        self.node.add_handler(HANDLE_SLICE, self._handle_slice, max_request_bytes=4096)
+        self.node.add_handler(HANDLE_AGGREGATE, self._handle_aggregate, max_request_bytes=4096)
+        self.membership.start()
+        self.publish_host()
+        self.write_status("ready")
+
+    def publish_host(self) -> None:
+        import platform
+
+        from gpunite.records import HostRecord
+
+        speed = self.config.speed
+        if speed is None:
+            from gpunite.train.hardware import peak_tflops
+
+            speed = peak_tflops(torch.device(self.config.device), cache_dir=self.config.home)
+        self.speed = max(speed, 1e-6)
+        self.membership.publish_host(HostRecord(
+            host_name=platform.node()[:128], device=self.config.device, memory_gb=0.0, tflops=self.speed,
+            time=time.time()))
+
+    # ----- stream handlers (run on the swarm loop thread) -----
+    async def _handle_state(self, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:
+        with self._lock:
+            state = self.state
+        log.info("serving global state of round %d to %s", state.round, caller[-8:])
+        return state_to_frame(state)
+
+    async def _handle_slice(self, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:
+        round_index, index = int(header.get("round", -1)), int(header.get("slice", -1))
+        slices = self.payloads.get(round_index)
+        if slices is None or not 0 <= index < len(slices):
+            raise ValueError(f"no slice {index} of round {round_index} here")
+        return {"round": round_index, "slice": index}, slices[index]
+
+    async def _handle_aggregate(self, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:
+        round_index, index = int(header.get("round", -1)), int(header.get("slice", -1))
+        data = self.aggregates.get((round_index, index))
+        if data is None:
+            if round_index >= self.state.round:
+                return {"pending": True}, b""
+            raise ValueError(f"aggregate {index} of round {round_index} is not kept here")
+        return {"round": round_index, "slice": index}, data
+
+    # ----- the round loop -----
+    def run(self) -> None:
+        self.serve()
+        log.info("peer %s in run %s at round %d (%d parameters)", self.peer_id[:12], self.run_id[:12],
+                 self.state.round, self.numel)
+        self.timing.started = time.time()
+        try:
+            while not self.stopping.is_set():
+                if self.config.max_rounds is not None and self.rounds_done >= self.config.max_rounds:
+                    break
+                self.run_round()
+            self.linger()
+        finally:
+            self.write_status("stopped")
+            self.membership.stop()
+
+    def linger(self, longest_s: float = 20.0) -> None:
+        """Before leaving, keep serving slices until the last roster signed the last round (or longest_s)."""
+        if self.state.tip is None or self.last_close is None:
+            return
+        roster = {e.peer_id for e in self.last_close.next_roster} | set(self.last_close.contributors)
+        give_up = time.time() + longest_s
+        while time.time() < give_up and not self.stopping.is_set():
+            blocks = self.node.get_records(run_key(self.run_id, "block", self.state.tip.round), parse_block)
+            alive = self.membership.alive()
+            if all(pid in blocks or pid not in alive for pid in roster):
+                return
+            time.sleep(self.config.poll_s)
+
+    def run_round(self) -> None:
+        from gpunite.swarm.aggregation import slice_bounds
+
+        state = self.state
+        r = state.round
+        close_prev = state.close or self.wait_for_genesis()
+        roster = sorted(close_prev.next_roster, key=lambda e: e.peer_id)
+        roster_ids = [e.peer_id for e in roster]
+        assigned = self.plan.assign(r, [(e.peer_id, e.speed) for e in roster], self.train_cfg.inner_steps)
+        prev_block = state.tip.block_hash if state.tip else GENESIS
+        ctx = RoundContext(
+            run_id=self.run_id, round=r, base_hash=state.weights_hash, assigned=assigned,
+            inner_steps=self.train_cfg.inner_steps, batch_size=self.train_cfg.batch_size,
+            seq_len=self.manifest.data.seq_len, trail_interval=self.manifest.proof.trail_interval,
+            n_slices=max(1, len(roster)), norm_bound=self.manifest.proof.norm_bound)
+        deadline = close_prev.time + self.train_cfg.round_deadline_s
+        log.info("round %d started: %d peers in the roster, weights %s", r, len(roster), state.weights_hash[:12])
+        bounds = slice_bounds(self.numel, ctx.n_slices, self.train_cfg.compression_chunk)
+        mine = assigned.get(self.peer_id, [])
+        contributed = False
+        if "trainer" in self.config.roles and mine:
+            log.info("assigned %d units (%d sequences) in round %d", len(mine), sum(u.count for u in mine), r)
+            contributed = self.train_and_commit(ctx, mine, bounds, deadline)
+        if not self.agrees_with_majority(r - 1):
+            return
+        close, accepted = self.await_close(ctx, roster_ids, prev_block, deadline)
+        self.merge(ctx, close, accepted, roster_ids, bounds, prev_block, contributed)
+
+    def wait_for_genesis(self) -> RoundClose:
+        """Before round 0: the run's starter publishes the first roster (the genesis close)."""
+        log.info("waiting for the run's first round to open")
+        while not self.stopping.is_set():
+            closes = self.node.get_records(run_key(self.run_id, "close", -1), parse_close)
+            starter = self._starter()
+            for close in closes.values():
+                if close.peer_id == starter and close.run_id == self.run_id and close.round == -1:
+                    with self._lock:
+                        self.state.close = close
+                    return close
+            time.sleep(self.config.poll_s)
+        raise PeerError("stopped before the run's first round opened")
+
+    def _starter(self) -> str | None:
+        """The peer that announced the run first: the only one whose genesis close counts."""
+        from gpunite.swarm.bootstrap import parse_announcement
+
+        announcements = self.node.get_records(run_key(self.run_id, "manifest"), parse_announcement)
+        first = min(announcements.values(), key=lambda a: (a.time, a.peer_id), default=None)
+        return first.peer_id if first else None
+
+    # ----- 2. train and commit -----
+    def train_and_commit(self, ctx: RoundContext, units: list[WorkUnit], bounds: list[tuple[int, int]],
+                         deadline: float) -> bool:
+        from gpunite.model import flops_per_token
+        from gpunite.proof.trail import iter_batches
+        from gpunite.swarm.aggregation import contribution_norm
+        from gpunite.train.compression import decompress, payload_hash, payload_to_bytes, slice_payload
+        from gpunite.train.diloco import pseudo_gradient
+        from gpunite.train.weights import flatten
+
+        batch_size = self.train_cfg.batch_size
+        steps = sum(u.count for u in units) // batch_size
+        if steps == 0:
+            return False
+        self.write_status("training")
+        base = self.state.weights
+        self.recorder.start_round(ctx.round, steps)
+        self.recorder.record(self.model, self.trainer)
+        losses = []
+        started = time.perf_counter()
+        for batch in iter_batches(units, steps, batch_size, self._load_sequences, self.recorder.interval_k):
+            if time.time() > deadline or self.stopping.is_set():
+                log.warning("round %d deadline passed after %d of %d steps: skipping this round", ctx.round,
+                            len(losses), steps)
+                self._restore_global_weights()
+                return False
+            step_start = time.perf_counter()
+            losses.append(self.trainer.train_step(batch))
+            self.timing.compute_s += time.perf_counter() - step_start
+            self.recorder.record(self.model, self.trainer)
+            self.last_loss = losses[-1]
+            if len(losses) % max(1, steps // 4) == 0:
+                self.write_status("training")
+        compress_start = time.perf_counter()
+        pseudo_grad = pseudo_gradient(base, flatten(self.params))
+        payload = self.error_feedback.compress(hostile_delta(self.config.cheat, pseudo_grad))
+        if self.config.cheat == "nan":
+            payload = type(payload)(q=payload.q, scales=torch.full_like(payload.scales, float("nan")),
+                                    numel=payload.numel, chunk=payload.chunk)
+        slices = [payload_to_bytes(slice_payload(payload, start, end)) for start, end in bounds]
+        norm = contribution_norm(pseudo_grad if self.config.cheat == "nan" else decompress(payload))
+        self.timing.compute_s += time.perf_counter() - compress_start
+        tokens = steps * batch_size * ctx.seq_len
+        contribution = sign_record(self.identity, Contribution(
+            run_id=self.run_id, round=ctx.round, base_hash=ctx.base_hash, work_units=units, inner_steps=steps,
+            tokens=tokens, trail_interval=ctx.trail_interval, trail=self.recorder.trail,
+            delta_hash=payload_hash(payload_to_bytes(payload)), slice_hashes=[payload_hash(s) for s in slices],
+            delta_norm=norm,
+            claimed_flops=float(flops_per_token(self.model_config, ctx.seq_len)) * tokens, time=time.time()))
+        self.payloads[ctx.round] = slices
+        for old in [r for r in self.payloads if r < ctx.round - 1]:
+            del self.payloads[old]
+        self.node.store(run_key(self.run_id, "contrib", ctx.round), self.peer_id, record_bytes(contribution),
+                        ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
+        log.info("round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, committed delta norm %.4g",
+                 ctx.round, steps, time.perf_counter() - started, losses[0], losses[-1], norm)
+        self._restore_global_weights()
+        return True
+
+    def _restore_global_weights(self) -> None:
+        from gpunite.train.weights import unflatten_into
+
+        unflatten_into(self.state.weights, self.params)
+
+    def _load_sequences(self, shard: str, first: int, count: int) -> torch.Tensor:
+        from gpunite.data.batches import load_sequences
+        from gpunite.data.shards import shard_path
+
+        if not shard_path(self.prepared_dir, shard).is_file():
+            if self._fetch_file is None:
+                raise PeerError(f"shard {shard[:12]} is missing from {self.prepared_dir}; re-prepare the data")
+            self._fetch_file("shard", shard)
+        return load_sequences(self.prepared_dir, self.index, shard, first, count, self.manifest.data.seq_len)
+
+    # ----- 3. agree on the round close -----
+    def contributions(self, round_index: int) -> dict[str, Contribution]:
+        found = self.node.get_records(run_key(self.run_id, "contrib", round_index), parse_contribution)
+        for contribution in found.values():
+            self._emit(contribution)
+        return found
+
+    def await_close(self, ctx: RoundContext, roster_ids: list[str], prev_block: str, deadline: float
+                    ) -> tuple[RoundClose, dict[str, Contribution]]:
+        """The round's close and the contributions it accepts, by peer id.
+
+        Waits for the close; publishes it ourselves when we are the live coordinator of best rank.
+        """
+        order = coordinator_order(prev_block, roster_ids)
+        ready_since: float | None = None
+        rejected_closes: set[str] = set()
+        self.write_status("waiting")
+        while True:
+            closes = self.node.get_records(run_key(self.run_id, "close", ctx.round), parse_close)
+            for close in sorted(closes.values(), key=lambda c: c.coordinator_rank):
+                if close.record_id in rejected_closes:
+                    continue
+                verdict, accepted = self.verify_close(close, ctx, order)
+                if verdict.accept:
+                    return close, accepted
+                rejected_closes.add(close.record_id)
+                log.warning("ignored round %d close by %s: %s", ctx.round, close.peer_id[:12], verdict.reason)
+            alive = self.membership.alive()
+            contributions = {pid: c for pid, c in self.contributions(ctx.round).items() if pid in roster_ids}
+            missing_alive = [pid for pid in roster_ids if pid not in contributions and pid in alive]
+            if ready_since is None and (not missing_alive or time.time() > deadline):
+                ready_since = time.time()
+            candidates = order + sorted(pid for pid in alive if pid not in order and "trainer" in alive[pid].roles)
+            if ready_since is not None and self.peer_id in candidates:
+                rank = candidates.index(self.peer_id)
+                before_alive = [pid for pid in candidates[:rank] if pid in alive]
+                if not before_alive or time.time() - ready_since >= rank * self.config.takeover_s:
+                    close = self.make_close(ctx, contributions, alive, rank, prev_block)
+                    self.node.store(run_key(self.run_id, "close", ctx.round), self.peer_id, record_bytes(close),
+                                    ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
+                    log.info("coordinated round %d (rank %d): %d accepted, %d rejected, next roster %d peers",
+                             ctx.round, rank, len(close.accepted), len(close.rejected), len(close.next_roster))
+                    return close, {pid: contributions[pid] for pid in close.contributors}
+            if self.stopping.is_set():
+                raise PeerError("stopped while waiting for the round to close")
+            time.sleep(self.config.poll_s)
+
+    def make_close(self, ctx: RoundContext, contributions: dict[str, Contribution], alive: dict, rank: int,
+                   prev_block: str) -> RoundClose:
+        from gpunite.swarm.aggregation import lower_median
+
+        norms = [c.delta_norm for c in contributions.values() if math.isfinite(c.delta_norm) and c.delta_norm > 0]
+        median = lower_median(norms) if norms else 0.0
+        accepted, rejected = [], []
+        for pid in sorted(contributions):
+            contribution = contributions[pid]
+            result = check_contribution(contribution, ctx, median)
+            if result.accept:
+                accepted.append(contribution)
+            else:
+                log.warning("rejected %s's round %d contribution: %s", pid[:12], ctx.round, result.reason)
+                rejected.append(Rejection(contribution=contribution.record_id, trainer=pid, reason=result.reason,
+                                          cheat=result.cheat))
+        speeds = self.membership.speeds()
+        next_ids = {c.peer_id for c in accepted}
+        next_ids |= {pid for pid, hb in alive.items()
+                     if "trainer" in hb.roles and hb.round == ctx.round and hb.weights_hash == ctx.base_hash}
+        next_roster = [RosterEntry(peer_id=pid, speed=min(max(speeds.get(pid, 1.0), 1e-6), 1e9))
+                       for pid in sorted(next_ids)]
+        return sign_record(self.identity, RoundClose(
+            run_id=self.run_id, round=ctx.round, base_hash=ctx.base_hash, prev_block=prev_block,
+            accepted=[c.record_id for c in accepted], contributors=[c.peer_id for c in accepted],
+            rejected=rejected, next_roster=next_roster, coordinator_rank=rank, time=time.time()))
+
+    def verify_close(self, close: RoundClose, ctx: RoundContext, order: list[str]
+                     ) -> tuple[CheckResult, dict[str, Contribution]]:
+        """A close is followed only if it is for this round and base, and every contribution it merges is valid."""
+        result = self._check_close(close, ctx, order)
+        if not result.accept:
+            return result, {}
+        contributions: dict[str, Contribution] = {}
+        for attempt in range(20):
+            contributions = {c.record_id: c for c in self.contributions(ctx.round).values()}
+            if all(cid in contributions for cid in close.accepted):
+                break
+            time.sleep(self.config.poll_s)
+        else:
+            return CheckResult(False, "close accepts contributions this peer cannot find"), {}
+        for cid, pid in zip(close.accepted, close.contributors):
+            contribution = contributions[cid]
+            if contribution.peer_id != pid:
+                return CheckResult(False, f"contribution {cid[:12]} is not by {pid[:12]}"), {}
+            result = check_contribution(contribution, ctx, median_norm=0.0)
+            if not result.accept:
+                return CheckResult(False, f"close accepts an invalid contribution: {result.reason}"), {}
+        return CheckResult(True), {pid: contributions[cid] for cid, pid in zip(close.accepted, close.contributors)}
+
+    def _check_close(self, close: RoundClose, ctx: RoundContext, order: list[str]) -> CheckResult:
+        if close.run_id != self.run_id or close.round != ctx.round or close.base_hash != ctx.base_hash:
+            return CheckResult(False, "close is for another run, round or base weights")
+        if close.peer_id not in order and close.coordinator_rank < len(order):
+            return CheckResult(False, "close signed by a peer that is not a candidate coordinator")
+        if len(close.accepted) != len(close.contributors) or close.contributors != sorted(close.contributors):
+            return CheckResult(False, "close lists contributors out of order")
+        return CheckResult(True)
+
+    # ----- 4. sharded aggregation and the outer step -----
+    def merge(self, ctx: RoundContext, close: RoundClose, accepted: dict[str, Contribution], roster_ids: list[str],
+              bounds: list[tuple[int, int]], prev_block: str, contributed: bool) -> None:
+        from gpunite.swarm.aggregation import clip_factors
+        from gpunite.train.compression import decompress, payload_from_bytes
+
+        self.write_status("aggregating")
+        factors = dict(zip(sorted(accepted), clip_factors([accepted[p].delta_norm for p in sorted(accepted)],
+                                                          self.train_cfg.clip_norm_ratio)))
+        owners = sorted(roster_ids)
+        if self.peer_id in owners and accepted:
+            index = owners.index(self.peer_id)
+            self.aggregates[(ctx.round, index)] = self.aggregate_slice(ctx, index, bounds, accepted, factors)
+        new_weights = self.state.weights
+        new_momentum = self.state.momentum
+        if accepted:
+            pseudo_grad = torch.zeros(self.numel, dtype=torch.float32)
+            for index, (start, end) in enumerate(bounds):
+                if start == end:
+                    continue
+                data = self.fetch_aggregate(ctx, index, owners[index] if index < len(owners) else None)
+                if data is None:
+                    log.info("owner of slice %d of round %d is gone: merging it here", index, ctx.round)
+                    data = self.aggregate_slice(ctx, index, bounds, accepted, factors)
+                method = "none" if self.train_cfg.compression == "none" else "int8"
+                pseudo_grad[start:end] = decompress(payload_from_bytes(
+                    data, end - start, self.train_cfg.compression_chunk, max_bytes=self._max_slice_bytes,
+                    method=method))
+            new_weights = self.outer.step(self.state.weights, pseudo_grad)
+            new_momentum = self.outer.momentum_buffer
+        if contributed and self.peer_id not in accepted:
+            self.error_feedback.reset()
+        self.plan.settle(ctx.round, sorted(accepted))
+        weights_hash = self.layout.hash(new_weights)
+        tokens = sum(c.tokens for c in accepted.values())
+        block = sign_record(self.identity, Block(
+            run_id=self.run_id, round=ctx.round, prev=prev_block, accepted=close.accepted, rejected=close.rejected,
+            weights_hash=weights_hash, tokens=tokens, time=time.time()))
+        self.node.store(run_key(self.run_id, "block", ctx.round), self.peer_id, record_bytes(block),
+                        ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
+        self._append_chain(block)
+        self._emit(block)
+        new_state = GlobalState(ctx.round + 1, new_weights, new_momentum, self.plan.state_dict(), block, close,
+                                weights_hash)
+        from gpunite.train.weights import unflatten_into
+
+        unflatten_into(new_weights, self.params)
+        with self._lock:
+            self.state = new_state
+        self.last_close = close
+        for key in [k for k in self.aggregates if k[0] < ctx.round]:
+            del self.aggregates[key]
+        self.recorder.prune(ctx.round - 1)
+        self.tokens_trained += tokens
+        self.rounds_done += 1
+        self.membership.update(ctx.round + 1, weights_hash)
+        log.info("round %d merged %d contributions (%d tokens): new weights %s; sent %d B, received %d B so far",
+                 ctx.round, len(accepted), tokens, weights_hash[:12], self.node.counter.sent,
+                 self.node.counter.received)
+        self.write_status("merged")
+
+    def aggregate_slice(self, ctx: RoundContext, index: int, bounds: list[tuple[int, int]],
+                        accepted: dict[str, Contribution], factors: dict[str, float]) -> bytes:
+        """Pull slice `index` of every accepted contribution, check it, merge robustly, compress the result."""
+        from gpunite.swarm.aggregation import robust_aggregate
+        from gpunite.train.compression import compress, payload_to_bytes
+
+        start, end = bounds[index]
+        method = "none" if self.train_cfg.compression == "none" else "int8"
+        values, used = [], []
+        for pid in sorted(accepted):
+            data = self.fetch_slice(ctx.round, index, pid)
+            if data is None:
+                continue
+            result, vector = check_slice(data, accepted[pid], index, end - start, self.train_cfg.compression_chunk,
+                                         method)
+            if not result.accept:
+                log.warning("dropped %s's slice %d of round %d: %s", pid[:12], index, ctx.round, result.reason)
+                continue
+            values.append(vector)
+            used.append(factors[pid])
+        if values:
+            merged = robust_aggregate(values, used, self.train_cfg.aggregation, self.train_cfg.trim_fraction)
+        else:
+            merged = torch.zeros(end - start, dtype=torch.float32)
+        log.info("aggregated slice %d of round %d from %d contributions", index, ctx.round, len(values))
+        return payload_to_bytes(compress(merged, method, self.train_cfg.compression_chunk))
+
+    def fetch_slice(self, round_index: int, index: int, peer_id: str) -> bytes | None:
+        if peer_id == self.peer_id:
+            slices = self.payloads.get(round_index)
+            return slices[index] if slices and index < len(slices) else None
+        try:
+            _, data = self._request(peer_id, HANDLE_SLICE, {"round": round_index, "slice": index},
+                                    self._max_slice_bytes)
+            return data
+        except (SwarmError, ProtocolError, PeerError) as exc:
+            log.warning("no slice %d of round %d from %s: %s", index, round_index, peer_id[:12], exc)
+            return None
+
+    def fetch_aggregate(self, ctx: RoundContext, index: int, owner: str | None) -> bytes | None:
+        """The owner's merged slice; None if the owner is gone or does not answer in time."""
+        if owner is None:
+            return None
+        if owner == self.peer_id:
+            return self.aggregates.get((ctx.round, index))
+        give_up = time.time() + max(30.0, self.config.takeover_s * 4)
+        while time.time() < give_up and not self.stopping.is_set():
+            try:
+                header, data = self._request(owner, HANDLE_AGGREGATE, {"round": ctx.round, "slice": index},
+                                             self._max_slice_bytes)
+            except (SwarmError, ProtocolError, PeerError) as exc:
+                log.info("slice %d owner %s: %s", index, owner[:12], exc)
+                return None
+            if not header.get("pending"):
+                return data
+            if owner not in self.membership.alive():
+                return None
+            time.sleep(self.config.poll_s)
+        return None
+
+    def _request(self, peer_id: str, handler: str, header: dict, max_reply: int) -> tuple[dict, bytes]:
+        beat = self.membership.last_seen.get(peer_id) or self.membership.alive().get(peer_id)
+        if beat is None:
+            raise PeerError(f"peer {peer_id[:12]} has never sent a heartbeat")
+        return self.node.request(beat.p2p_id, handler, {"run": self.run_id, **header}, max_reply_bytes=max_reply,
+                                 maddrs=list(beat.maddrs))
+
+    # ----- 5. agreement on the weights -----
+    def agrees_with_majority(self, round_index: int) -> bool:
+        """Compare our block of round_index with the others'; re-sync from the majority if we are outvoted."""
+        if round_index < 0:
+            return True
+        blocks = self.node.get_records(run_key(self.run_id, "block", round_index), parse_block)
+        votes: dict[str, list[str]] = {}
+        for pid, block in blocks.items():
+            if block.run_id == self.run_id and block.round == round_index:
+                votes.setdefault(block.weights_hash, []).append(pid)
+        if not votes:
+            return True
+        best = max(votes, key=lambda h: (len(votes[h]), h))
+        mine = self.state.tip.weights_hash if self.state.tip else None
+        if mine == best or len(votes.get(mine, [])) >= len(votes[best]):
+            return True
+        log.warning("our weights after round %d (%s) disagree with %d peers (%s): re-syncing", round_index,
+                    (mine or "?")[:12], len(votes[best]), best[:12])
+        for pid in votes[best]:
+            try:
+                self.sync_from(pid)
+                return False
+            except (SwarmError, ProtocolError, PeerError, GpuniteError) as exc:
+                log.warning("re-sync from %s failed: %s", pid[:12], exc)
+        return True
+
+    def sync_from(self, peer_id: str) -> None:
+        header, body = self._request(peer_id, HANDLE_STATE, {}, max_reply=8 * self.numel + (1 << 22))
+        state = state_from_frame(header, body, self.layout, self.run_id)
+        self._load_state(state)
+        self.membership.update(state.round, state.weights_hash)
+        log.info("synced global state of round %d (weights %s) from %s", state.round, state.weights_hash[:12],
+                 peer_id[:12])
+
+    # ----- records, chain, status -----
+    def _emit(self, record: Any) -> None:
+        if self.on_record is not None:
+            try:
+                self.on_record(record)
+            except Exception as exc:  # a broken hook must not stop training
+                log.warning("record hook failed: %s", exc)
+
+    def _append_chain(self, block: Block) -> None:
+        with open(self.run_dir / "chain.jsonl", "ab") as handle:
+            handle.write(record_bytes(block) + b"\n")
+
+    def write_status(self, phase: str) -> None:
+        if self.config.status_path is None:
+            return
+        from gpunite.util import atomic_write_bytes
+
+        now = time.time()
+        wall = now - self.timing.started if self.timing.started else 0.0
+        status = {
+            "peer_id": self.peer_id, "run_id": self.run_id, "phase": phase, "round": self.state.round,
+            "rounds_done": self.rounds_done, "loss": self.last_loss, "tokens": self.tokens_trained,
+            "weights_hash": self.state.weights_hash, "bytes_sent": self.node.counter.sent,
+            "bytes_received": self.node.counter.received, "compute_s": self.timing.compute_s, "wall_s": wall,
+            "peers": len(self.membership._known), "maddrs": self.node.maddrs, "time": now, "pid": _pid(),
+        }
+        atomic_write_bytes(self.config.status_path, json.dumps(status).encode())
+
+    def save_final(self) -> Path:
+        """The current global weights as a gpunite checkpoint (for `gpunite generate` and the demo)."""
+        from gpunite.data.shards import TOKENIZER_NAME
+        from gpunite.train.checkpoint import save_checkpoint
+
+        self._restore_global_weights()
+        tokenizer = (self.prepared_dir / TOKENIZER_NAME).read_text(encoding="utf-8")
+        path = self.run_dir / "final.safetensors"
+        save_checkpoint(path, self.model, None, data_position=0, manifest=self.manifest, tokenizer_json=tokenizer,
+                        extra={"round": self.state.round, "weights_hash": self.state.weights_hash})
+        return path
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

@@ -1,0 +1,185 @@
+"""State sync: the global state a late joiner needs, as checked bytes, and content-addressed data files.
+
+The global state at the start of round r is the flat weights W_r, the outer optimizer's momentum, the work
+plan, the block of round r - 1 (whose weights_hash must equal the hash of W_r) and the round close of r - 1
+(the roster of round r). It travels as one frame: a JSON header and safetensors bytes. Data files (the
+shard index, the tokenizer, shards) travel by hash and are written only after their hash checks out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpunite.identity import RecordError, canonical_json
+from gpunite.records import Block, parse_record, record_bytes
+from gpunite.swarm.protocol import RoundClose, parse_swarm_message
+from gpunite.train.weights import (
+    TensorPayloadError,
+    from_safetensors_bytes,
+    to_safetensors_bytes,
+    weights_hash,
+)
+from gpunite.util import atomic_write_bytes, sha256_bytes
+
+log = logging.getLogger("gpunite.swarm.state_sync")
+
+
+class StateSyncError(TensorPayloadError):
+    """Global state or a data file from a peer that does not check out."""
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes of the trainable parameters, in the order of the flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ParamLayout:
+        from gpunite.train.weights import trainable_state
+
+        state = trainable_state(model)
+        return cls(tuple(state), tuple(tuple(t.shape) for t in state.values()))
+
+    @property
+    def numel(self) -> int:
+        total = 0
+        for shape in self.shapes:
+            n = 1
+            for dim in shape:
+                n *= dim
+            total += n
+        return total
+
+    def named(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of the flat vector under the parameter names (no copy)."""
+        views, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            n = 1
+            for dim in shape:
+                n *= dim
+            views[name] = vector[offset : offset + n].view(shape)
+            offset += n
+        return views
+
+    def hash(self, vector: torch.Tensor) -> str:
+        """The weights hash of a flat vector: equal to gpunite.train.weights.model_hash of the model holding it."""
+        return weights_hash(self.named(vector))
+
+
+@dataclass
+class GlobalState:
+    round: int  # the round these weights start
+    weights: torch.Tensor  # flat fp32
+    momentum: torch.Tensor | None  # outer Nesterov buffer, None before the first outer step
+    plan: dict[str, Any]  # WorkPlan.state_dict()
+    tip: Block | None  # block of round - 1
+    close: RoundClose | None  # close of round - 1: the roster of this round (None before the genesis close)
+    weights_hash: str
+
+
+def state_to_frame(state: GlobalState) -> tuple[dict[str, Any], bytes]:
+    tensors = {"weights": state.weights}
+    if state.momentum is not None:
+        tensors["momentum"] = state.momentum
+    header = {
+        "round": state.round,
+        "weights_hash": state.weights_hash,
+        "plan": state.plan,
+        "tip": record_bytes(state.tip).decode() if state.tip else None,
+        "close": record_bytes(state.close).decode() if state.close else None,
+    }
+    return header, to_safetensors_bytes(tensors)
+
+
+def state_from_frame(header: dict[str, Any], body: bytes, layout: ParamLayout, run_id: str) -> GlobalState:
+    """Parse a peer's global state; every tensor shape, the weights hash and both records are checked."""
+    numel = layout.numel
+    try:
+        tensors = from_safetensors_bytes(body, max_bytes=8 * numel + (1 << 16))
+    except TensorPayloadError as exc:
+        raise StateSyncError(f"global state: {exc}") from None
+    if set(tensors) - {"weights", "momentum"} or "weights" not in tensors:
+        raise StateSyncError(f"global state holds tensors {sorted(tensors)[:4]}, expected weights (+ momentum)")
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32 or tuple(tensor.shape) != (numel,):
+            raise StateSyncError(f"global state {name} is {tuple(tensor.shape)} {tensor.dtype}, expected ({numel},)")
+    try:
+        round_index = int(header["round"])
+        tip = parse_record(header["tip"].encode()) if header.get("tip") else None
+        close = parse_swarm_message(header["close"].encode(), RoundClose) if header.get("close") else None
+        plan = header["plan"]
+    except (KeyError, TypeError, ValueError, AttributeError, RecordError) as exc:
+        raise StateSyncError(f"global state header is malformed: {exc}") from None
+    weights = tensors["weights"]
+    computed = layout.hash(weights)
+    if computed != header.get("weights_hash"):
+        raise StateSyncError("global state weights do not match the hash the peer sent")
+    if tip is not None:
+        if not isinstance(tip, Block) or tip.run_id != run_id or tip.round != round_index - 1:
+            raise StateSyncError("global state's block is not this run's block of the previous round")
+        if tip.weights_hash != computed:
+            raise StateSyncError("global state weights do not match its block's weights_hash")
+    if close is not None and (close.run_id != run_id or close.round != round_index - 1):
+        raise StateSyncError("global state's round close is not this run's close of the previous round")
+    if not isinstance(plan, dict):
+        raise StateSyncError("global state's work plan is not a JSON object")
+    return GlobalState(round_index, weights, tensors.get("momentum"), plan, tip, close, computed)
+
+
+# ----- data files -----
+FILE_KINDS = ("index", "tokenizer", "shard")
+
+
+def local_file(prepared_dir: Path, kind: str, sha256: str) -> Path:
+    from gpunite.data.shards import INDEX_NAME, TOKENIZER_NAME, shard_path
+
+    if kind == "index":
+        return prepared_dir / INDEX_NAME
+    if kind == "tokenizer":
+        return prepared_dir / TOKENIZER_NAME
+    return shard_path(prepared_dir, sha256)
+
+
+def file_handler(prepared_dir: Path) -> Callable:
+    """A stream handler serving this peer's prepared data files by (kind, sha256)."""
+
+    async def handle(header: dict[str, Any], body: bytes, caller: str) -> tuple[dict[str, Any], bytes]:
+        kind, sha = header.get("kind"), header.get("sha256")
+        if kind not in FILE_KINDS or not isinstance(sha, str) or len(sha) != 64:
+            raise ValueError("file request needs kind in index/tokenizer/shard and a sha256")
+        path = local_file(prepared_dir, kind, sha)
+        if not path.is_file():
+            raise ValueError(f"no {kind} {sha[:12]} here")
+        data = path.read_bytes()
+        if sha256_bytes(data) != sha:
+            raise ValueError(f"local {kind} {sha[:12]} does not match its hash")
+        return {"sha256": sha}, data
+
+    return handle
+
+
+def fetch_file(request: Callable[..., tuple[dict, bytes]], prepared_dir: Path, kind: str, sha256: str,
+               max_bytes: int) -> Path:
+    """Fetch a data file through `request(header, max_reply_bytes)`; write it only if its hash matches."""
+    path = local_file(prepared_dir, kind, sha256)
+    if path.is_file() and sha256_bytes(path.read_bytes()) == sha256:
+        return path
+    _, data = request({"kind": kind, "sha256": sha256}, max_bytes)
+    if sha256_bytes(data) != sha256:
+        raise StateSyncError(f"peer sent a {kind} whose sha256 is not {sha256[:12]}")
+    atomic_write_bytes(path, data)
+    log.info("fetched %s %s (%d bytes)", kind, sha256[:12], len(data))
+    return path
+
+
+def plan_hash(plan: dict[str, Any]) -> str:
+    return sha256_bytes(canonical_json(json.loads(json.dumps(plan))))
