@@ -107,7 +107,9 @@ def test_claims_are_capped_and_audits_credited_within_the_work_they_replay():
     work = run.contribution(trainer, flops=1e15, tokens=1000)
     audit = run.verdict(verifier, work, replay_flops=1e20)
     self_audit = run.verdict(trainer, work, replay_flops=1e12)
-    run.block([verifier], [work], [audit, self_audit])
+    run.time += 1
+    same_audit_again = run.verdict(verifier, work, replay_flops=1e20)
+    run.block([verifier], [work], [audit, self_audit, same_audit_again])
     uncapped = credit_table(run.records, now=run.time)
     assert uncapped.user(trainer.peer_id).total_credit == pytest.approx(1e15 / FLOPS_PER_CREDIT)
     assert uncapped.user(verifier.peer_id).audit_credit == pytest.approx(1e15 / FLOPS_PER_CREDIT)

@@ -127,20 +127,19 @@ def _grants(
                     "training",
                 )
             )
-        credited_verdicts: set[str] = set()
+        audits_credited: set[tuple[str, str]] = set()  # (verifier, contribution): one audit each
         for link in chain:
             for verdict_id in sorted(set(link.block.verdicts)):
                 verdict = by_id.get(verdict_id)
-                if (
-                    not isinstance(verdict, Verdict)
-                    or verdict.run_id != run_id
-                    or verdict_id in credited_verdicts
-                ):
+                if not isinstance(verdict, Verdict) or verdict.run_id != run_id:
                     continue
                 audited = by_id.get(verdict.contribution)
-                if not isinstance(audited, Contribution) or audited.peer_id == verdict.peer_id:
+                if not isinstance(audited, Contribution) or audited.run_id != run_id:
                     continue
-                credited_verdicts.add(verdict_id)
+                audit = (verdict.peer_id, verdict.contribution)
+                if audited.peer_id == verdict.peer_id or audit in audits_credited:
+                    continue
+                audits_credited.add(audit)
                 flops = min(verdict.replay_flops, capped_flops(audited, cap))
                 out.append(
                     Grant(
@@ -242,16 +241,6 @@ def run_chains(records: Iterable[_Record] | Mapping[str, _Record]) -> dict[str, 
         for run_id, run_records in by_run.items()
         if any(isinstance(record, Block) for record in run_records.values())
     }
-
-
-def banned_peers(records: Iterable[_Record] | Mapping[str, _Record]) -> dict[str, list[str]]:
-    """Per run: the peers a canonical block rejected as proven cheats."""
-    out: dict[str, list[str]] = {}
-    for run_id, chain in run_chains(records).items():
-        cheats = {rej.trainer for link in chain for rej in link.block.rejected if rej.cheat}
-        if cheats:
-            out[run_id] = sorted(cheats)
-    return out
 
 
 @dataclass
