@@ -1,0 +1,136 @@
+"""Audit replay: honest segments replay bit-exactly and pass; each cheat a trainer can run is rejected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpunite.identity import Identity
+from gpunite.manifest import TrainSection
+from gpunite.model import ModelConfig, build_model
+from gpunite.proof.adversary import MODES, RoundWork
+from gpunite.proof.audit import PROVEN, audit_delta, audit_segment, verify_contribution
+from gpunite.proof.trail import (
+    TrailRecorder,
+    batches_for_steps,
+    final_from_bytes,
+    optimizer_hash,
+    segment_from_bytes,
+    trail_steps,
+)
+from gpunite.records import WorkUnit, parse_record
+from gpunite.train.compression import decompress, payload_from_bytes
+from gpunite.train.weights import flatten, trainable_state
+
+MICRO = ModelConfig(64, 32, 1, 2, 2, 64, 32, True)
+SEQ, BATCH, STEPS, K = 8, 2, 4, 2
+CFG = TrainSection(batch_size=BATCH, inner_steps=STEPS, lr=1e-2, warmup_steps=1, compression_chunk=256)
+SHARD = "c" * 64
+CORPUS = torch.randint(0, 64, (64, SEQ + 1), generator=torch.Generator().manual_seed(0))
+BASE = {n: t.clone() for n, t in trainable_state(build_model(MICRO, seed=0)).items()}
+SHAPES = {n: tuple(t.shape) for n, t in BASE.items()}
+NUMEL = sum(t.numel() for t in BASE.values())
+
+
+def load(shard, first, count):
+    assert shard == SHARD
+    return CORPUS[first : first + count]
+
+
+def _work(mode: str, tmp_path, slot: int = 0) -> RoundWork:
+    return RoundWork(
+        run_id="1" * 64, round=0, base=BASE, units=[WorkUnit(shard=SHARD, first=slot * 8, count=8)],
+        model_config=MICRO, train_cfg=CFG, seq_len=SEQ, trail_interval=K, first_step=0, total_steps=20,
+        loader=load, identity=Identity.from_seed(mode.encode()), recorder=TrailRecorder(K, tmp_path / mode),
+        slice_bounds=[(0, NUMEL)], foreign_units=[WorkUnit(shard=SHARD, first=48, count=8)],
+    )
+
+
+def _audit(submission, segment):
+    contribution = parse_record(submission.record)
+    steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
+    batches = batches_for_steps(contribution.work_units, range(steps[segment], steps[segment + 1]), BATCH, load)
+    served = segment_from_bytes(submission.recorder.segment_payload(0, segment), SHAPES)
+    return audit_segment(contribution, served, batches, MICRO, CFG, total_steps=20, expected_first_step=0,
+                         expected_first_optimizer_hash=optimizer_hash({}))
+
+
+@pytest.fixture(scope="module")
+def honest_submission(tmp_path_factory):
+    return MODES["honest"](_work("honest", tmp_path_factory.mktemp("honest")))[0]
+
+
+def test_honest_segments_replay_bit_exactly(honest_submission):
+    for segment in (0, 1):
+        result = _audit(honest_submission, segment)
+        assert result.accept and result.distance == 0.0, result.reason
+        assert result.replay_flops > 0
+
+
+@pytest.mark.parametrize("mode", ["fewer_steps", "skipped_data", "substituted_data", "half_faked",
+                                  "fabricated_trail"])
+def test_cheated_segments_are_rejected_as_proven(mode, tmp_path):
+    submission = MODES[mode](_work(mode, tmp_path))[0]
+    faked = [1] if mode == "half_faked" else [0, 1]  # the half-faker trains its first segment honestly
+    for segment in faked:
+        result = _audit(submission, segment)
+        assert not result.accept and result.cheat and result.reason.startswith(PROVEN), (mode, result)
+        assert result.distance > 0.1
+
+
+def test_delta_must_match_the_trail(honest_submission, tmp_path):
+    names = list(BASE)
+    base = flatten(BASE[n] for n in names)
+    final = final_from_bytes(honest_submission.recorder.final_payload(0), SHAPES)
+    contribution = parse_record(honest_submission.record)
+    delta = decompress(payload_from_bytes(honest_submission.delta_bytes, NUMEL, 256))
+    assert audit_delta(contribution, final, base, delta, names).accept
+    rejected = audit_delta(contribution, final, base, delta * 2, names)
+    assert not rejected.accept and rejected.cheat
+
+    scaled = MODES["scaled_delta"](_work("scaled_delta", tmp_path))[0]
+    scaled_contribution = parse_record(scaled.record)
+    result = verify_contribution(
+        scaled_contribution, [0], lambda i: scaled.recorder.segment_payload(0, i), lambda: scaled.recorder.final_payload(0),
+        BASE, decompress(payload_from_bytes(scaled.delta_bytes, NUMEL, 256)), load, BATCH, MICRO, CFG, total_steps=20)
+    assert not result.accept and result.cheat
+
+    random_sub = MODES["random_delta"](_work("random_delta", tmp_path))[0]
+    result = verify_contribution(
+        parse_record(random_sub.record), [0], lambda i: random_sub.recorder.segment_payload(0, i),
+        lambda: random_sub.recorder.final_payload(0), BASE,
+        decompress(payload_from_bytes(random_sub.delta_bytes, NUMEL, 256)), load, BATCH, MICRO, CFG, total_steps=20)
+    assert not result.accept and not result.cheat  # it cannot serve its trail: rejected, nothing to prove
+
+
+def test_forged_optimizer_state_is_rejected(tmp_path):
+    """Segment 1 starts from a forged AdamW state (huge moments make the update ignore the gradients)."""
+    from gpunite.proof.trail import capture_state
+    from gpunite.train.checkpoint import load_model_state
+    from gpunite.train.trainer import InnerTrainer
+
+    work = _work("forger", tmp_path)
+    model = build_model(MICRO, seed=0)
+    load_model_state(model, BASE)
+    trainer = InnerTrainer(model, CFG, total_steps=20)
+    work.recorder.start_round(0, STEPS)
+    work.recorder.record_state(capture_state(model, trainer))
+    for batch in batches_for_steps(work.units, range(0, 2), BATCH, load):
+        trainer.train_step(batch)
+    state = trainer.optimizer_state_tensors()
+    forged = {n: (t * 1e4 if n.endswith("exp_avg_sq") else t * 1e2 if n.endswith("exp_avg") else t)
+              for n, t in state.items()}
+    trainer.load_optimizer_state_tensors(forged)
+    work.recorder.record_state(capture_state(model, trainer))
+    for batch in batches_for_steps(work.units, range(2, 4), BATCH, load):
+        trainer.train_step(batch)
+    work.recorder.record_state(capture_state(model, trainer))
+    final = capture_state(model, trainer).weights
+    from gpunite.proof.adversary import contribution_for
+
+    names = list(BASE)
+    submission = contribution_for(work, work.identity, work.units, work.recorder.trail,
+                                  flatten(BASE[n] for n in names) - flatten(final[n] for n in names))
+    segment0, segment1 = _audit(submission, 0), _audit(submission, 1)
+    assert not segment0.accept and "optimizer state" in segment0.reason  # the forgery breaks segment 0's end
+    assert not segment1.accept and "second moment" in segment1.reason, segment1.details
