@@ -30,7 +30,7 @@ async def _two_peers():
 def test_two_hivemind_peers_converge_and_compute_the_same_credits(tmp_path, caplog):
     run, peers = small_run(rounds=6)
     other, _ = small_run("other", rounds=3)
-    run.host(peers["hank"], user_name="Hänk 🚀 \"quoted\"", team="Ωmega")
+    run.host(peers["hank"], user_name='Hänk 🚀 "quoted"', team="Ωmega")
     everything = run.records + other.records
     # a shares the first 60 %, plus run "other"; b shares the first 40 % plus the rest of run
     cut_a, cut_b = int(len(run.records) * 0.6), int(len(run.records) * 0.4)
