@@ -12,8 +12,17 @@ import pytest
 from gpunite.sim.calibration import SwarmMeasurement, compare, costs_from
 from gpunite.sim.model import GPUS, LINKS, ProtocolCosts, SimConfig, SimError, parse_mix, simulate
 
-SMALL = SimConfig(peers=200, rounds=12, round_compute_s=300.0, params=50_000_000, session_hours=1.0,
-                  audit_fraction=0.3, cheater_fraction=0.05, group_size=32, link_mix={"home": 0.7, "bad": 0.3})
+SMALL = SimConfig(
+    peers=200,
+    rounds=12,
+    round_compute_s=300.0,
+    params=50_000_000,
+    session_hours=1.0,
+    audit_fraction=0.3,
+    cheater_fraction=0.05,
+    group_size=32,
+    link_mix={"home": 0.7, "bad": 0.3},
+)
 
 
 def _without_wall(result) -> dict:
@@ -30,22 +39,36 @@ def test_bytes_and_work_are_conserved(overlap):
     result = simulate(replace(SMALL, overlap=overlap))
     assert result.bytes_sent_total == pytest.approx(result.bytes_received_total, rel=1e-9)
     assert result.work_assigned_flops == pytest.approx(
-        result.work_merged_flops + result.work_cheat_merged_flops + result.work_lost_flops, rel=1e-9)
+        result.work_merged_flops + result.work_cheat_merged_flops + result.work_lost_flops, rel=1e-9
+    )
     assert result.work_lost_flops > 0  # churn and the bad links cost something
     assert 0 < result.compute_utilization < 1 and 0 < result.availability <= 1
 
 
 def _homogeneous(overlap: bool, n: int = 16) -> tuple[SimConfig, float, float]:
-    config = SimConfig(peers=n, gpu_mix={"a100": 1.0}, link_mix={"home": 1.0}, params=20_000_000, rounds=4,
-                       round_compute_s=100.0, speed_jitter=0.0, audit_fraction=0.0, overlap=overlap)
+    config = SimConfig(
+        peers=n,
+        gpu_mix={"a100": 1.0},
+        link_mix={"home": 1.0},
+        params=20_000_000,
+        rounds=4,
+        round_compute_s=100.0,
+        speed_jitter=0.0,
+        audit_fraction=0.0,
+        overlap=overlap,
+    )
     costs, home = config.costs, LINKS["home"]
     param_bytes = config.params * costs.exchange_bytes_per_param
     up, down = home.up_mbit * 1e6 / 8, home.down_mbit * 1e6 / 8
     # scatter and gather each move (n - 1)/n of the vector through the slower direction of every peer's link
     transfer_s = 2 * param_bytes * (n - 1) / n / min(up, down)
     messages = 4 * n  # send n slices, receive n, serve n, fetch n
-    comm_s = (costs.round_overhead_s + transfer_s + costs.round_overhead_rtts * 2 * home.one_way_ms / 1e3
-              + messages * costs.message_overhead_s)
+    comm_s = (
+        costs.round_overhead_s
+        + transfer_s
+        + costs.round_overhead_rtts * 2 * home.one_way_ms / 1e3
+        + messages * costs.message_overhead_s
+    )
     return config, comm_s, 2 * param_bytes * (n - 1) / n
 
 
@@ -74,8 +97,16 @@ def test_useful_tflops_is_peak_times_mfu_times_utilization():
 
 
 def test_time_to_detect_a_cheater_is_geometric():
-    config = SimConfig(peers=2000, rounds=40, params=1_000_000, round_compute_s=60.0, cheater_fraction=0.1,
-                       audit_fraction=0.25, detect_probability=1.0, link_mix={"datacenter": 1.0})
+    config = SimConfig(
+        peers=2000,
+        rounds=40,
+        params=1_000_000,
+        round_compute_s=60.0,
+        cheater_fraction=0.1,
+        audit_fraction=0.25,
+        detect_probability=1.0,
+        link_mix={"datacenter": 1.0},
+    )
     result = simulate(config)
     assert result.cheaters_caught >= 0.95 * result.cheaters > 100
     assert result.detect_rounds_expected == pytest.approx(4.0)
@@ -84,8 +115,15 @@ def test_time_to_detect_a_cheater_is_geometric():
 
 
 def test_adaptive_links_keep_one_slow_peer_from_stalling_the_round():
-    config = SimConfig(peers=8, link_mix={"bad": 1.0}, params=20_000_000, rounds=5, round_compute_s=100.0,
-                       audit_fraction=0.0, overlap=False)
+    config = SimConfig(
+        peers=8,
+        link_mix={"bad": 1.0},
+        params=20_000_000,
+        rounds=5,
+        round_compute_s=100.0,
+        audit_fraction=0.0,
+        overlap=False,
+    )
     adaptive, blocking = simulate(config), simulate(replace(config, adaptive=False))
     assert blocking.mean_round_s > 2 * adaptive.mean_round_s
     assert adaptive.mean_contributors == 7  # the 1 Mbit peer skips
@@ -93,8 +131,16 @@ def test_adaptive_links_keep_one_slow_peer_from_stalling_the_round():
 
 
 def test_churn_with_few_peers_stalls_and_no_churn_does_not():
-    config = SimConfig(peers=3, params=1_000_000, rounds=30, round_compute_s=600.0, session_hours=0.5,
-                       offline_hours=2.0, link_mix={"datacenter": 1.0}, audit_fraction=0.0)
+    config = SimConfig(
+        peers=3,
+        params=1_000_000,
+        rounds=30,
+        round_compute_s=600.0,
+        session_hours=0.5,
+        offline_hours=2.0,
+        link_mix={"datacenter": 1.0},
+        audit_fraction=0.0,
+    )
     churned = simulate(config)
     assert churned.stalled_seconds > 0 and churned.availability < 0.9
     steady = simulate(replace(config, session_hours=None))
@@ -102,20 +148,41 @@ def test_churn_with_few_peers_stalls_and_no_churn_does_not():
 
 
 def test_hundred_thousand_peers_completes():
-    result = simulate(SimConfig(peers=100_000, rounds=3, session_hours=4.0, group_size=256, cheater_fraction=0.01))
+    result = simulate(
+        SimConfig(peers=100_000, rounds=3, session_hours=4.0, group_size=256, cheater_fraction=0.01)
+    )
     assert result.rounds_attempted == 3 and result.mean_contributors > 10_000
 
 
 def test_calibration_recovers_the_costs_it_was_measured_with():
     truth = ProtocolCosts(exchange_bytes_per_param=1.5, round_overhead_s=2.0, round_overhead_rtts=0.0)
-    config = SimConfig(peers=4, gpu_mix={"cpu": 1.0}, link_mix={"datacenter": 1.0}, params=3_000_000, rounds=5,
-                       round_compute_s=10.0, speed_jitter=0.0, deadline_slack=10.0, overlap=False, adaptive=False,
-                       audit_fraction=0.0, costs=truth)
+    config = SimConfig(
+        peers=4,
+        gpu_mix={"cpu": 1.0},
+        link_mix={"datacenter": 1.0},
+        params=3_000_000,
+        rounds=5,
+        round_compute_s=10.0,
+        speed_jitter=0.0,
+        deadline_slack=10.0,
+        overlap=False,
+        adaptive=False,
+        audit_fraction=0.0,
+        costs=truth,
+    )
     run = simulate(config)
     measured = SwarmMeasurement(
-        testbed="loopback", peers=4, rounds=5, params=3_000_000, round_s=run.mean_round_s, compute_s=10.0,
-        compute_spread=0.0, bytes_sent_per_peer_round=run.bytes_sent_per_peer_round,
-        bytes_received_per_peer_round=run.bytes_received_per_peer_round)
+        testbed="loopback",
+        peers=4,
+        rounds=5,
+        params=3_000_000,
+        round_s=run.mean_round_s,
+        compute_s=10.0,
+        compute_spread=0.0,
+        bytes_sent_per_peer_round=run.bytes_sent_per_peer_round,
+        bytes_received_per_peer_round=run.bytes_received_per_peer_round,
+        audit_bytes_per_param=12.0,
+    )
     costs = costs_from(measured)
     assert costs.exchange_bytes_per_param == pytest.approx(1.5, rel=1e-6)
     assert costs.round_overhead_s == pytest.approx(2.0, rel=1e-3)
@@ -134,12 +201,37 @@ def test_bad_settings_are_one_line_errors():
 
 
 def test_cli_prints_json_and_one_line_errors():
-    ok = subprocess.run([sys.executable, "-m", "gpunite", "sim", "--peers", "50", "--rounds", "3", "--churn", "2",
-                         "--gpu-mix", "rtx3090:0.5,rtx4090:0.3,a100:0.2", "--link", "home", "--json"],
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpunite",
+            "sim",
+            "--peers",
+            "50",
+            "--rounds",
+            "3",
+            "--churn",
+            "2",
+            "--gpu-mix",
+            "rtx3090:0.5,rtx4090:0.3,a100:0.2",
+            "--link",
+            "home",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)
     assert result["peers"] == 50 and result["rounds_attempted"] == 3 and result["useful_tflops"] > 0
-    bad = subprocess.run([sys.executable, "-m", "gpunite", "sim", "--gpu-mix", "abacus:1"], capture_output=True,
-                         text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gpunite", "sim", "--gpu-mix", "abacus:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert bad.returncode == 2 and "unknown GPU 'abacus'" in bad.stderr and "Traceback" not in bad.stderr

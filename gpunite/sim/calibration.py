@@ -57,6 +57,7 @@ class SwarmMeasurement:
     compute_spread: float  # standard deviation of log(compute per round) across peers
     bytes_sent_per_peer_round: float
     bytes_received_per_peer_round: float
+    audit_bytes_per_param: float  # size of a real trail segment (gpunite.proof.trail) per parameter
 
     @property
     def utilization(self) -> float:
@@ -77,8 +78,10 @@ def load_measurement(path: Path) -> SwarmMeasurement:
         data = json.loads(Path(path).read_text())
         return SwarmMeasurement(**{f.name: data[f.name] for f in fields(SwarmMeasurement)})
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CalibrationError(f"cannot read calibration file {path}: {exc}; create one with "
-                               "`gpunite netbed run --profile loopback --save FILE`") from None
+        raise CalibrationError(
+            f"cannot read calibration file {path}: {exc}; create one with "
+            "`gpunite netbed run --profile loopback --save FILE`"
+        ) from None
 
 
 def load_costs(path: Path) -> ProtocolCosts:
@@ -87,15 +90,17 @@ def load_costs(path: Path) -> ProtocolCosts:
 
 
 def costs_from(measured: SwarmMeasurement, base: ProtocolCosts | None = None) -> ProtocolCosts:
-    """Protocol costs from a loopback run: wire bytes per parameter, and per-round time that is neither compute
-    nor transfer (loopback moves bytes about as fast as memory, so what is left is the protocol's overhead)."""
+    """Protocol costs from a loopback run: wire bytes per parameter, and per-round time that is neither
+    compute nor transfer (loopback moves bytes about as fast as memory: what is left is protocol overhead)."""
     base = base or ProtocolCosts()
     n = measured.peers
     # each peer sends (n - 1)/n of its pseudo-gradient and serves its merged slice to n - 1 peers: 2 (n - 1)/n
     wire_factor = 2.0 * (n - 1) / n
     bytes_per_param = measured.bytes_sent_per_peer_round / (wire_factor * measured.params)
-    probe = simulate(_config_for(measured, replace(base, exchange_bytes_per_param=bytes_per_param,
-                                                   round_overhead_s=0.0)))
+    base = replace(base, audit_bytes_per_param=measured.audit_bytes_per_param)
+    probe = simulate(
+        _config_for(measured, replace(base, exchange_bytes_per_param=bytes_per_param, round_overhead_s=0.0))
+    )
     overhead_s = max(measured.round_s - probe.mean_round_s, 0.0)
     return replace(base, exchange_bytes_per_param=bytes_per_param, round_overhead_s=overhead_s)
 
@@ -108,9 +113,20 @@ def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
     if measured.testbed == "loopback":
         costs = replace(costs, round_overhead_rtts=0.0)
     return SimConfig(
-        peers=measured.peers, gpu_mix={"cpu": 1.0}, link_mix=link_mix, params=measured.params,
-        rounds=max(measured.rounds, 5), round_compute_s=measured.compute_s, speed_jitter=measured.compute_spread,
-        deadline_slack=10.0, overlap=False, adaptive=False, audit_fraction=0.0, seed=0, costs=costs)
+        peers=measured.peers,
+        gpu_mix={"cpu": 1.0},
+        link_mix=link_mix,
+        params=measured.params,
+        rounds=max(measured.rounds, 5),
+        round_compute_s=measured.compute_s,
+        speed_jitter=measured.compute_spread,
+        deadline_slack=10.0,
+        overlap=False,
+        adaptive=False,
+        audit_fraction=0.0,
+        seed=0,
+        costs=costs,
+    )
 
 
 def compare(measured: SwarmMeasurement, costs: ProtocolCosts | None = None) -> dict:
@@ -121,18 +137,42 @@ def compare(measured: SwarmMeasurement, costs: ProtocolCosts | None = None) -> d
     for figure, real, model in (
         ("round_s", measured.round_s, simulated.mean_round_s),
         ("compute_utilization", measured.utilization, simulated.compute_utilization),
-        ("bytes_sent_per_peer_round", measured.bytes_sent_per_peer_round, simulated.bytes_sent_per_peer_round),
-        ("bytes_received_per_peer_round", measured.bytes_received_per_peer_round,
-         simulated.bytes_received_per_peer_round),
+        (
+            "bytes_sent_per_peer_round",
+            measured.bytes_sent_per_peer_round,
+            simulated.bytes_sent_per_peer_round,
+        ),
+        (
+            "bytes_received_per_peer_round",
+            measured.bytes_received_per_peer_round,
+            simulated.bytes_received_per_peer_round,
+        ),
     ):
-        rows.append({"figure": figure, "measured": real, "simulated": model,
-                     "relative_error": (model - real) / real if real else math.inf})
-    return {"testbed": measured.testbed, "peers": measured.peers, "rows": rows,
-            "max_abs_error": max(abs(r["relative_error"]) for r in rows), "costs": asdict(costs)}
+        rows.append(
+            {
+                "figure": figure,
+                "measured": real,
+                "simulated": model,
+                "relative_error": (model - real) / real if real else math.inf,
+            }
+        )
+    return {
+        "testbed": measured.testbed,
+        "peers": measured.peers,
+        "rows": rows,
+        "max_abs_error": max(abs(r["relative_error"]) for r in rows),
+        "costs": asdict(costs),
+    }
 
 
-def measure_swarm(peers: int, profile: str | None, rounds: int = 3, workdir: Path | None = None,
-                  inner_steps: int = 4, timeout_s: float = 900.0) -> SwarmMeasurement:
+def measure_swarm(
+    peers: int,
+    profile: str | None,
+    rounds: int = 3,
+    workdir: Path | None = None,
+    inner_steps: int = 4,
+    timeout_s: float = 900.0,
+) -> SwarmMeasurement:
     """Run a real swarm of `peers` peers (tiny model) on loopback (`profile` None) or the WAN test bed."""
     from gpunite.manifest import load_manifest
     from gpunite.model import config_from_manifest, param_count
@@ -156,24 +196,57 @@ def measure_swarm(peers: int, profile: str | None, rounds: int = 3, workdir: Pat
             bed.down()
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)
-    return _figures(snapshots, "loopback" if profile is None else f"netbed:{profile}", peers, params)
+    return _figures(
+        snapshots,
+        "loopback" if profile is None else f"netbed:{profile}",
+        peers,
+        params,
+        measure_audit_bytes_per_param(),
+    )
+
+
+def measure_audit_bytes_per_param(preset: str = "tiny") -> float:
+    """Serialize a real audit segment (the full training state at two trail entries) after one real AdamW
+    step of the preset, and divide its size by the parameter count."""
+    import torch
+
+    from gpunite.manifest import TrainSection
+    from gpunite.model import PRESETS, build_model, param_count
+    from gpunite.proof.trail import Segment, capture_state, segment_to_bytes
+    from gpunite.train.trainer import InnerTrainer
+
+    config = PRESETS[preset]
+    model = build_model(config, seed=0)
+    trainer = InnerTrainer(model, TrainSection(), device="cpu")
+    tokens = torch.randint(0, config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    trainer.train_step(tokens)
+    start = capture_state(model, trainer)
+    trainer.train_step(tokens)
+    end = capture_state(model, trainer)
+    segment = Segment(index=0, start=start, end=end, first_optimizer_hash=start.optimizer_hash, first_step=1)
+    return len(segment_to_bytes(segment)) / param_count(config)
 
 
 def _run_peers(root: Path, manifest: Path, peers: int, rounds: int, bed, timeout_s: float) -> list[dict]:
     """Start the peers, poll their status files until they stop; returns each peer's status at each merge."""
     gpunite = [sys.executable, "-m", "gpunite"]
-    common = ["--rounds", str(rounds), "--threads", "1", "--speed", "1", "--heartbeat", "1", "--log-level", "WARNING"]
+    common = [
+        "--rounds",
+        str(rounds),
+        *["--threads", "1", "--speed", "1", "--heartbeat", "1", "--log-level", "WARNING"],
+    ]
 
     def launch(index: int, argv: list[str]) -> subprocess.Popen:
         host = bed.peers[index].address if bed is not None else "127.0.0.1"
-        argv = [*argv, "--home", str(root / f"peer{index}"), "--host", host, "--status",
-                str(root / f"status{index}.json"), *common]
-        log = open(root / f"peer{index}.log", "w")
-        if bed is not None:
-            return bed.popen(index, argv, stdout=log, stderr=subprocess.STDOUT)
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        home, status = root / f"peer{index}", root / f"status{index}.json"
+        argv = [*argv, "--home", str(home), "--host", host, "--status", str(status), *common]
+        with open(root / f"peer{index}.log", "w") as log:  # the child keeps its own copy of the handle
+            if bed is not None:
+                return bed.popen(index, argv, stdout=log, stderr=subprocess.STDOUT)
+            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
-    processes = [launch(0, [*gpunite, "run", "start", str(manifest), "--wait-peers", str(peers)])]
+    first = [*gpunite, "run", "start", str(manifest), "--wait-peers", str(peers), "--wait-s", str(timeout_s)]
+    processes = [launch(0, first)]
     deadline = time.time() + timeout_s
     snapshots: dict[tuple[int, int], dict] = {}
     try:
@@ -188,19 +261,23 @@ def _run_peers(root: Path, manifest: Path, peers: int, rounds: int, bed, timeout
             processes.append(launch(index, [*gpunite, "join", maddr]))
         while any(p.poll() is None for p in processes):
             if time.time() > deadline:
-                raise CalibrationError(f"the swarm did not finish {rounds} rounds in {timeout_s:.0f} s; see {root}")
+                raise CalibrationError(
+                    f"the swarm did not finish {rounds} rounds in {timeout_s:.0f} s; see {root}"
+                )
             for index in range(peers):
+                # the first status seen after each merge (a peer writes "merged", then soon "training")
                 status = _read_status(root / f"status{index}.json")
-                if status and status.get("phase") in ("merged", "stopped"):
+                if status:
                     snapshots.setdefault((index, status["rounds_done"]), {**status, "peer": index})
             time.sleep(0.1)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.terminate()
+        stop_by = time.time() + 20.0
         for process in processes:
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=max(stop_by - time.time(), 0.1))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -217,25 +294,45 @@ def _read_status(path: Path) -> dict | None:
         return None
 
 
-def _figures(snapshots: list[dict], testbed: str, peers: int, params: int) -> SwarmMeasurement:
+def _figures(
+    snapshots: list[dict], testbed: str, peers: int, params: int, audit_bytes_per_param: float
+) -> SwarmMeasurement:
     """Per-round figures between each peer's first and last merge (the join download is before the first)."""
     import numpy as np
 
     per_peer = []
     for index in range(peers):
-        mine = sorted((s for s in snapshots if s["peer"] == index and s["rounds_done"] >= 1),
-                      key=lambda s: s["rounds_done"])
+        mine = sorted(
+            (s for s in snapshots if s["peer"] == index and s["rounds_done"] >= 1),
+            key=lambda s: s["rounds_done"],
+        )
         if len(mine) < 2:
             continue
         first, last = mine[0], mine[-1]
         done = last["rounds_done"] - first["rounds_done"]
-        per_peer.append((done, (last["time"] - first["time"]) / done, (last["compute_s"] - first["compute_s"]) / done,
-                         (last["bytes_sent"] - first["bytes_sent"]) / done,
-                         (last["bytes_received"] - first["bytes_received"]) / done))
+        per_peer.append(
+            (
+                done,
+                (last["time"] - first["time"]) / done,
+                (last["compute_s"] - first["compute_s"]) / done,
+                (last["bytes_sent"] - first["bytes_sent"]) / done,
+                (last["bytes_received"] - first["bytes_received"]) / done,
+            )
+        )
     if len(per_peer) < max(2, peers // 2):
-        raise CalibrationError(f"only {len(per_peer)} of {peers} peers finished two merged rounds; run more rounds")
+        raise CalibrationError(
+            f"only {len(per_peer)} of {peers} peers finished two merged rounds; run more rounds"
+        )
     rows = np.array(per_peer)
     return SwarmMeasurement(
-        testbed=testbed, peers=peers, rounds=int(rows[:, 0].min()), params=params, round_s=float(rows[:, 1].mean()),
-        compute_s=float(rows[:, 2].mean()), compute_spread=float(np.std(np.log(rows[:, 2]))),
-        bytes_sent_per_peer_round=float(rows[:, 3].mean()), bytes_received_per_peer_round=float(rows[:, 4].mean()))
+        testbed=testbed,
+        peers=peers,
+        rounds=int(rows[:, 0].min()),
+        params=params,
+        round_s=float(rows[:, 1].mean()),
+        compute_s=float(rows[:, 2].mean()),
+        compute_spread=float(np.std(np.log(rows[:, 2]))),
+        bytes_sent_per_peer_round=float(rows[:, 3].mean()),
+        bytes_received_per_peer_round=float(rows[:, 4].mean()),
+        audit_bytes_per_param=audit_bytes_per_param,
+    )

@@ -28,7 +28,7 @@ replay cost, failover wait) come in a `ProtocolCosts`, measured by `gpunite.sim.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -42,12 +42,14 @@ class SimError(GpuniteError, ValueError):
 @dataclass(frozen=True)
 class GpuSpec:
     name: str
-    peak_tflops: float  # dense FP16/BF16 tensor-core TFLOPS with FP32 accumulate (what mixed-precision training uses)
+    peak_tflops: (
+        float  # dense FP16/BF16 tensor-core TFLOPS with FP32 accumulate (what mixed-precision training uses)
+    )
     source: str
 
 
-# Peak dense (non-sparse) figures from the vendors' spec sheets and architecture whitepapers. GeForce cards run
-# FP16 with FP32 accumulate at half their FP16-accumulate rate, which is the figure training gets.
+# Peak dense (non-sparse) figures from the vendors' spec sheets and architecture whitepapers. GeForce cards
+# run FP16 with FP32 accumulate at half their FP16-accumulate rate, which is the figure training gets.
 GPUS: dict[str, GpuSpec] = {
     spec.name: spec
     for spec in (
@@ -57,7 +59,9 @@ GPUS: dict[str, GpuSpec] = {
         GpuSpec("t4", 65.0, "NVIDIA T4 datasheet: mixed precision FP16/FP32"),
         GpuSpec("a100", 312.0, "NVIDIA A100 datasheet: BF16 tensor core, dense"),
         GpuSpec("h100", 989.0, "NVIDIA H100 SXM datasheet: BF16 tensor core, dense"),
-        GpuSpec("cpu", 1.0, "assumption: a desktop CPU with AVX2/AVX-512 reaches about 1 TFLOPS in fp32 matmul"),
+        GpuSpec(
+            "cpu", 1.0, "assumption: a desktop CPU with AVX2/AVX-512 reaches about 1 TFLOPS in fp32 matmul"
+        ),
     )
 }
 
@@ -70,7 +74,9 @@ class LinkProfile:
     down_mbit: float
     up_mbit: float
     one_way_ms: float
-    slow_mbit: float | None = None  # every `slow_every`-th peer (index % slow_every == slow_every - 1) has this
+    slow_mbit: float | None = (
+        None  # every `slow_every`-th peer (index % slow_every == slow_every - 1) has this
+    )
     slow_every: int = 8
 
     def for_peer(self, index: int) -> tuple[float, float, float]:
@@ -97,7 +103,9 @@ class ProtocolCosts:
     audit_bytes_per_param: float = 12.0  # a trail segment: fp32 weights + AdamW m and v
     audit_compute_scale: float = 1.0  # replay time per step / training time per step
     round_overhead_s: float = 1.0  # fixed per-round time: signing, hashing, DHT records, outer step
-    round_overhead_rtts: float = 6.0  # sequential request rounds per round (commit, close, slices, aggregates)
+    round_overhead_rtts: float = (
+        6.0  # sequential request rounds per round (commit, close, slices, aggregates)
+    )
     message_overhead_s: float = 2e-4  # CPU time per request sent or served (stream set-up, framing)
     failover_s: float = 10.0  # time to notice a vanished slice owner or coordinator and take over
     compute_scale: float = 1.0  # measured compute time / ideal (FLOPs / (peak x mfu)) time
@@ -112,7 +120,9 @@ class SimConfig:
     params: int | None = None  # overrides the preset's parameter count (calibration against a tiny model)
     mfu: float = 0.4  # model FLOPs utilization of a training step on a GPU (assumption, typical 0.3-0.5)
     rounds: int = 30
-    round_compute_s: float = 600.0  # nominal wall time of a round's inner steps on every peer (speed-weighted work)
+    round_compute_s: float = (
+        600.0  # nominal wall time of a round's inner steps on every peer (speed-weighted work)
+    )
     inner_steps: int = 500  # H
     trail_interval: int = 10  # k: an audit replays k of the H steps
     deadline_slack: float = 0.25
@@ -246,7 +256,7 @@ def _build_peers(cfg: SimConfig, rng: np.random.Generator) -> _Peers:
     peak = np.empty(n)
     start = 0
     for name, count in _apportion(cfg.gpu_mix, n):
-        peak[start:start + count] = GPUS[name].peak_tflops * 1e12
+        peak[start : start + count] = GPUS[name].peak_tflops * 1e12
         start += count
     rng.shuffle(peak)
     down, up, one_way = np.empty(n), np.empty(n), np.empty(n)
@@ -255,7 +265,7 @@ def _build_peers(cfg: SimConfig, rng: np.random.Generator) -> _Peers:
         profile = LINKS[name]
         figures = np.array([profile.for_peer(i) for i in range(min(count, profile.slow_every))])
         reps = figures[np.arange(count) % len(figures)] if count else figures[:0]
-        down[start:start + count], up[start:start + count], one_way[start:start + count] = reps.T
+        down[start : start + count], up[start : start + count], one_way[start : start + count] = reps.T
         start += count
     order = rng.permutation(n)
     down, up, one_way = down[order], up[order], one_way[order]
@@ -266,13 +276,26 @@ def _build_peers(cfg: SimConfig, rng: np.random.Generator) -> _Peers:
     else:
         on_mean, off_mean = _churn_means(cfg)
         online = rng.random(n) < on_mean / (on_mean + off_mean)
-        next_toggle = np.where(online, _weibull(rng, on_mean, cfg.session_shape, n),
-                               _weibull(rng, off_mean, cfg.session_shape, n))
+        next_toggle = np.where(
+            online,
+            _weibull(rng, on_mean, cfg.session_shape, n),
+            _weibull(rng, off_mean, cfg.session_shape, n),
+        )
     return _Peers(
-        peak_flops=peak, train_flops=peak * cfg.mfu / cfg.costs.compute_scale, up_Bps=up * 1e6 / 8,
-        down_Bps=down * 1e6 / 8, one_way_s=one_way / 1e3, cheater=cheater, online=online,
-        next_toggle=next_toggle, online_since=np.zeros(n), ready_at=np.zeros(n), lag_s=np.zeros(n),
-        banned=np.zeros(n, dtype=bool), first_cheat_round=np.full(n, -1))
+        peak_flops=peak,
+        train_flops=peak * cfg.mfu / cfg.costs.compute_scale,
+        up_Bps=up * 1e6 / 8,
+        down_Bps=down * 1e6 / 8,
+        one_way_s=one_way / 1e3,
+        cheater=cheater,
+        online=online,
+        next_toggle=next_toggle,
+        online_since=np.zeros(n),
+        ready_at=np.zeros(n),
+        lag_s=np.zeros(n),
+        banned=np.zeros(n, dtype=bool),
+        first_cheat_round=np.full(n, -1),
+    )
 
 
 def _churn_means(cfg: SimConfig) -> tuple[float, float]:
@@ -294,9 +317,17 @@ class _Exchange:
     ready_s: np.ndarray  # per roster peer: seconds after the close at which it holds the merged update
 
 
-def exchange_round(param_bytes: float, contributor: np.ndarray, owner: np.ndarray, up_Bps: np.ndarray,
-                   down_Bps: np.ndarray, group: np.ndarray, costs: ProtocolCosts, rtt_s: float,
-                   adaptive: bool) -> _Exchange:
+def exchange_round(
+    param_bytes: float,
+    contributor: np.ndarray,
+    owner: np.ndarray,
+    up_Bps: np.ndarray,
+    down_Bps: np.ndarray,
+    group: np.ndarray,
+    costs: ProtocolCosts,
+    rtt_s: float,
+    adaptive: bool,
+) -> _Exchange:
     """Bytes and time of one round's sharded aggregation over the roster (arrays over roster peers).
 
     Inside each group, owner j holds a share f_j of the parameter vector: it receives f_j of every
@@ -329,13 +360,18 @@ def exchange_round(param_bytes: float, contributor: np.ndarray, owner: np.ndarra
     if n_groups > 1:
         messages = messages + np.where(owner, 2 * (n_groups - 1), 0)
     cpu_s = messages * costs.message_overhead_s
-    scatter_s = float(np.max(np.maximum(scatter_sent / up_Bps, scatter_received / down_Bps) + cpu_s, initial=0.0))
+    scatter_s = float(
+        np.max(np.maximum(scatter_sent / up_Bps, scatter_received / down_Bps) + cpu_s, initial=0.0)
+    )
     serve_s = float(np.max(gather_sent / up_Bps, initial=0.0))
     merged_at = scatter_s + cross_s + costs.round_overhead_rtts * rtt_s
     ready_s = merged_at + np.maximum(gather_received / down_Bps, serve_s)
     return _Exchange(
-        seconds=merged_at + serve_s, sent=scatter_sent + gather_sent + cross_sent,
-        received=scatter_received + gather_received + cross_received, ready_s=ready_s)
+        seconds=merged_at + serve_s,
+        sent=scatter_sent + gather_sent + cross_sent,
+        received=scatter_received + gather_received + cross_received,
+        ready_s=ready_s,
+    )
 
 
 class _Run:
@@ -358,8 +394,24 @@ class _Run:
         self.rounds_completed = 0
         self.detect_rounds: list[np.ndarray] = []
         self.totals = dict.fromkeys(
-            ("assigned", "merged", "lost", "cheat", "capacity", "progress_s", "stalled_s", "sent", "received",
-             "peer_rounds", "contributors", "online", "peak", "audits"), 0.0)
+            (
+                "assigned",
+                "merged",
+                "lost",
+                "cheat",
+                "capacity",
+                "progress_s",
+                "stalled_s",
+                "sent",
+                "received",
+                "peer_rounds",
+                "contributors",
+                "online",
+                "peak",
+                "audits",
+            ),
+            0.0,
+        )
 
     def advance(self, until: float) -> None:
         """Apply every session start and end up to `until` and count the online peers' capacity till then."""
@@ -371,8 +423,12 @@ class _Run:
                 break
             leaving = due[peers.online[due]]
             coming = due[~peers.online[due]]
-            totals["capacity"] += float(np.sum(peers.train_flops[leaving]
-                                               * (peers.next_toggle[leaving] - peers.online_since[leaving])))
+            counted = leaving[~peers.banned[leaving]]  # a banned cheater's compute is no capacity of the run
+            totals["capacity"] += float(
+                np.sum(
+                    peers.train_flops[counted] * (peers.next_toggle[counted] - peers.online_since[counted])
+                )
+            )
             peers.online[due] = ~peers.online[due]
             peers.online_since[coming] = peers.next_toggle[coming]
             # a (re)joining peer downloads the global state from a peer that has it before it can train
@@ -380,11 +436,17 @@ class _Run:
             peers.lag_s[coming] = 0.0
             totals["received"] += self.state_bytes * coming.size
             totals["sent"] += self.state_bytes * coming.size
-            durations = np.where(peers.online[due], _weibull(self.rng, on_mean, self.cfg.session_shape, due.size),
-                                 _weibull(self.rng, off_mean, self.cfg.session_shape, due.size))
+            durations = np.where(
+                peers.online[due],
+                _weibull(self.rng, on_mean, self.cfg.session_shape, due.size),
+                _weibull(self.rng, off_mean, self.cfg.session_shape, due.size),
+            )
             peers.next_toggle[due] += durations
         online = peers.online
-        totals["capacity"] += float(np.sum(peers.train_flops[online] * (until - peers.online_since[online])))
+        counted = online & ~peers.banned
+        totals["capacity"] += float(
+            np.sum(peers.train_flops[counted] * (until - peers.online_since[counted]))
+        )
         peers.online_since[online] = until
         self.t = until
 
@@ -410,8 +472,12 @@ class _Run:
         cheater = peers.cheater[roster]
         jitter = rng.lognormal(0.0, cfg.speed_jitter, n) if cfg.speed_jitter > 0 else np.ones(n)
         finish_s = peers.lag_s[roster] + cfg.round_compute_s * jitter
-        work = train_flops * cfg.round_compute_s  # speed-weighted shares: nominally the same time for everyone
-        leave_s = peers.next_toggle[roster] - self.t  # an online peer's next toggle is its departure (inf: never)
+        work = (
+            train_flops * cfg.round_compute_s
+        )  # speed-weighted shares: nominally the same time for everyone
+        leave_s = (
+            peers.next_toggle[roster] - self.t
+        )  # an online peer's next toggle is its departure (inf: never)
         # the round closes once every live roster peer has committed, or at the deadline
         close_s = min(self.deadline_s, float(np.max(np.minimum(finish_s, leave_s))))
         # a contributor must still be there after the close: owners pull its slices then
@@ -423,7 +489,9 @@ class _Run:
         committed = (finish_s <= close_s) & owner
         group = rng.permutation(n) // cfg.group_size if cfg.group_size > 0 else np.zeros(n, dtype=np.int64)
         rtt_s = 2.0 * float(np.median(peers.one_way_s[roster]))
-        exchange = exchange_round(self.param_bytes, committed, owner, up, down, group, costs, rtt_s, cfg.adaptive)
+        exchange = exchange_round(
+            self.param_bytes, committed, owner, up, down, group, costs, rtt_s, cfg.adaptive
+        )
 
         # audits: a random roster peer fetches a trail segment and replays k of the contribution's H steps
         committed_idx = np.flatnonzero(committed)
@@ -433,7 +501,9 @@ class _Run:
         if audited.size:
             # verifiers come from hashes, so the audits of a round spread evenly over the roster
             verifier = rng.permutation(n)[np.arange(audited.size) % n]
-            replay_s = self.audit_ratio * work[audited] / train_flops[verifier] + self.audit_bytes / down[verifier]
+            replay_s = (
+                self.audit_ratio * work[audited] / train_flops[verifier] + self.audit_bytes / down[verifier]
+            )
             audit_s = float(np.max(np.bincount(verifier, weights=replay_s, minlength=n)))
             audit_sent = audit_received = self.audit_bytes * audited.size
         caught = audited[cheater[audited] & (rng.random(audited.size) < cfg.detect_probability)]
@@ -481,25 +551,40 @@ class _Run:
         sim_s = self.t
         n_rounds = max(self.rounds_attempted, 1)
         detect = np.concatenate(self.detect_rounds) if self.detect_rounds else np.zeros(0)
-        expected = (1.0 / (cfg.audit_fraction * cfg.detect_probability)
-                    if cfg.audit_fraction > 0 and cfg.detect_probability > 0 else None)
+        expected = (
+            1.0 / (cfg.audit_fraction * cfg.detect_probability)
+            if cfg.audit_fraction > 0 and cfg.detect_probability > 0
+            else None
+        )
         return SimResult(
-            peers=cfg.peers, rounds_attempted=self.rounds_attempted, rounds_completed=self.rounds_completed,
-            sim_seconds=sim_s, useful_tflops=totals["merged"] / sim_s / 1e12 if sim_s > 0 else 0.0,
+            peers=cfg.peers,
+            rounds_attempted=self.rounds_attempted,
+            rounds_completed=self.rounds_completed,
+            sim_seconds=sim_s,
+            useful_tflops=totals["merged"] / sim_s / 1e12 if sim_s > 0 else 0.0,
             online_peak_tflops=totals["peak"] / n_rounds / 1e12,
             compute_utilization=totals["merged"] / totals["capacity"] if totals["capacity"] > 0 else 0.0,
             availability=totals["progress_s"] / sim_s if sim_s > 0 else 0.0,
             rounds_completed_ratio=self.rounds_completed / n_rounds,
             mean_round_s=(sim_s - totals["stalled_s"]) / n_rounds,
-            mean_online_peers=totals["online"] / n_rounds, mean_contributors=totals["contributors"] / n_rounds,
+            mean_online_peers=totals["online"] / n_rounds,
+            mean_contributors=totals["contributors"] / n_rounds,
             bytes_sent_per_peer_round=totals["sent"] / max(totals["peer_rounds"], 1.0),
             bytes_received_per_peer_round=totals["received"] / max(totals["peer_rounds"], 1.0),
-            work_assigned_flops=totals["assigned"], work_merged_flops=totals["merged"],
-            work_lost_flops=totals["lost"], work_cheat_merged_flops=totals["cheat"],
-            bytes_sent_total=totals["sent"], bytes_received_total=totals["received"], audits=int(totals["audits"]),
-            cheaters=int(self.peers.cheater.sum()), cheaters_caught=int(detect.size),
-            detect_rounds_mean=float(detect.mean()) if detect.size else None, detect_rounds_expected=expected,
-            stalled_seconds=totals["stalled_s"], wall_seconds=wall_s)
+            work_assigned_flops=totals["assigned"],
+            work_merged_flops=totals["merged"],
+            work_lost_flops=totals["lost"],
+            work_cheat_merged_flops=totals["cheat"],
+            bytes_sent_total=totals["sent"],
+            bytes_received_total=totals["received"],
+            audits=int(totals["audits"]),
+            cheaters=int(self.peers.cheater.sum()),
+            cheaters_caught=int(detect.size),
+            detect_rounds_mean=float(detect.mean()) if detect.size else None,
+            detect_rounds_expected=expected,
+            stalled_seconds=totals["stalled_s"],
+            wall_seconds=wall_s,
+        )
 
 
 def simulate(cfg: SimConfig) -> SimResult:

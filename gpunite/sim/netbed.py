@@ -29,6 +29,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType, TracebackType
+from typing import Self
 
 from gpunite.errors import GpuniteError
 from gpunite.sim.model import LINKS, LinkProfile
@@ -58,21 +59,26 @@ class PeerLink:
 def check_requirements() -> None:
     """Raise a NetbedError that says what to do when this machine cannot host the test bed."""
     if os.geteuid() != 0:
-        raise NetbedError("the network test bed needs root (it creates network namespaces): run it as root or "
-                          "with sudo")
+        raise NetbedError(
+            "the network test bed needs root (it creates network namespaces): run it as root or with sudo"
+        )
     missing = [tool for tool in ("ip", "tc", "nft") if shutil.which(tool) is None]
     if missing:
-        raise NetbedError(f"missing {', '.join(missing)}: install them with `apt-get install -y iproute2 nftables`")
+        raise NetbedError(
+            f"missing {', '.join(missing)}: install them with `apt-get install -y iproute2 nftables`"
+        )
     probe = f"{PREFIX}probe{os.getpid()}"
-    result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise NetbedError(f"cannot create network namespaces here ({result.stderr.strip()}); the test bed needs "
-                          "a kernel and container that allow `ip netns add`")
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        raise NetbedError(
+            f"cannot create network namespaces here ({result.stderr.strip()}); the test bed needs "
+            "a kernel and container that allow `ip netns add`"
+        )
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
 
 
 def _run(argv: Sequence[str]) -> None:
-    result = subprocess.run(list(argv), capture_output=True, text=True)
+    result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise NetbedError(f"`{' '.join(argv)}` failed: {result.stderr.strip() or result.stdout.strip()}")
 
@@ -82,12 +88,29 @@ def _tbf(namespace: str, device: str, mbit: float) -> list[str]:
     # the bucket must hold at least one timer tick of traffic; the queue holds about 20 ms of it
     burst = max(32 * 1024, int(rate_bytes / 250))
     limit = max(64 * 1024, int(rate_bytes * 0.02)) + burst
-    return ["ip", "netns", "exec", namespace, "tc", "qdisc", "replace", "dev", device, "root", "tbf",
-            "rate", f"{mbit}mbit", "burst", str(burst), "limit", str(limit)]
+    return [
+        "ip",
+        "netns",
+        "exec",
+        namespace,
+        "tc",
+        "qdisc",
+        "replace",
+        "dev",
+        device,
+        "root",
+        "tbf",
+        "rate",
+        f"{mbit}mbit",
+        "burst",
+        str(burst),
+        "limit",
+        str(limit),
+    ]
 
 
 def list_namespaces(prefix: str = PREFIX) -> list[str]:
-    result = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    result = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
     names = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
     return [name for name in names if name.startswith(prefix)]
 
@@ -96,13 +119,15 @@ def teardown_all(prefix: str = PREFIX) -> list[str]:
     """Remove every namespace whose name starts with `prefix`, ending the processes inside them first."""
     removed = []
     for namespace in list_namespaces(prefix):
-        pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+        pids = subprocess.run(
+            ["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False
+        ).stdout.split()
         for pid in pids:
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
-        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
         removed.append(namespace)
     return removed
 
@@ -110,8 +135,13 @@ def teardown_all(prefix: str = PREFIX) -> list[str]:
 class Netbed:
     """N peers in namespaces with the links of a profile; use as `with Netbed(8, "home") as bed: ...`."""
 
-    def __init__(self, peers: int = 8, profile: str | LinkProfile = "home", tag: str = "nb",
-                 links: Sequence[tuple[float, float, float]] | None = None) -> None:
+    def __init__(
+        self,
+        peers: int = 8,
+        profile: str | LinkProfile = "home",
+        tag: str = "nb",
+        links: Sequence[tuple[float, float, float]] | None = None,
+    ) -> None:
         if not 2 <= peers <= MAX_PEERS:
             raise NetbedError(f"the test bed runs 2 to {MAX_PEERS} peers, got {peers}")
         if not _TAG.match(tag):
@@ -137,18 +167,22 @@ class Netbed:
         self._previous_sigterm: object = None
 
     # ----- set-up and teardown -----
-    def __enter__(self) -> Netbed:
+    def __enter__(self) -> Self:
         self.up()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.down()
 
     def up(self) -> None:
         check_requirements()
         if list_namespaces(self.prefix):
-            raise NetbedError(f"a test bed with tag {self.tag!r} is already up; remove it with "
-                              f"`gpunite netbed down --tag {self.tag}`")
+            raise NetbedError(
+                f"a test bed with tag {self.tag!r} is already up; remove it with "
+                f"`gpunite netbed down --tag {self.tag}`"
+            )
         # SIGTERM tears the bed down like Ctrl-C does
         self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
@@ -188,13 +222,30 @@ class Netbed:
 
     def _start_relay(self, peer: PeerLink) -> None:
         relay = subprocess.Popen(
-            ["ip", "netns", "exec", peer.namespace, sys.executable, "-m", "gpunite.sim.relay", "--port",
-             str(RELAY_PORT), "--delay-ms", str(peer.one_way_ms)],
-            stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                peer.namespace,
+                sys.executable,
+                "-m",
+                "gpunite.sim.relay",
+                "--port",
+                str(RELAY_PORT),
+                "--delay-ms",
+                str(peer.one_way_ms),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+            start_new_session=True,
+        )
         self.relays.append(relay)
         line = relay.stdout.readline() if relay.stdout else ""
         if line.strip() != "ready":
-            raise NetbedError(f"the delaying relay of peer {peer.index} did not start (exit code {relay.poll()})")
+            raise NetbedError(
+                f"the delaying relay of peer {peer.index} did not start (exit code {relay.poll()})"
+            )
 
     def down(self) -> None:
         for relay in self.relays:
@@ -219,8 +270,14 @@ class Netbed:
 
     def describe(self) -> list[dict]:
         return [
-            {"peer": p.index, "namespace": p.namespace, "address": p.address, "down_mbit": p.down_mbit,
-             "up_mbit": p.up_mbit, "one_way_ms": p.one_way_ms}
+            {
+                "peer": p.index,
+                "namespace": p.namespace,
+                "address": p.address,
+                "down_mbit": p.down_mbit,
+                "up_mbit": p.up_mbit,
+                "one_way_ms": p.one_way_ms,
+            }
             for p in self.peers
         ]
 

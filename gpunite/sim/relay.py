@@ -35,8 +35,9 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
 class DelayLine:
     """Forward one direction of a connection, each chunk `delay_s` after it was read."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float,
-                 buffer_bytes: int) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float, buffer_bytes: int
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.delay_s = delay_s
@@ -55,7 +56,7 @@ class DelayLine:
         while True:
             try:
                 data = await self.reader.read(CHUNK_BYTES)
-            except ConnectionError:
+            except OSError:  # a reset counts as the end of this direction
                 data = b""
             self.queue.append((loop.time() + self.delay_s, data))
             self.arrived.set()
@@ -76,6 +77,7 @@ class DelayLine:
             wait_s = due - loop.time()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
+            # an OSError here (the far side went away) ends the whole connection in _relay_connection
             if not data:
                 if self.writer.can_write_eof():
                     self.writer.write_eof()
@@ -87,8 +89,12 @@ class DelayLine:
                 self.room.set()
 
 
-async def _relay_connection(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
-                            delay_s: float, buffer_bytes: int) -> None:
+async def _relay_connection(
+    client_reader: asyncio.StreamReader,
+    client_writer: asyncio.StreamWriter,
+    delay_s: float,
+    buffer_bytes: int,
+) -> None:
     sock = client_writer.get_extra_info("socket")
     try:
         host, port = original_destination(sock)
@@ -102,7 +108,7 @@ async def _relay_connection(client_reader: asyncio.StreamReader, client_writer: 
             DelayLine(client_reader, server_writer, delay_s, buffer_bytes).run(),
             DelayLine(server_reader, client_writer, delay_s, buffer_bytes).run(),
         )
-    except ConnectionError:
+    except OSError:
         pass
     finally:
         for writer in (client_writer, server_writer):
@@ -111,7 +117,11 @@ async def _relay_connection(client_reader: asyncio.StreamReader, client_writer: 
 
 async def serve(port: int, delay_s: float, buffer_bytes: int) -> None:
     server = await asyncio.start_server(
-        lambda r, w: _relay_connection(r, w, delay_s, buffer_bytes), host="0.0.0.0", port=port, reuse_address=True)
+        lambda r, w: _relay_connection(r, w, delay_s, buffer_bytes),
+        host="0.0.0.0",
+        port=port,
+        reuse_address=True,
+    )
     print("ready", flush=True)  # the test bed waits for this line before it lets traffic in
     async with server:
         await server.serve_forever()
@@ -120,7 +130,9 @@ async def serve(port: int, delay_s: float, buffer_bytes: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Delaying transparent TCP relay for the gpunite test bed.")
     parser.add_argument("--port", type=int, required=True, help="Port the nftables redirect points at.")
-    parser.add_argument("--delay-ms", type=float, required=True, help="One-way delay added in each direction.")
+    parser.add_argument(
+        "--delay-ms", type=float, required=True, help="One-way delay added in each direction."
+    )
     parser.add_argument("--buffer-mb", type=float, default=16.0, help="Most bytes in flight per direction.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="relay: %(message)s")
