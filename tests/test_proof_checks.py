@@ -51,10 +51,12 @@ def _contribution(peer: int, seed: int | None = None, **changes) -> tuple[Contri
 
     payload = payload_from_bytes(data, NUMEL, CHUNK)
     trail = [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in range(3)]
-    fields = dict(run_id=RUN, round=5, base_hash=BASE, work_units=_units(peer), inner_steps=4,
-                  tokens=4 * BATCH * SEQ, trail_interval=K, trail=trail, delta_hash=payload_hash(data),
-                  slice_hashes=[payload_hash(payload_to_bytes(slice_payload(payload, lo, hi))) for lo, hi in SLICES],
-                  delta_norm=norm, claimed_flops=float(FPT * 4 * BATCH * SEQ), time=1.0)
+    fields = {
+        "run_id": RUN, "round": 5, "base_hash": BASE, "work_units": _units(peer), "inner_steps": 4,
+        "tokens": 4 * BATCH * SEQ, "trail_interval": K, "trail": trail, "delta_hash": payload_hash(data),
+        "slice_hashes": [payload_hash(payload_to_bytes(slice_payload(payload, lo, hi))) for lo, hi in SLICES],
+        "delta_norm": norm, "claimed_flops": float(FPT * 4 * BATCH * SEQ), "time": 1.0,
+    }
     fields.update(changes)
     return sign_record(PEERS[peer], Contribution(**fields)), data
 

@@ -24,9 +24,10 @@ from gpunite.proof.selection import (
 RUN, PREV = "a" * 64, "b" * 64
 IDS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2000)]
 PEERS = [f"peer{i:02d}" for i in range(10)]
+COORDINATOR = Identity.from_seed(b"coordinator")
 
 
-def _beacon(ids=IDS, coordinator=Identity.from_seed(b"coordinator")):
+def _beacon(ids=IDS, coordinator=COORDINATOR):
     signature = sign_beacon(coordinator, RUN, 7, PREV, ids)
     return beacon_from_signature(coordinator.public_key_hex, signature, RUN, 7, PREV, list(reversed(ids)))
 

@@ -13,9 +13,9 @@ from gpunite.proof.trail import (
     batches_for_steps,
     final_from_bytes,
     segment_from_bytes,
-    train_with_trail,
     trail_length,
     trail_steps,
+    train_with_trail,
     weight_shapes,
 )
 from gpunite.records import WorkUnit
@@ -48,7 +48,7 @@ def test_trail_steps_include_the_last_step():
 def test_batches_follow_the_units_in_order_and_load_only_what_is_needed():
     load, data, calls = _loader()
     units = [WorkUnit(shard=SHARD_A, first=10, count=6), WorkUnit(shard=SHARD_B, first=50, count=6)]
-    batches = batches_for_steps(units, range(0, 4), 3, load)
+    batches = batches_for_steps(units, range(4), 3, load)
     assert [b.shape[0] for b in batches] == [3, 3, 3, 3]
     assert torch.equal(batches[1], data[SHARD_A][13:16])
     assert torch.equal(batches[2], data[SHARD_B][50:53])

@@ -30,8 +30,8 @@ from gpunite.proof.trail import (
     batches_for_steps,
     capture_state,
     optimizer_hash,
-    train_with_trail,
     trail_steps,
+    train_with_trail,
 )
 from gpunite.records import Contribution, WorkUnit, sign_record
 from gpunite.train.compression import compress, decompress, payload_hash, payload_to_bytes, slice_payload

@@ -24,7 +24,13 @@ import torch
 
 from gpunite.proof.trail import trail_length
 from gpunite.records import Contribution, WorkUnit
-from gpunite.train.compression import decompress, payload_from_bytes, payload_hash, payload_to_bytes, slice_payload
+from gpunite.train.compression import (
+    decompress,
+    payload_from_bytes,
+    payload_hash,
+    payload_to_bytes,
+    slice_payload,
+)
 from gpunite.train.weights import TensorPayloadError
 
 # Relative slack between a claimed and a recomputed float (norms and FLOPs are sums in different orders).

@@ -34,7 +34,7 @@ class MergePolicy:
     segments_per_audit: int = DEFAULT_SEGMENTS_PER_AUDIT
     verifiers_per_audit: int = 1
     accepts_required: int = 1
-    bounds: AuditBounds = AuditBounds()
+    bounds: AuditBounds = field(default_factory=AuditBounds)
 
 
 def policy_from_manifest(proof, segments_per_audit: int = DEFAULT_SEGMENTS_PER_AUDIT) -> MergePolicy:
@@ -134,8 +134,8 @@ def merge_decision(
     for verdict in verdicts:
         if verdict.contribution == cid and verdict.peer_id in assignment.verifiers:
             by_verifier.setdefault(verdict.peer_id, []).append(verdict)
-    accepts = [v for vs in by_verifier.values() if all(v.accept for v in vs) for v in vs[:1]]
-    rejects = [v for vs in by_verifier.values() for v in vs if not v.accept]
+    accepts = [own[0] for own in by_verifier.values() if all(verdict.accept for verdict in own)]
+    rejects = [verdict for own in by_verifier.values() for verdict in own if not verdict.accept]
     proven_rejects = [v for v in rejects if v.reason.startswith(PROVEN)]
     if rejects:
         cheat = len({v.peer_id for v in proven_rejects}) >= max(1, policy.accepts_required)

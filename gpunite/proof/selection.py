@@ -29,8 +29,8 @@ import hashlib
 import math
 from collections.abc import Sequence
 
-from gpunite.identity import canonical_json, peer_id_of, verify_bytes
 from gpunite.errors import GpuniteError
+from gpunite.identity import canonical_json, peer_id_of, verify_bytes
 
 
 class SelectionError(GpuniteError):
