@@ -472,12 +472,10 @@ class _Run:
         cheater = peers.cheater[roster]
         jitter = rng.lognormal(0.0, cfg.speed_jitter, n) if cfg.speed_jitter > 0 else np.ones(n)
         finish_s = peers.lag_s[roster] + cfg.round_compute_s * jitter
-        work = (
-            train_flops * cfg.round_compute_s
-        )  # speed-weighted shares: nominally the same time for everyone
-        leave_s = (
-            peers.next_toggle[roster] - self.t
-        )  # an online peer's next toggle is its departure (inf: never)
+        # speed-weighted shares: every peer's work nominally takes the same time
+        work = train_flops * cfg.round_compute_s
+        # an online peer's next toggle is its departure (inf: never)
+        leave_s = peers.next_toggle[roster] - self.t
         # the round closes once every live roster peer has committed, or at the deadline
         close_s = min(self.deadline_s, float(np.max(np.minimum(finish_s, leave_s))))
         # a contributor must still be there after the close: owners pull its slices then
