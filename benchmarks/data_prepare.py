@@ -7,6 +7,8 @@ One run, side by side, each measurement in its own child process (so each has it
   encode_batch_fast where the library has it) both in one call over all texts and over the same ~1 MB batches
   gpunite encodes; the faster of the two is the baseline. Plain encode_batch in one call is reported too.
 The corpus is the built-in offline one (Python docs and stdlib sources), written as a Pile file first.
+`ratio` compares wall-clock MB/s; `cpu_ratio` compares CPU seconds (all threads) for the same text, which
+other jobs on a shared machine disturb less; the 1-minute load average is reported alongside.
 Prints one JSON line.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -59,12 +62,13 @@ def child_gpunite(folder: Path, vocab_size: int) -> dict:
     manifest.data.tokenizer = str(folder / "tokenizer.json")
     manifest.data.vocab_size = vocab_size
     manifest.data.prepared_dir = str(folder / "prepared")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = prepare_dataset(manifest, update_manifest=False)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     return {
         "text_bytes": result.text_bytes,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "tokens": result.tokens,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -81,21 +85,23 @@ def child_baseline(folder: Path) -> dict:
     text_bytes = sum(len(text.encode()) for text in texts)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     fast = "encode_batch_fast" if hasattr(tokenizer, "encode_batch_fast") else "encode_batch"
-    timings = {}
+    timings, cpu_timings = {}, {}
     for name, method, groups in (
         ("one_call", fast, [texts]),
         ("batched", fast, batches),
         ("encode_batch", "encode_batch", [texts]),
     ):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         encode = getattr(tokenizer, method)
         tokens = 0
         for group in groups:
             tokens += sum(len(encoding.ids) for encoding in encode(group, add_special_tokens=False))
         timings[name] = time.perf_counter() - started
+        cpu_timings[name] = time.process_time() - cpu_started
     return {
         "text_bytes": text_bytes,
         "seconds": timings,
+        "cpu_seconds": cpu_timings,
         "tokens": tokens + len(texts),
         "method": fast,
         "peak_rss_mb": peak_rss_mb(),
@@ -151,6 +157,9 @@ def main() -> None:
     batched_seconds = min(r["seconds"]["batched"] for r in theirs)
     plain_seconds = min(r["seconds"]["encode_batch"] for r in theirs)
     baseline_mb_per_s = mb / min(one_call_seconds, batched_seconds)
+    # CPU seconds (all threads) of the same work: a figure the other jobs on a shared machine disturb less.
+    cpu_seconds = min(r["cpu_seconds"] for r in ours)
+    baseline_cpu_seconds = min(min(r["cpu_seconds"]["one_call"], r["cpu_seconds"]["batched"]) for r in theirs)
     print(
         json.dumps(
             {
@@ -164,6 +173,9 @@ def main() -> None:
                 "baseline_batched_mb_per_s": round(mb / batched_seconds, 3),
                 "encode_batch_one_call_mb_per_s": round(mb / plain_seconds, 3),
                 "ratio": round(mb_per_s / baseline_mb_per_s, 3),
+                "cpu_s": round(cpu_seconds, 2),
+                "baseline_cpu_s": round(baseline_cpu_seconds, 2),
+                "cpu_ratio": round(baseline_cpu_seconds / cpu_seconds, 3),
                 "peak_rss_mb": round(best_ours["peak_rss_mb"], 1),
                 "baseline_peak_rss_mb": round(max(r["peak_rss_mb"] for r in theirs), 1),
                 "text_mb": round(mb, 2),
@@ -171,6 +183,8 @@ def main() -> None:
                 "tokenizer_train_s": round(tokenizer_seconds, 2),
                 "vocab_size": args.vocab_size,
                 "repeats": args.repeats,
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+                "cpus": os.cpu_count(),
             }
         )
     )
