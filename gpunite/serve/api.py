@@ -159,12 +159,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(ApiError(exc.status_code, str(exc.detail), kind=kind))
 
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return _error_response(ApiError(503, f"{exc}", kind="server_error", code="engine_unavailable"))
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return _error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error"))
 
     async def authenticate(
-        request: Request,
+        request: Request,  # the header parameters below only document the headers in the OpenAPI schema
         x_gpunite_signer: str | None = Header(None, description="Caller's Ed25519 public key (hex)."),
         x_gpunite_timestamp: str | None = Header(None, description="Unix time in seconds, as signed."),
         x_gpunite_nonce: str | None = Header(None, description="A fresh nonce per request."),
@@ -197,10 +201,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
         in_flight[caller.peer_id] += 1
         return remaining - in_flight[caller.peer_id] + 1
 
-    def record_usage(caller: Caller, prompt_tokens: int, completion_tokens: int) -> None:
+    def release_quota(caller: Caller) -> None:
         in_flight[caller.peer_id] -= 1
         if in_flight[caller.peer_id] <= 0:
             del in_flight[caller.peer_id]
+
+    def record_usage(caller: Caller, prompt_tokens: int, completion_tokens: int) -> None:
+        release_quota(caller)
         if settings.on_usage is None:
             return
         now = time.time()
@@ -303,8 +310,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return _sse_response(jobs, engine, on_event, chunk, body.stream_options, caller, record_usage,
                                  len(prompts), remaining)
 
-        completions_done = await _run_all(jobs, engine)
-        _raise_if_failed(completions_done)
+        completions_done = await _run_reserved(jobs, engine, lambda: release_quota(caller))
         prompt_tokens = sum(len(p) for p in prompts)
         completion_tokens = sum(c.completion_tokens for c in completions_done)
         record_usage(caller, prompt_tokens, completion_tokens)
@@ -357,8 +363,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return _sse_response(jobs, engine, on_event, chunk, body.stream_options, caller, record_usage,
                                  1, remaining)
 
-        completions_done = await _run_all(jobs, engine)
-        _raise_if_failed(completions_done)
+        completions_done = await _run_reserved(jobs, engine, lambda: release_quota(caller))
         completion_tokens = sum(c.completion_tokens for c in completions_done)
         record_usage(caller, len(prompt), completion_tokens)
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
@@ -416,22 +421,19 @@ def _jobs(prompts: list[list[int]], params: SamplingParams, n: int) -> list[tupl
     return jobs
 
 
-async def _collect(engine: Engine, prompt: list[int], params: SamplingParams) -> Completion:
-    completion = Completion()
-    async for event in engine.stream(prompt, params):
-        completion.add(event)
-    return completion
-
-
-async def _run_all(jobs: list[tuple[list[int], SamplingParams]], engine: Engine) -> list[Completion]:
-    return list(await asyncio.gather(*(_collect(engine, prompt, params) for prompt, params in jobs)))
-
-
-def _raise_if_failed(completions: list[Completion]) -> None:
-    for completion in completions:
-        if completion.finish_reason == "error":
-            raise ApiError(503, f"{completion.error}; retry the request", kind="server_error",
-                           code="generation_failed")
+async def _run_reserved(jobs: list[tuple[list[int], SamplingParams]], engine: Engine,
+                        release: Callable[[], None]) -> list[Completion]:
+    """Every job's completion; on failure or a caller gone away, the quota reservation is released unused."""
+    try:
+        completions = list(await asyncio.gather(*(engine.complete(prompt, params) for prompt, params in jobs)))
+        for completion in completions:
+            if completion.finish_reason == "error":
+                raise ApiError(503, f"{completion.error}; retry the request", kind="server_error",
+                               code="generation_failed")
+    except BaseException:
+        release()
+        raise
+    return completions
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -474,8 +476,11 @@ def _sse_response(jobs, engine: Engine, on_event, chunk, stream_options: StreamO
         completion_tokens = [0] * len(jobs)
 
         async def pump(index: int, prompt: list[int], params: SamplingParams) -> None:
-            async for event in engine.stream(prompt, params):
-                await merged.put((index, event))
+            try:
+                async for event in engine.stream(prompt, params):
+                    await merged.put((index, event))
+            except EngineError as exc:  # e.g. the host is shutting down: end this choice, not the stream
+                await merged.put((index, GenerationEvent("", (), finish_reason="error", error=str(exc))))
 
         tasks = [asyncio.create_task(pump(i, prompt, params)) for i, (prompt, params) in enumerate(jobs)]
         unfinished = len(jobs)

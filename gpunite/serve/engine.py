@@ -260,12 +260,34 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
         """Blocking: the whole completion of one prompt."""
-        events: queue.Queue = queue.Queue()
-        self.submit(prompt_ids, params, events.put)
         completion = Completion()
-        while completion.finish_reason is None:
-            completion.add(events.get())
+        finished = threading.Event()
+
+        def on_event(event: GenerationEvent) -> None:
+            completion.add(event)
+            if event.finish_reason is not None:
+                finished.set()
+
+        self.submit(prompt_ids, params, on_event)
+        finished.wait()
         return completion
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        """The whole completion, gathered on the engine thread: the event loop wakes once, not once per token."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        completion = Completion()
+
+        def on_event(event: GenerationEvent) -> None:
+            completion.add(event)
+            if event.finish_reason is not None:
+                loop.call_soon_threadsafe(_resolve, done, completion)
+
+        handle = self.submit(prompt_ids, params, on_event)
+        try:
+            return await done
+        finally:
+            handle.cancel()  # a no-op once finished; drops the request if the caller went away
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationEvent]:
         """The request's events as they come; leaving the loop early cancels the request."""
@@ -555,6 +577,11 @@ class Engine:
         from transformers import DynamicCache
 
         return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+
+def _resolve(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
