@@ -18,11 +18,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gpunite.data.errors import DataError
-from gpunite.data.shards import ShardIndex, read_shard
+from gpunite.data.shards import ShardEntry, ShardIndex, read_shard
+
+if TYPE_CHECKING:
+    import torch
 
 HELDOUT_FRACTION_PERCENT = 1
 # Shards a stream keeps mapped at once (each a memory map of one shard file).
@@ -74,7 +78,7 @@ def heldout_units(index: ShardIndex, seq_len: int) -> list[SequenceRange]:
     return units
 
 
-def _shard_entry(index: ShardIndex, shard_sha: str):
+def _shard_entry(index: ShardIndex, shard_sha: str) -> ShardEntry:
     for entry in index.shards:
         if entry.sha256 == shard_sha:
             return entry
@@ -107,7 +111,7 @@ def _windows(tokens: np.ndarray, first: int, count: int, seq_len: int) -> np.nda
 
 def load_sequences(
     prepared_dir: str | Path, index: ShardIndex, shard_sha: str, first: int, count: int, seq_len: int
-):
+) -> torch.Tensor:
     """Sequences first .. first+count-1 of a shard, hash-checked, as a LongTensor [count, seq_len + 1]."""
     import torch
 
@@ -121,7 +125,9 @@ def load_sequences(
     return torch.from_numpy(_windows(tokens, first, count, seq_len))
 
 
-def heldout_sequences(prepared_dir: str | Path, index: ShardIndex, seq_len: int, max_sequences: int):
+def heldout_sequences(
+    prepared_dir: str | Path, index: ShardIndex, seq_len: int, max_sequences: int
+) -> torch.Tensor:
     """Up to max_sequences held-out sequences, spread evenly over the held-out split, as a LongTensor."""
     import torch
 
@@ -213,7 +219,7 @@ class BatchStream:
     def __iter__(self) -> BatchStream:
         return self
 
-    def __next__(self):
+    def __next__(self) -> torch.Tensor:
         import torch
 
         start = self.position * self.batch_size
