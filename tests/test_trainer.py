@@ -142,3 +142,99 @@ def test_pick_device():
     if not torch.cuda.is_available():
         with pytest.raises(TrainingError, match="not available"):
             pick_device("cuda")
+
+
+# Local training (`gpunite train`) on a real prepared dataset.
+
+WORDS = "peers train a model together and every step they take is checked by another peer".split()
+
+
+@pytest.fixture(scope="module")
+def prepared_run(tmp_path_factory):
+    """A tiny Pile-format corpus, a manifest for it, and its prepared shards."""
+    import json
+    import random
+
+    import zstandard
+
+    from gpunite.data.prepare import prepare_dataset
+    from gpunite.manifest import load_manifest
+
+    folder = tmp_path_factory.mktemp("run")
+    rng = random.Random(0)
+    lines = b"".join(
+        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))),
+                    "meta": {"pile_set_name": "Pile-CC"}}).encode() + b"\n"
+        for _ in range(120)
+    )
+    (folder / "corpus.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    manifest = parse_manifest(
+        "[run]\nname = 'tiny-local'\n[model]\nn_layers = 2\n"
+        "[data]\nsources = ['corpus.jsonl.zst']\nvocab_size = 300\nseq_len = 16\nshard_tokens = 1024\n"
+        "[train]\nbatch_size = 2\ntotal_steps = 6\nwarmup_steps = 2\ncheckpoint_every = 2\nlr = 0.003\n"
+    )
+    manifest.save(folder / "run.toml")
+    prepare_dataset(load_manifest(folder / "run.toml"))
+    return folder / "run.toml"
+
+
+def test_local_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(prepared_run, tmp_path):
+    from gpunite.manifest import load_manifest
+    from gpunite.train.checkpoint import load_checkpoint
+    from gpunite.train.local import train_local
+
+    manifest = load_manifest(prepared_run)
+    straight = train_local(manifest, out_dir=tmp_path / "straight", device="cpu")
+    assert (straight.start_step, straight.final_step, straight.resumed) == (0, 6, False)
+    assert math.isfinite(straight.heldout_loss) and straight.tokens == 6 * 2 * 16
+
+    first = train_local(manifest, steps=3, out_dir=tmp_path / "split", device="cpu")
+    assert first.final_step == 3
+    second = train_local(manifest, out_dir=tmp_path / "split", device="cpu")
+    assert (second.start_step, second.final_step, second.resumed) == (3, 6, True)
+
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(second.checkpoint)
+    assert (a.step, a.data_position) == (b.step, b.data_position) == (6, 6)
+    for name, tensor in a.model_state.items():
+        assert torch.equal(tensor, b.model_state[name]), name
+    for name, tensor in a.optimizer_state.items():
+        assert torch.equal(tensor, b.optimizer_state[name]), name
+    assert second.heldout_loss == straight.heldout_loss
+    assert a.extra["tokenizer_hash"] == manifest.data.tokenizer_hash and a.tokenizer_json
+
+    fresh = train_local(manifest, steps=2, resume=False, out_dir=tmp_path / "split", device="cpu")
+    assert (fresh.start_step, fresh.final_step, fresh.resumed) == (0, 2, False)
+
+
+def test_training_without_prepared_data_says_to_prepare(tmp_path):
+    from gpunite.data.errors import DataError
+    from gpunite.manifest import load_manifest
+    from gpunite.train.local import train_local
+
+    (tmp_path / "run.toml").write_text("[data]\nsources = []\n")
+    with pytest.raises(DataError, match="gpunite data prepare"):
+        train_local(load_manifest(tmp_path / "run.toml"), device="cpu")
+
+
+def test_cli_train_export_generate_end_to_end(prepared_run, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def gpunite(*args):
+        done = subprocess.run([sys.executable, "-m", "gpunite", *args], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path, env={"GPUNITE_HOME": str(tmp_path), "PATH": ""})
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    trained = gpunite("train", str(prepared_run), "--steps", "2", "--out", str(tmp_path / "ck"), "--json")
+    assert trained["final_step"] == 2 and trained["tokens_per_s"] > 0 and trained["mfu"] > 0
+    exported = gpunite("export", trained["checkpoint"], "--hf", str(tmp_path / "hf"), "--json")
+    assert "model.safetensors" in exported["files"] and "tokenizer.json" in exported["files"]
+    sample = gpunite("generate", str(tmp_path / "hf"), "peers train", "--max-tokens", "5", "--json")
+    assert sample["prompt"] == "peers train" and isinstance(sample["completion"], str)
+
+    done = subprocess.run([sys.executable, "-m", "gpunite", "generate", str(tmp_path / "missing.safetensors")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no checkpoint at" in done.stderr and len(done.stderr.strip().splitlines()) == 1
