@@ -33,7 +33,7 @@ from gpunite.swarm.protocol import (
     parse_swarm_message,
     run_key,
 )
-from gpunite.swarm.state_sync import StateSyncError, fetch_file, state_from_frame
+from gpunite.swarm.state_sync import StateSyncError, fetch_file, max_state_bytes, state_from_frame
 
 log = logging.getLogger("gpunite.swarm.bootstrap")
 ANNOUNCE_TTL_S = 3600.0
@@ -239,7 +239,7 @@ class StateSources:
         for beat in self.peers():
             try:
                 header, body = self.node.request(
-                    beat.p2p_id, HANDLE_STATE, {"run": self.run_id}, max_reply_bytes=8 * peer.numel + (1 << 22),
+                    beat.p2p_id, HANDLE_STATE, {"run": self.run_id}, max_reply_bytes=max_state_bytes(peer.numel),
                     maddrs=list(beat.maddrs), timeout=120)
                 state = state_from_frame(header, body, peer.layout, self.run_id)
                 if state.round > 0:

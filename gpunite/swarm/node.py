@@ -8,6 +8,7 @@ its daemon with it: p2pd exits as soon as its client connection closes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,7 @@ class SwarmNode:
         self._dht: Any = None
         self.p2p_id = ""
         self.maddrs: list[str] = []
+        self._bad_seen: set[bytes] = set()
 
     # ----- life cycle -----
     def start(self) -> SwarmNode:
@@ -130,14 +132,21 @@ class SwarmNode:
             try:
                 record = parse(raw)
             except (RecordError, ValueError) as exc:
-                log.warning("dropped a bad record under %s/%s: %s", key, subkey[:16], exc)
+                self._log_bad(raw, "dropped a bad record under %s/%s: %s", key, subkey[:16], exc)
                 continue
             if signer_subkey and record.peer_id != subkey:
-                log.warning("dropped a record under %s stored at subkey %s by peer %s", key, subkey[:16],
-                            record.peer_id[:16])
+                self._log_bad(raw, "dropped a record under %s stored at subkey %s by peer %s", key, subkey[:16],
+                              record.peer_id[:16])
                 continue
             records[subkey] = record
         return records
+
+    def _log_bad(self, raw: bytes, message: str, *args: Any) -> None:
+        """Warn once per bad value (polling reads the same one again and again)."""
+        digest = hashlib.sha256(raw).digest()
+        if digest not in self._bad_seen:
+            self._bad_seen.add(digest)
+            log.warning(message, *args)
 
     # ----- P2P request streams -----
     def add_handler(self, name: str, handler: Handler, max_request_bytes: int) -> None:
@@ -153,6 +162,9 @@ class SwarmNode:
             except (ProtocolError, GpuniteError, ValueError, asyncio.TimeoutError) as exc:
                 log.warning("%s request from %s refused: %s", name, caller[-8:], exc)
                 reply_header, reply_body = {"error": str(exc) or type(exc).__name__}, b""
+            except Exception as exc:  # a handler bug must answer (and be logged), not drop the stream silently
+                log.exception("%s handler failed for %s", name, caller[-8:])
+                reply_header, reply_body = {"error": f"internal error: {type(exc).__name__}"}, b""
             try:
                 await write_frame(writer, reply_header, reply_body, self.counter)
             except (ConnectionError, OSError) as exc:

@@ -55,7 +55,14 @@ from gpunite.swarm.protocol import (
     parse_swarm_message,
     run_key,
 )
-from gpunite.swarm.state_sync import GlobalState, ParamLayout, file_handler, state_from_frame, state_to_frame
+from gpunite.swarm.state_sync import (
+    GlobalState,
+    ParamLayout,
+    file_handler,
+    max_state_bytes,
+    state_from_frame,
+    state_to_frame,
+)
 
 log = logging.getLogger("gpunite.swarm.peer")
 RecordHook = Callable[[Any], None]
@@ -182,6 +189,8 @@ class Peer:
         self.last_loss: float | None = None
         self.tokens_trained = 0
         self.rounds_done = 0
+        self.contributed_rounds = 0  # rounds whose merge included this peer's contribution
+        self.first_round = state.round
         self.timing = RoundTiming()
         self.stopping = threading.Event()
         self.last_close: RoundClose | None = state.close
@@ -198,6 +207,11 @@ class Peer:
                                       numel=self.numel)
         unflatten_into(state.weights, self.params)
         self.trainer.step = state.round * self.train_cfg.inner_steps
+        if state.inner_optimizer:
+            try:
+                self.trainer.load_optimizer_state_tensors(state.inner_optimizer)
+            except GpuniteError as exc:
+                log.warning("inner optimizer state from the peer is unusable (%s): starting AdamW fresh", exc)
         with self._lock:
             self.state = state
 
@@ -231,10 +245,13 @@ class Peer:
 
     # ----- stream handlers (run on the swarm loop thread) -----
     async def _handle_state(self, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:
+        from dataclasses import replace
+
         with self._lock:
             state = self.state
         log.info("serving global state of round %d to %s", state.round, caller[-8:])
-        return state_to_frame(state)
+        # Our AdamW moments as a warm start for the joiner (copies; a read racing a step only blurs advice).
+        return state_to_frame(replace(state, inner_optimizer=self.trainer.optimizer_state_tensors()))
 
     async def _handle_slice(self, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:
         round_index, index = int(header.get("round", -1)), int(header.get("slice", -1))
@@ -258,6 +275,7 @@ class Peer:
         log.info("peer %s in run %s at round %d (%d parameters)", self.peer_id[:12], self.run_id[:12],
                  self.state.round, self.numel)
         self.timing.started = time.time()
+        self.first_round = self.state.round
         try:
             while not self.stopping.is_set():
                 if self.config.max_rounds is not None and self.rounds_done >= self.config.max_rounds:
@@ -561,16 +579,19 @@ class Peer:
         with self._lock:
             self.state = new_state
         self.last_close = close
-        for key in [k for k in self.aggregates if k[0] < ctx.round]:
+        for key in [k for k in self.aggregates if k[0] < ctx.round - 1]:
             del self.aggregates[key]
         self.recorder.prune(ctx.round - 1)
         self.tokens_trained += tokens
         self.rounds_done += 1
+        if self.peer_id in accepted:
+            self.contributed_rounds += 1
         self.membership.update(ctx.round + 1, weights_hash)
         log.info("round %d merged %d contributions (%d tokens): new weights %s; sent %d B, received %d B so far",
                  ctx.round, len(accepted), tokens, weights_hash[:12], self.node.counter.sent,
                  self.node.counter.received)
         self.write_status("merged")
+        self._append_round_log(ctx.round, len(accepted), tokens)
 
     def aggregate_slice(self, ctx: RoundContext, index: int, bounds: list[tuple[int, int]],
                         accepted: dict[str, Contribution], factors: dict[str, float]) -> bytes:
@@ -622,11 +643,10 @@ class Peer:
             try:
                 header, data = self._request(owner, HANDLE_AGGREGATE, {"round": ctx.round, "slice": index},
                                              self._max_slice_bytes)
+                if not header.get("pending"):
+                    return data
             except (SwarmError, ProtocolError, PeerError) as exc:
                 log.info("slice %d owner %s: %s", index, owner[:12], exc)
-                return None
-            if not header.get("pending"):
-                return data
             if owner not in self.membership.alive():
                 return None
             time.sleep(self.config.poll_s)
@@ -666,7 +686,7 @@ class Peer:
         return True
 
     def sync_from(self, peer_id: str) -> None:
-        header, body = self._request(peer_id, HANDLE_STATE, {}, max_reply=8 * self.numel + (1 << 22))
+        header, body = self._request(peer_id, HANDLE_STATE, {}, max_reply=max_state_bytes(self.numel))
         state = state_from_frame(header, body, self.layout, self.run_id)
         self._load_state(state)
         self.membership.update(state.round, state.weights_hash)
@@ -685,6 +705,14 @@ class Peer:
         with open(self.run_dir / "chain.jsonl", "ab") as handle:
             handle.write(record_bytes(block) + b"\n")
 
+    def _append_round_log(self, round_index: int, merged: int, tokens: int) -> None:
+        """One line per merged round: the figures the benchmarks and the simulator calibrate from."""
+        line = {"round": round_index, "merged": merged, "tokens": tokens, "time": time.time(),
+                "wall_s": time.time() - self.timing.started, "compute_s": self.timing.compute_s,
+                "bytes_sent": self.node.counter.sent, "bytes_received": self.node.counter.received}
+        with open(self.run_dir / "rounds.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+
     def write_status(self, phase: str) -> None:
         if self.config.status_path is None:
             return
@@ -694,7 +722,8 @@ class Peer:
         wall = now - self.timing.started if self.timing.started else 0.0
         status = {
             "peer_id": self.peer_id, "run_id": self.run_id, "phase": phase, "round": self.state.round,
-            "rounds_done": self.rounds_done, "loss": self.last_loss, "tokens": self.tokens_trained,
+            "rounds_done": self.rounds_done, "contributed_rounds": self.contributed_rounds,
+            "first_round": self.first_round, "loss": self.last_loss, "tokens": self.tokens_trained,
             "weights_hash": self.state.weights_hash, "bytes_sent": self.node.counter.sent,
             "bytes_received": self.node.counter.received, "compute_s": self.timing.compute_s, "wall_s": wall,
             "peers": len(self.membership._known), "maddrs": self.node.maddrs, "time": now, "pid": _pid(),

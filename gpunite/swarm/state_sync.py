@@ -2,13 +2,15 @@
 
 The global state at the start of round r is the flat weights W_r, the outer optimizer's momentum, the work
 plan, the block of round r - 1 (whose weights_hash must equal the hash of W_r) and the round close of r - 1
-(the roster of round r). It travels as one frame: a JSON header and safetensors bytes. Data files (the
+(the roster of round r). It travels as one frame: a JSON header and safetensors bytes. The serving peer's
+own AdamW moments ride along (`inner/...`, not part of the agreed state): a joiner that starts its inner
+optimizer from them makes a first contribution of the usual size, where a fresh AdamW's first steps
+(update ~ lr per coordinate) make one several times larger than its peers' and the norm bound rejects it. Data files (the
 shard index, the tokenizer, shards) travel by hash and are written only after their hash checks out.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gpunite.identity import RecordError, canonical_json
+from gpunite.identity import RecordError
 from gpunite.records import Block, parse_record, record_bytes
 from gpunite.swarm.protocol import RoundClose, parse_swarm_message
 from gpunite.train.weights import (
@@ -84,12 +86,18 @@ class GlobalState:
     tip: Block | None  # block of round - 1
     close: RoundClose | None  # close of round - 1: the roster of this round (None before the genesis close)
     weights_hash: str
+    inner_optimizer: dict[str, torch.Tensor] | None = None  # the serving peer's AdamW state (a warm start)
+
+
+INNER = "inner/"
 
 
 def state_to_frame(state: GlobalState) -> tuple[dict[str, Any], bytes]:
     tensors = {"weights": state.weights}
     if state.momentum is not None:
         tensors["momentum"] = state.momentum
+    for name, tensor in (state.inner_optimizer or {}).items():
+        tensors[INNER + name] = tensor
     header = {
         "round": state.round,
         "weights_hash": state.weights_hash,
@@ -104,9 +112,10 @@ def state_from_frame(header: dict[str, Any], body: bytes, layout: ParamLayout, r
     """Parse a peer's global state; every tensor shape, the weights hash and both records are checked."""
     numel = layout.numel
     try:
-        tensors = from_safetensors_bytes(body, max_bytes=8 * numel + (1 << 16))
+        tensors = from_safetensors_bytes(body, max_bytes=max_state_bytes(numel))
     except TensorPayloadError as exc:
         raise StateSyncError(f"global state: {exc}") from None
+    inner = {name[len(INNER):]: tensors.pop(name) for name in list(tensors) if name.startswith(INNER)}
     if set(tensors) - {"weights", "momentum"} or "weights" not in tensors:
         raise StateSyncError(f"global state holds tensors {sorted(tensors)[:4]}, expected weights (+ momentum)")
     for name, tensor in tensors.items():
@@ -132,7 +141,12 @@ def state_from_frame(header: dict[str, Any], body: bytes, layout: ParamLayout, r
         raise StateSyncError("global state's round close is not this run's close of the previous round")
     if not isinstance(plan, dict):
         raise StateSyncError("global state's work plan is not a JSON object")
-    return GlobalState(round_index, weights, tensors.get("momentum"), plan, tip, close, computed)
+    return GlobalState(round_index, weights, tensors.get("momentum"), plan, tip, close, computed, inner or None)
+
+
+def max_state_bytes(numel: int) -> int:
+    """Weights, momentum and two AdamW moments in fp32, plus headers."""
+    return 16 * numel + (1 << 22)
 
 
 # ----- data files -----
@@ -180,6 +194,3 @@ def fetch_file(request: Callable[..., tuple[dict, bytes]], prepared_dir: Path, k
     log.info("fetched %s %s (%d bytes)", kind, sha256[:12], len(data))
     return path
 
-
-def plan_hash(plan: dict[str, Any]) -> str:
-    return sha256_bytes(canonical_json(json.loads(json.dumps(plan))))

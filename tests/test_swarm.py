@@ -1,0 +1,230 @@
+"""Multi-process swarm tests on 127.0.0.1: real peer processes, real libp2p streams, real DHT records.
+
+One small swarm is shared by the tests of this module, which run in order: two peers agree, a late joiner
+catches up, three peers agree every round, hostile records and frames are dropped while the swarm goes on,
+and the first peer is killed with SIGKILL mid-round while the others keep training. Every process is
+killed at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpunite.swarm.demo import LocalSwarm
+
+pytestmark = pytest.mark.timeout(420)
+
+MANIFEST = """
+[run]
+name = "swarm-test"
+seed = 7
+[model]
+preset = "tiny"
+hidden_size = 64
+n_layers = 2
+n_heads = 2
+intermediate_size = 128
+[data]
+sources = ["builtin:python-docs"]
+vocab_size = 512
+seq_len = 32
+shard_tokens = 16384
+max_builtin_mb = 0.3
+[train]
+batch_size = 4
+inner_steps = 4
+warmup_steps = 2
+total_steps = 400
+round_deadline_s = 120
+compression_chunk = 256
+[proof]
+trail_interval = 2
+"""
+
+
+def chain(peer) -> dict[int, str]:
+    """Round -> weights hash from a peer's local chain of signed blocks."""
+    blocks = {}
+    for path in peer.home.glob("runs/*/chain.jsonl"):
+        for line in path.read_text().splitlines():
+            block = json.loads(line)
+            blocks[block["round"]] = block["weights_hash"]
+    return blocks
+
+
+def rounds_done(swarm: LocalSwarm, name: str) -> int:
+    status = swarm.peers[name].status() or {}
+    return status.get("rounds_done", 0) + status.get("first_round", 0)
+
+
+def wait_round(swarm: LocalSwarm, names: list[str], round_index: int, timeout_s: float = 240) -> None:
+    swarm.wait_for(lambda statuses: all(s.get("round", -1) >= round_index for n, s in statuses.items() if n in names)
+                   and all(n in statuses for n in names), timeout_s, f"{names} to reach round {round_index}")
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    from gpunite.data.prepare import prepare_dataset
+    from gpunite.manifest import load_manifest
+
+    workdir = tmp_path_factory.mktemp("swarm")
+    manifest_path = workdir / "run.toml"
+    manifest_path.write_text(MANIFEST)
+    prepare_dataset(load_manifest(manifest_path))
+    with LocalSwarm(workdir, manifest_path, heartbeat_s=1.0) as local:
+        local.start_first("peer1", wait_peers=2, extra=["--speed", "1"])
+        local.join("peer2", local.address(), extra=["--speed", "1"])
+        yield local
+
+
+def test_two_peers_end_each_round_with_the_same_weights(swarm):
+    wait_round(swarm, ["peer1", "peer2"], 2)
+    first, second = chain(swarm.peers["peer1"]), chain(swarm.peers["peer2"])
+    assert {0, 1} <= set(first) and {0, 1} <= set(second)
+    assert first[0] == second[0] and first[1] == second[1]
+    assert first[0] != first[1]  # the weights did move
+    assert swarm.peers["peer2"].status()["contributed_rounds"] >= 1
+
+
+def test_late_joiner_catches_up_within_one_round(swarm):
+    swarm.join("peer3", swarm.address(), extra=["--speed", "1"])
+    swarm.wait_for(lambda s: s.get("peer3", {}).get("rounds_done", 0) >= 1, 240, "peer3 to merge its first round")
+    joined_at = swarm.peers["peer3"].status()["first_round"]
+    # After the round it joined in, it holds the same weights as everyone; then it is in a roster and trains.
+    wait_round(swarm, ["peer3"], joined_at + 3)
+    status = swarm.peers["peer3"].status()
+    assert status["contributed_rounds"] >= 1
+    third, first = chain(swarm.peers["peer3"]), chain(swarm.peers["peer1"])
+    assert third[joined_at] == first[joined_at]
+
+
+def test_three_peers_end_each_round_with_identical_hashes(swarm):
+    start = max(s["round"] for s in swarm.statuses().values())
+    wait_round(swarm, ["peer1", "peer2", "peer3"], start + 1)
+    chains = [chain(swarm.peers[n]) for n in ("peer1", "peer2", "peer3")]
+    common = set(chains[0]) & set(chains[1]) & set(chains[2])
+    assert common
+    for round_index in common:
+        assert len({c[round_index] for c in chains}) == 1, f"hashes differ in round {round_index}"
+
+
+def test_forged_records_and_malformed_frames_are_dropped(swarm):
+    from gpunite.identity import Identity
+    from gpunite.records import Heartbeat, record_bytes, sign_record
+    from gpunite.swarm.node import SwarmNode
+    from gpunite.swarm.protocol import HANDLE_SLICE, HANDLE_STATE, ProtocolError, run_key
+    from gpunite.swarm.state_sync import ParamLayout, StateSyncError, state_from_frame
+
+    status = swarm.peers["peer2"].status()
+    run_id, target_peer = status["run_id"], status["peer_id"]
+    attacker = SwarmNode(initial_peers=[swarm.address()]).start()
+    try:
+        victim = Identity.from_seed(b"victim")
+        forger = Identity.from_seed(b"forger")
+        honest = sign_record(victim, Heartbeat(run_id=run_id, round=0, weights_hash="0" * 64, roles=["trainer"],
+                                               maddrs=[], p2p_id="x", time=time.time()))
+        forged = {**honest.model_dump(mode="json"), "round": 99}  # signature no longer matches
+        attacker.store(run_key(run_id, "heartbeat"), victim.peer_id, json.dumps(forged).encode(), 30)
+        # A valid record stored under someone else's peer id, and plain garbage.
+        attacker.store(run_key(run_id, "heartbeat"), victim.peer_id + "0", record_bytes(
+            sign_record(forger, Heartbeat(run_id=run_id, round=0, weights_hash="0" * 64, roles=["trainer"],
+                                          maddrs=[], p2p_id="x", time=time.time()))), 30)
+        attacker.store(run_key(run_id, "contrib", status["round"]), forger.peer_id, b"\x00garbage", 30)
+
+        p2p_id = None
+        for _ in range(50):
+            beats = attacker.get(run_key(run_id, "heartbeat"))
+            if target_peer in beats:
+                p2p_id = json.loads(beats[target_peer])["p2p_id"]
+                break
+            time.sleep(0.2)
+        assert p2p_id is not None
+        with pytest.raises(ProtocolError, match="over the"):
+            attacker.request(p2p_id, HANDLE_SLICE, {"round": 0, "slice": 0}, b"x" * 100_000, max_reply_bytes=1000)
+        with pytest.raises(ProtocolError):
+            attacker.request(p2p_id, HANDLE_SLICE, {"round": -5, "slice": 10**9}, max_reply_bytes=1000)
+        # A real state over a real stream parses; the same bytes with one weight changed are refused.
+        header, body = attacker.request(p2p_id, HANDLE_STATE, {"run": run_id}, max_reply_bytes=1 << 26)
+        from gpunite.manifest import load_manifest
+        from gpunite.model import build_model, config_from_manifest
+
+        manifest = load_manifest(swarm.manifest_path)
+        layout = ParamLayout.of(build_model(config_from_manifest(manifest)))
+        state = state_from_frame(header, body, layout, run_id)
+        assert state.weights_hash == header["weights_hash"] and state.inner_optimizer
+        from gpunite.train.weights import to_safetensors_bytes
+
+        nudged = state.weights.clone()
+        nudged[0] += 1e-3
+        with pytest.raises(StateSyncError, match="do not match"):
+            state_from_frame(header, to_safetensors_bytes({"weights": nudged}), layout, run_id)
+        nudged[0] = float("nan")
+        with pytest.raises(StateSyncError, match="non-finite"):
+            state_from_frame(header, to_safetensors_bytes({"weights": nudged}), layout, run_id)
+        with pytest.raises(StateSyncError, match="expected"):
+            state_from_frame(header, to_safetensors_bytes({"weights": state.weights[:-1].clone()}), layout, run_id)
+    finally:
+        attacker.close()
+    before = status["round"]
+    wait_round(swarm, ["peer1", "peer2", "peer3"], before + 1)
+    log = swarm.peers["peer2"].log_path.read_text(errors="replace")
+    assert "dropped a bad record" in log or "dropped a record under" in log
+
+
+def test_kill_first_peer_mid_round_and_the_run_goes_on(swarm):
+    swarm.wait_for(lambda s: s.get("peer1", {}).get("phase") == "training", 240, "peer1 to be training")
+    killed_at = swarm.peers["peer1"].status()["round"]
+    swarm.kill("peer1")
+    wait_round(swarm, ["peer2", "peer3"], killed_at + 2)
+    second, third = chain(swarm.peers["peer2"]), chain(swarm.peers["peer3"])
+    for round_index in (killed_at, killed_at + 1):
+        assert second[round_index] == third[round_index]
+
+
+def test_cheap_checks_reject_malformed_slices():
+    from gpunite.identity import Identity
+    from gpunite.records import Contribution, WorkUnit, sign_record
+    from gpunite.swarm.checks import check_slice
+    from gpunite.train.compression import Int8Payload, compress_int8, payload_hash, payload_to_bytes
+    from gpunite.train.weights import to_safetensors_bytes
+
+    good = payload_to_bytes(compress_int8(torch.linspace(-1, 1, 512), 256))
+    nan = payload_to_bytes(Int8Payload(q=torch.zeros(512, dtype=torch.int8), scales=torch.tensor([float("nan"), 1.0]),
+                                       numel=512, chunk=256))
+    wrong_shape = payload_to_bytes(compress_int8(torch.ones(256), 256))
+    garbage = b"\x00" * 64
+    big = to_safetensors_bytes({"q": torch.zeros(10**6, dtype=torch.int8), "scales": torch.ones(2)})
+
+    def contribution(data: bytes, norm: float = 20.0) -> Contribution:
+        return sign_record(Identity.from_seed(b"t"), Contribution(
+            run_id="a" * 64, round=0, base_hash="b" * 64, work_units=[WorkUnit(shard="c" * 64, first=0, count=4)],
+            inner_steps=1, tokens=128, trail_interval=1, trail=["d" * 64] * 2, delta_hash="e" * 64,
+            slice_hashes=[payload_hash(data)], delta_norm=norm, claimed_flops=1.0, time=1.0))
+
+    assert check_slice(good, contribution(good), 0, 512, 256, "int8")[0].accept
+    for bad in (nan, wrong_shape, garbage, big):
+        result, values = check_slice(bad, contribution(bad), 0, 512, 256, "int8")
+        assert not result.accept and values is None
+    assert not check_slice(good, contribution(garbage), 0, 512, 256, "int8")[0].accept  # hash mismatch
+    assert "exceeds" in check_slice(good, contribution(good, norm=0.5), 0, 512, 256, "int8")[0].reason
+
+
+def test_coordinator_order_is_deterministic_and_depends_on_the_previous_block():
+    from gpunite.swarm.peer import coordinator_order
+
+    peers = [f"{i:040x}" for i in range(6)]
+    assert coordinator_order("a" * 64, peers) == coordinator_order("a" * 64, list(reversed(peers)))
+    assert coordinator_order("a" * 64, peers) != coordinator_order("b" * 64, peers)
+
+
+def test_demo_manifest_is_valid(tmp_path: Path):
+    from gpunite.manifest import load_manifest
+    from gpunite.swarm.demo import write_demo_manifest
+
+    manifest = load_manifest(write_demo_manifest(tmp_path))
+    assert manifest.model.preset == "tiny" and manifest.train.inner_steps > 0
