@@ -152,3 +152,28 @@ def test_bad_requests_are_refused(engine):
 def test_context_limit_ends_generation(engine):
     result = engine.generate([5] * 120, SamplingParams(max_tokens=8, temperature=0))
     assert result.completion_tokens == 8 and result.finish_reason == "length"
+
+
+def test_cancelled_request_stops_generating(engine):
+    events = []
+    finished, submitted = threading.Event(), threading.Event()
+    handles = []
+
+    def on_event(event):
+        events.append(event)
+        if len(events) == 2:
+            submitted.wait()
+            handles[0].cancel()
+        if event.finish_reason:
+            finished.set()
+
+    before = engine.stats.completion_tokens
+    handles.append(engine.submit(engine.codec.encode(PROMPTS[0]), SamplingParams(max_tokens=100, temperature=0),
+                                 on_event))
+    submitted.set()
+    deadline = time.monotonic() + 10
+    while engine.stats.completion_tokens - before < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.generate(engine.codec.encode("a"), SamplingParams(max_tokens=2, temperature=0))  # the worker moved on
+    assert not finished.is_set() and len(events) == 2  # cancelled in its second callback: no third token
+    assert engine.stats.completion_tokens - before == 2 + 2
