@@ -177,3 +177,10 @@ def test_cancelled_request_stops_generating(engine):
     engine.generate(engine.codec.encode("a"), SamplingParams(max_tokens=2, temperature=0))  # the worker moved on
     assert not finished.is_set() and len(events) == 2  # cancelled in its second callback: no third token
     assert engine.stats.completion_tokens - before == 2 + 2
+
+
+def test_vanishing_temperature_decodes_greedily(engine):
+    ids = engine.codec.encode(PROMPTS[1])
+    greedy = engine.generate(ids, SamplingParams(max_tokens=8, temperature=0))
+    tiny = engine.generate(ids, SamplingParams(max_tokens=8, temperature=1e-45, seed=1))
+    assert token_ids(tiny) == token_ids(greedy) and tiny.finish_reason == "length"

@@ -32,6 +32,9 @@ from gpunite.train.weights import trainable_state
 
 log = logging.getLogger(__name__)
 
+# Temperatures below this decode greedily: the limit they approach, and dividing logits by them could overflow.
+GREEDY_BELOW_TEMPERATURE = 1e-6
+
 # Special tokens that end a text when a plain `tokenizers.Tokenizer` does not say which one is EOS.
 EOS_TOKEN_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end|>")
 
@@ -73,7 +76,7 @@ class TextCodec:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one sequence is generated; temperature 0 is greedy."""
+    """How one sequence is generated; temperature 0 (or below GREEDY_BELOW_TEMPERATURE) is greedy."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -440,7 +443,7 @@ class Engine:
         for row, request in enumerate(requests):
             params = request.params
             generator = None
-            if params.temperature > 0:
+            if params.temperature >= GREEDY_BELOW_TEMPERATURE:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "big"))
             sequence = _Sequence(request, generator)
@@ -489,7 +492,7 @@ class Engine:
         chosen = logits.argmax(dim=-1).tolist()
         tokens_in_context = (batch.positions + 1).tolist()
         for row, sequence in enumerate(batch.sequences):
-            if sequence.params.temperature > 0 and sequence.params.max_tokens > 0:
+            if sequence.generator is not None and sequence.params.max_tokens > 0:
                 chosen[row] = _sample(logits[row], sequence.params.temperature, sequence.params.top_p,
                                       sequence.generator)
         keep = []
