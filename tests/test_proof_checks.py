@@ -74,6 +74,9 @@ def test_honest_contribution_passes_every_check():
         torch.randn(NUMEL, generator=torch.Generator().manual_seed(0)), CHUNK), 512, 1000))) == []
     honest = [_contribution(i)[0] for i in range(4)]
     assert all(v == [] for v in check_round(honest, CTX).values())
+    # Fewer steps than the units allow (a remainder smaller than a batch) is honest partial work.
+    partial, _ = _contribution(0, inner_steps=3, tokens=3 * BATCH * SEQ, claimed_flops=float(FPT * 3 * BATCH * SEQ))
+    assert check_contribution(partial, CTX) == []
 
 
 @pytest.mark.parametrize("changes, cheat", [

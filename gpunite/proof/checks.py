@@ -81,8 +81,10 @@ def check_contribution(contribution: Contribution, ctx: RoundContext) -> list[Fi
     if c.inner_steps == 0:
         findings.append(Finding("contribution claims no inner steps"))
     sequences = sum(unit.count for unit in c.work_units)
-    if sequences != c.inner_steps * ctx.batch_size:
-        findings.append(Finding(f"{c.inner_steps} steps of {ctx.batch_size} sequences do not cover the "
+    if c.inner_steps * ctx.batch_size > sequences:
+        # Fewer steps than the units allow is honest (a remainder smaller than a batch is left out);
+        # more steps than the units hold claims work on data nobody assigned.
+        findings.append(Finding(f"{c.inner_steps} steps of {ctx.batch_size} sequences need more than the "
                                 f"{sequences} sequences of its work units", cheat=True))
     expected_tokens = c.inner_steps * ctx.batch_size * ctx.seq_len
     if c.tokens != expected_tokens:
