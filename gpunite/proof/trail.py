@@ -203,9 +203,9 @@ def _metadata_of(data: bytes) -> dict[str, str]:
     try:
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
-        metadata = header.get("__metadata__") or {}
     except (ValueError, UnicodeDecodeError) as exc:
         raise TrailError(f"segment header is not valid safetensors JSON: {exc}") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise TrailError("segment metadata is not an object")
     return metadata
@@ -224,7 +224,9 @@ def _check_weights(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int
 def _check_optimizer(optimizer: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
     if not optimizer:
         return
-    expected = {f"{n}.{k}": s for n, s in shapes.items() for k, s in (("exp_avg", s), ("exp_avg_sq", s), ("step", ()))}
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        expected |= {f"{name}.exp_avg": shape, f"{name}.exp_avg_sq": shape, f"{name}.step": ()}
     if set(optimizer) != set(expected):
         raise TrailError("checkpoint optimizer state does not fit the model's parameters")
     for name, shape in expected.items():
