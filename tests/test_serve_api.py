@@ -161,6 +161,8 @@ def test_signed_requests_replays_and_bad_signatures(served):
     (b'{"model": "tiny-test", "prompt": [999999]}', 400, "token ids"),
     (b'{"model": "tiny-test", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
     (b'{"model": "tiny-test", "messages": []}', 400, "messages"),
+    (b'{"model": "tiny-test", "prompt": ["a", "b", "c", "d", "e"], "n": 16, "max_tokens": 1}', 400, "sequences per request"),
+    (b'{"model": "tiny-test", "prompt": "hi", "n": 0}', 400, "n"),
 ])
 def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(served, client, body, status, needle):
     _, server, _ = served

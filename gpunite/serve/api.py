@@ -234,12 +234,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
                               stop=tuple(stops) + extra_stops, seed=seed, logprobs=logprobs,
                               echo_logprobs=echo_logprobs)
 
+    def check_sequence_count(prompt_count: int, n: int) -> None:
+        if prompt_count * n > settings.max_sequences:
+            raise ApiError(400, f"{prompt_count} prompts x n={n} is more than this host's {settings.max_sequences} "
+                                "sequences per request; split the request", param="n")
+
     def check_sequences(prompts: list[list[int]], params: SamplingParams, n: int) -> None:
         if not prompts:
             raise ApiError(400, "prompt is empty; send a string, a list of strings or token ids", param="prompt")
-        if len(prompts) * n > settings.max_sequences:
-            raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than this host's {settings.max_sequences} "
-                                "sequences per request; split the request", param="n")
+        check_sequence_count(len(prompts), n)
         for prompt in prompts:
             try:
                 engine.check_request(prompt, params)
@@ -269,6 +272,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, caller: Caller = Depends(authenticate)) -> Any:
         check_model(body.model)
+        if isinstance(body.prompt, list) and not all(isinstance(item, int) for item in body.prompt):
+            check_sequence_count(len(body.prompt), body.n)  # before tokenizing them all
         prompts = _prompt_ids(body.prompt, engine)
         params = sampling(body.max_tokens if body.max_tokens is not None else 16, body.temperature, body.top_p,
                           body.stop, body.seed, body.logprobs, body.echo and body.logprobs is not None)
