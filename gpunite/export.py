@@ -49,7 +49,9 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     tokenizer = Tokenizer.from_str(checkpoint.tokenizer_json)
     eos = _eos_token(tokenizer)
     if eos is None:
-        raise ExportError(f"the tokenizer in {checkpoint_path} has no end-of-text token to mark document ends")
+        raise ExportError(
+            f"the tokenizer in {checkpoint_path} has no end-of-text token to mark document ends"
+        )
     eos_token, eos_id = eos
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +84,9 @@ def load_for_generation(source: str | Path, device: str = "cpu") -> LoadedModel:
 
     checkpoint = load_checkpoint(source)
     if checkpoint.tokenizer_json is None:
-        raise ExportError(f"{source} holds no tokenizer; generate from a checkpoint written by `gpunite train`")
+        raise ExportError(
+            f"{source} holds no tokenizer; generate from a checkpoint written by `gpunite train`"
+        )
     tokenizer = Tokenizer.from_str(checkpoint.tokenizer_json)
     eos = _eos_token(tokenizer)
     model = model_from_checkpoint(checkpoint, device=device).eval()
@@ -148,12 +152,16 @@ def generate_text(
             raise ExportError("an empty prompt needs a tokenizer with an end-of-text token")
         prompt_ids = [loaded.eos_id]
     if len(prompt_ids) >= loaded.max_seq_len:
-        raise ExportError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {loaded.max_seq_len}")
+        raise ExportError(
+            f"the prompt is {len(prompt_ids)} tokens; the model's context is {loaded.max_seq_len}"
+        )
     device = next(loaded.model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     budget = min(max_tokens, loaded.max_seq_len - len(prompt_ids))
     # transformers 5 names the KV cache `cache`, 4.x `past_key_values` (argument and output alike).
-    cache_name = "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
+    cache_name = (
+        "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
+    )
     new_ids: list[int] = []
     with torch.no_grad():
         output = loaded.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
@@ -164,6 +172,9 @@ def generate_text(
             new_ids.append(token)
             if len(new_ids) == budget:
                 break
-            output = loaded.model(input_ids=torch.tensor([[token]], device=device),
-                                  use_cache=True, **{cache_name: getattr(output, cache_name)})
+            output = loaded.model(
+                input_ids=torch.tensor([[token]], device=device),
+                use_cache=True,
+                **{cache_name: getattr(output, cache_name)},
+            )
     return loaded.tokenizer.decode(new_ids)

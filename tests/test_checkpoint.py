@@ -40,8 +40,15 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
     first = InnerTrainer(build_model(CONFIG, seed=1), MANIFEST.train)
     for batch in data[:3]:
         first.train_step(batch)
-    path = save_checkpoint(tmp_path / "ck.safetensors", first.model, first, data_position=3, manifest=MANIFEST,
-                           tokenizer_json='{"model": {}}', extra={"note": "half way"})
+    path = save_checkpoint(
+        tmp_path / "ck.safetensors",
+        first.model,
+        first,
+        data_position=3,
+        manifest=MANIFEST,
+        tokenizer_json='{"model": {}}',
+        extra={"note": "half way"},
+    )
     checkpoint = load_checkpoint(path)
     assert (checkpoint.step, checkpoint.data_position) == (3, 3)
     assert checkpoint.model_config == CONFIG
@@ -54,7 +61,7 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
     resumed = InnerTrainer(resumed_model, MANIFEST.train)
     restore_training_state(checkpoint, resumed_model, resumed)
     assert resumed.step == 3
-    for batch in data[checkpoint.data_position:]:
+    for batch in data[checkpoint.data_position :]:
         resumed.train_step(batch)
     assert model_hash(resumed_model) == model_hash(straight.model)
 
@@ -95,8 +102,16 @@ def test_damaged_checkpoints_raise_one_line_errors_naming_the_file(tmp_path):
         load_checkpoint(tmp_path / "missing.safetensors")
 
 
-SMALL = replace(PRESETS["tiny"], vocab_size=256, hidden_size=128, n_layers=2, n_heads=2, n_kv_heads=2,
-                intermediate_size=344, max_seq_len=64)
+SMALL = replace(
+    PRESETS["tiny"],
+    vocab_size=256,
+    hidden_size=128,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=2,
+    intermediate_size=344,
+    max_seq_len=64,
+)
 
 
 def save_forever(path, reports):
@@ -118,7 +133,9 @@ def test_kill_9_during_saves_always_leaves_a_loadable_checkpoint(tmp_path):
     # torch and transformers (and computed nothing, so no OpenMP threads exist to break a fork) starts each
     # saver in milliseconds instead of seconds.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "transformers.models.llama.modeling_llama", "gpunite.train.checkpoint"])
+    context.set_forkserver_preload(
+        ["torch", "transformers.models.llama.modeling_llama", "gpunite.train.checkpoint"]
+    )
     rng = random.Random(1234)
     for attempt in range(4):
         path = tmp_path / f"attempt{attempt}" / "latest.safetensors"

@@ -33,11 +33,26 @@ def test_peak_tflops_is_measured_once_then_cached(tmp_path):
 
 
 def test_doctor_json_cli(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "gpunite", "doctor", "--json"], capture_output=True, text=True,
-                          timeout=120, env={"GPUNITE_HOME": str(tmp_path), "PATH": ""}, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "gpunite", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"GPUNITE_HOME": str(tmp_path), "PATH": ""},
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    for field in ("device", "memory_gb", "tflops", "tflops_by_dtype", "disk_free_gb", "torch_version",
-                  "cpu_threads", "ram_gb", "devices"):
+    for field in (
+        "device",
+        "memory_gb",
+        "tflops",
+        "tflops_by_dtype",
+        "disk_free_gb",
+        "torch_version",
+        "cpu_threads",
+        "ram_gb",
+        "devices",
+    ):
         assert field in report, field
     assert report["tflops"] > 0 and report["tflops_by_dtype"]["fp32"] > 0

@@ -163,8 +163,13 @@ def prepared_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     rng = random.Random(0)
     lines = b"".join(
-        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))),
-                    "meta": {"pile_set_name": "Pile-CC"}}).encode() + b"\n"
+        json.dumps(
+            {
+                "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))),
+                "meta": {"pile_set_name": "Pile-CC"},
+            }
+        ).encode()
+        + b"\n"
         for _ in range(120)
     )
     (folder / "corpus.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
@@ -222,8 +227,14 @@ def test_cli_train_export_generate_end_to_end(prepared_run, tmp_path):
     import sys
 
     def gpunite(*args):
-        done = subprocess.run([sys.executable, "-m", "gpunite", *args], capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path, env={"GPUNITE_HOME": str(tmp_path), "PATH": ""})
+        done = subprocess.run(
+            [sys.executable, "-m", "gpunite", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env={"GPUNITE_HOME": str(tmp_path), "PATH": ""},
+        )
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
@@ -234,7 +245,12 @@ def test_cli_train_export_generate_end_to_end(prepared_run, tmp_path):
     sample = gpunite("generate", str(tmp_path / "hf"), "peers train", "--max-tokens", "5", "--json")
     assert sample["prompt"] == "peers train" and isinstance(sample["completion"], str)
 
-    done = subprocess.run([sys.executable, "-m", "gpunite", "generate", str(tmp_path / "missing.safetensors")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "gpunite", "generate", str(tmp_path / "missing.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "no checkpoint at" in done.stderr and len(done.stderr.strip().splitlines()) == 1

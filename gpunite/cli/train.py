@@ -1,4 +1,4 @@
-"""`gpunite train`, `doctor`, `export` and `generate`: local training, the hardware probe, HF export, sampling."""
+"""`gpunite train`, `doctor`, `export`, `generate`: local training, hardware probe, HF export, sampling."""
 
 from __future__ import annotations
 
@@ -20,10 +20,14 @@ def register(app: typer.Typer) -> None:
 def train(
     manifest_path: Path = typer.Argument(..., help="A run manifest (TOML) whose data is prepared."),
     steps: Optional[int] = typer.Option(
-        None, "--steps", help="Stop at this step (default train.total_steps; the lr schedule keeps its length)."),
+        None,
+        "--steps",
+        help="Stop at this step (default train.total_steps; the lr schedule keeps its length).",
+    ),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint."),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Checkpoint folder (default <manifest dir>/checkpoints/<run name>)."),
+        None, "--out", help="Checkpoint folder (default <manifest dir>/checkpoints/<run name>)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps or xpu."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (no progress bar)."),
 ) -> None:
@@ -52,8 +56,15 @@ def train(
         task = bar.add_task("train", total=None, loss=float("nan"), lr=0.0, tokens_per_s=0.0, mfu=0.0)
 
         def show(state) -> None:
-            bar.update(task, total=state.target_step, completed=state.step, loss=state.loss, lr=state.lr,
-                       tokens_per_s=state.tokens_per_s, mfu=state.mfu)
+            bar.update(
+                task,
+                total=state.target_step,
+                completed=state.step,
+                loss=state.loss,
+                lr=state.lr,
+                tokens_per_s=state.tokens_per_s,
+                mfu=state.mfu,
+            )
 
         result = train_local(manifest, steps=steps, resume=resume, out_dir=out, device=device, progress=show)
 
@@ -70,7 +81,7 @@ def train(
     table.add_row("speed", f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}")
     table.add_row("checkpoint", result.checkpoint)
     console.print(table)
-    console.print(f"next: [bold]gpunite generate {result.checkpoint} \"Once upon a time\"[/]")
+    console.print(f'next: [bold]gpunite generate {result.checkpoint} "Once upon a time"[/]')
 
 
 def doctor(
@@ -88,7 +99,9 @@ def doctor(
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("device", f"{report.device} ({report.device_name})")
-    available = f", {report.memory_available_gb:.1f} GB free" if report.memory_available_gb is not None else ""
+    available = (
+        f", {report.memory_available_gb:.1f} GB free" if report.memory_available_gb is not None else ""
+    )
     table.add_row("memory", f"{report.memory_gb:.1f} GB{available}")
     rates = ", ".join(f"{name} {rate:.3f}" for name, rate in report.tflops_by_dtype.items())
     table.add_row("matmul TFLOPS", f"{rates} (training uses {report.train_dtype})")
@@ -123,7 +136,9 @@ def generate(
     prompt: str = typer.Argument("", help="Text to continue (empty: start a new document)."),
     max_tokens: int = typer.Option(64, "--max-tokens", help="Most tokens to add."),
     temperature: float = typer.Option(0.8, "--temperature", help="0 is greedy; higher is more random."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Sample from the smallest set of tokens with this mass."),
+    top_p: float = typer.Option(
+        0.95, "--top-p", help="Sample from the smallest set of tokens with this mass."
+    ),
     seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed gives the same text."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps or xpu."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -133,7 +148,9 @@ def generate(
     from gpunite.train.trainer import pick_device
 
     loaded = load_for_generation(source, device=pick_device(device))
-    text = generate_text(loaded, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    text = generate_text(
+        loaded, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
     if as_json:
         print_json({"prompt": prompt, "completion": text})
         return

@@ -1,4 +1,4 @@
-"""Training checkpoints: one safetensors file (weights, AdamW state, RNG state + JSON metadata), written atomically."""
+"""Training checkpoints: one safetensors file (weights, AdamW, RNG, JSON metadata), written atomically."""
 
 from __future__ import annotations
 
@@ -181,12 +181,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
-    # Flattened because weights_hash views bytes through .view(uint8), which 0-d tensors (AdamW's step) refuse.
+    # Flattened: weights_hash views bytes through .view(uint8), which 0-d tensors (AdamW's step) refuse.
     return weights_hash({name: t.reshape(-1) for name, t in tensors.items()})
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+    return {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -196,12 +196,15 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     named = dict(unique_named_parameters(model))
     if set(named) != set(state):
         missing, extra = sorted(set(named) - set(state)), sorted(set(state) - set(named))
-        raise CheckpointError(f"checkpoint weights do not fit the model: missing {missing[:2]}, extra {extra[:2]}")
+        raise CheckpointError(
+            f"checkpoint weights do not fit the model: missing {missing[:2]}, extra {extra[:2]}"
+        )
     with torch.no_grad():
         for name, param in named.items():
             if param.shape != state[name].shape:
                 raise CheckpointError(
-                    f"checkpoint weight {name} is {tuple(state[name].shape)}, the model has {tuple(param.shape)}"
+                    f"checkpoint weight {name} is {tuple(state[name].shape)}, "
+                    f"the model has {tuple(param.shape)}"
                 )
             param.copy_(state[name])
 

@@ -1,4 +1,4 @@
-"""Hardware probe: devices, memory, disk, and measured matmul TFLOPS, for `gpunite doctor`, MFU and host records."""
+"""Hardware probe: devices, memory, disk, measured matmul TFLOPS; for `gpunite doctor`, MFU, host records."""
 
 from __future__ import annotations
 
@@ -70,7 +70,9 @@ def list_devices() -> list[DeviceInfo]:
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(index)
-            devices.append(DeviceInfo(f"cuda:{index}", torch.cuda.get_device_name(index), total / _GB, free / _GB))
+            devices.append(
+                DeviceInfo(f"cuda:{index}", torch.cuda.get_device_name(index), total / _GB, free / _GB)
+            )
     if torch.backends.mps.is_available():
         total, available = ram_gb()  # unified memory
         devices.append(DeviceInfo("mps", "Apple GPU (unified memory)", total, available))
@@ -150,14 +152,20 @@ def _dtype_name(dtype: torch.dtype | None) -> str:
     return names[dtype]
 
 
-def probe(device: str | torch.device = "auto", disk_path: str | Path | None = None,
-          budget_s: float = 0.3) -> HardwareReport:
+def probe(
+    device: str | torch.device = "auto", disk_path: str | Path | None = None, budget_s: float = 0.3
+) -> HardwareReport:
     """Measure this machine; takes about 3 x budget_s seconds of matmuls plus start-up."""
     torch_device = pick_device(device) if isinstance(device, str) else device
     devices = list_devices()
     wanted = str(torch_device) if torch_device.index is not None or torch_device.type == "cpu" else None
-    info = next((d for d in devices if d.device == wanted or d.device.split(":")[0] == torch_device.type), devices[-1])
-    rates = {name: round(measure_matmul_tflops(torch_device, dtype, budget_s), 4) for name, dtype in _DTYPES.items()}
+    info = next(
+        (d for d in devices if d.device == wanted or d.device.split(":")[0] == torch_device.type), devices[-1]
+    )
+    rates = {
+        name: round(measure_matmul_tflops(torch_device, dtype, budget_s), 4)
+        for name, dtype in _DTYPES.items()
+    }
     train_dtype = _dtype_name(autocast_dtype(torch_device))
     ram_total, ram_available = ram_gb()
     if disk_path is None:
@@ -188,15 +196,23 @@ def probe(device: str | torch.device = "auto", disk_path: str | Path | None = No
 def peak_tflops(device: torch.device, cache_dir: Path | None = None) -> float:
     """The device's measured matmul TFLOPS in its training dtype, cached on disk per device and torch version.
 
-    MFU divides achieved model FLOPs/s by this; measuring once per machine keeps `gpunite train` start-up short.
+    MFU divides achieved model FLOPs/s by this; measuring once per machine keeps `gpunite train` start-up
+    short.
     """
     if cache_dir is None:
         from gpunite.identity import default_home
 
         cache_dir = default_home()
     dtype = autocast_dtype(device)
-    key = "|".join([str(device), _device_name(device), _dtype_name(dtype), torch.__version__,
-                    str(torch.get_num_threads())])
+    key = "|".join(
+        [
+            str(device),
+            _device_name(device),
+            _dtype_name(dtype),
+            torch.__version__,
+            str(torch.get_num_threads()),
+        ]
+    )
     cache_file = cache_dir / "peak_tflops.json"
     try:
         cached = json.loads(cache_file.read_text())

@@ -1,4 +1,4 @@
-"""Local training of a run on one peer (`gpunite train`): prepared shards in, checkpoints out, resumable bitwise."""
+"""Local training on one peer (`gpunite train`): prepared shards in, checkpoints out, resumable bitwise."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
 
 from gpunite.errors import GpuniteError
 from gpunite.manifest import Manifest
@@ -106,7 +104,9 @@ def train_local(
     torch_device = pick_device(device)
     model = build_model(config, seed=manifest.run.seed, device=torch_device)
     trainer = InnerTrainer(model, cfg, torch_device, total_steps=cfg.total_steps)
-    checkpoint_path = Path(out_dir) / CHECKPOINT_NAME if out_dir else default_checkpoint_dir(manifest) / CHECKPOINT_NAME
+    checkpoint_path = (
+        Path(out_dir) / CHECKPOINT_NAME if out_dir else default_checkpoint_dir(manifest) / CHECKPOINT_NAME
+    )
     data_position = 0
     resumed = False
     if resume and checkpoint_path.exists():
@@ -125,18 +125,30 @@ def train_local(
         data_position = checkpoint.data_position
         resumed = True
     start_step = trainer.step
-    stream = BatchStream(prepared_dir, index, seq_len, cfg.batch_size, seed=manifest.run.seed,
-                         position=data_position)
+    stream = BatchStream(
+        prepared_dir, index, seq_len, cfg.batch_size, seed=manifest.run.seed, position=data_position
+    )
 
     tokens_per_step = cfg.batch_size * seq_len
     model_flops_per_token = flops_per_token(config, seq_len)
     peak = peak_tflops(torch_device)
-    extra = {"run_id": manifest.run_id, "tokenizer_hash": index.tokenizer_hash, "eos_id": index.eos_id,
-             "dataset_hash": index.dataset_hash}
+    extra = {
+        "run_id": manifest.run_id,
+        "tokenizer_hash": index.tokenizer_hash,
+        "eos_id": index.eos_id,
+        "dataset_hash": index.dataset_hash,
+    }
 
     def save() -> None:
-        save_checkpoint(checkpoint_path, model, trainer, data_position=stream.position, manifest=manifest,
-                        tokenizer_json=tokenizer_json, extra=extra)
+        save_checkpoint(
+            checkpoint_path,
+            model,
+            trainer,
+            data_position=stream.position,
+            manifest=manifest,
+            tokenizer_json=tokenizer_json,
+            extra=extra,
+        )
 
     loss: float | None = None
     step_times: list[float] = []
@@ -155,8 +167,11 @@ def train_local(
         if progress is not None:
             window = step_times[-RATE_WINDOW_STEPS:]
             rate = tokens_per_step * len(window) / sum(window)
-            progress(TrainProgress(trainer.step, target_step, loss, lr, rate,
-                                   _mfu(rate, model_flops_per_token, peak), saved))
+            progress(
+                TrainProgress(
+                    trainer.step, target_step, loss, lr, rate, _mfu(rate, model_flops_per_token, peak), saved
+                )
+            )
     elapsed = time.perf_counter() - started
 
     # The first step pays for start-up (allocations, kernel selection); leave it out of the rate.

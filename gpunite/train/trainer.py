@@ -32,9 +32,13 @@ def pick_device(preference: str = "auto") -> torch.device:
         try:
             device = torch.device(preference)
         except RuntimeError:
-            raise TrainingError(f"unknown device {preference!r}; use auto, cpu, cuda, cuda:N, mps or xpu") from None
+            raise TrainingError(
+                f"unknown device {preference!r}; use auto, cpu, cuda, cuda:N, mps or xpu"
+            ) from None
         if not _device_available(device):
-            raise TrainingError(f"device {preference!r} is not available here; run `gpunite doctor` to see devices")
+            raise TrainingError(
+                f"device {preference!r} is not available here; run `gpunite doctor` to see devices"
+            )
         return device
     for candidate in ("cuda", "mps", "xpu"):
         device = torch.device(candidate)
@@ -47,7 +51,9 @@ def _device_available(device: torch.device) -> bool:
     if device.type == "cpu":
         return True
     if device.type == "cuda":
-        return torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count())
+        return torch.cuda.is_available() and (
+            device.index is None or device.index < torch.cuda.device_count()
+        )
     if device.type == "mps":
         return torch.backends.mps.is_available()
     if device.type == "xpu":
@@ -127,8 +133,8 @@ class InnerTrainer:
             ],
             lr=lr_at(step, train_cfg, self.total_steps),
             betas=(train_cfg.beta1, train_cfg.beta2),
-            # The fused kernel runs one pass per tensor (CPU and GPU alike) and is elementwise, so as deterministic
-            # as the loop version, and faster.
+            # The fused kernel runs one pass per tensor (CPU and GPU alike) and is elementwise: as
+            # deterministic as the loop version, and faster.
             fused=self.device.type in ("cpu", "cuda", "mps", "xpu"),
         )
         self._forward_model = torch.compile(self.model) if train_cfg.compile else self.model
@@ -141,7 +147,9 @@ class InnerTrainer:
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.ndim != 2 or batch.size(1) < 2:
-            raise TrainingError(f"a batch must be [batch, seq_len + 1] tokens, got shape {tuple(batch.shape)}")
+            raise TrainingError(
+                f"a batch must be [batch, seq_len + 1] tokens, got shape {tuple(batch.shape)}"
+            )
         return batch.to(self.device, non_blocking=True)
 
     def train_step(self, batch: torch.Tensor) -> float:
