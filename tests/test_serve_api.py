@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -187,7 +188,13 @@ def test_quota_answers_429_with_reset_time(tmp_path):
             assert int(refused.headers["retry-after"]) > 0
         caller = Identity.from_seed(b"no-credit-yet")
         with HostClient(server.url, caller) as signed:  # a signed caller has its own allowance
-            assert "".join(signed.stream_completion("x", max_tokens=2))
+            abandoned = signed.stream_completion("x", max_tokens=60)
+            assert next(abandoned)  # then the caller goes away mid-answer: one query used, nothing held
+            abandoned.close()
+            deadline = time.monotonic() + 30
+            while not [r for r in ledger.records(kind="usage") if r.caller == caller.peer_id]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
             assert "".join(signed.stream_completion("x", max_tokens=2))
             with pytest.raises(ClientError, match="429.*quota"):
                 list(signed.stream_completion("x", max_tokens=2))

@@ -186,7 +186,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists {settings.model_name!r}",
                            param="model", code="model_not_found")
 
-    def take_quota(caller: Caller) -> int:
+    def take_quota(caller: Caller) -> _Reservation:
         now = time.time()
         allowed, remaining, reset_time = settings.quota(caller.peer_id, now)
         if not allowed or remaining < in_flight[caller.peer_id]:
@@ -199,17 +199,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 extra={"reset_time": reset_time, "reset_at": reset_at},
             )
         in_flight[caller.peer_id] += 1
-        return remaining - in_flight[caller.peer_id] + 1
+        return _Reservation(in_flight, caller, remaining - in_flight[caller.peer_id] + 1)
 
-    def release_quota(caller: Caller) -> None:
-        in_flight[caller.peer_id] -= 1
-        if in_flight[caller.peer_id] <= 0:
-            del in_flight[caller.peer_id]
-
-    def record_usage(caller: Caller, prompt_tokens: int, completion_tokens: int) -> None:
-        release_quota(caller)
+    def record_usage(reservation: _Reservation, prompt_tokens: int, completion_tokens: int) -> None:
+        # The reservation ends as the usage record appears, so the query is never counted twice.
+        reservation.release()
         if settings.on_usage is None:
             return
+        caller = reservation.caller
         now = time.time()
         usage = Usage(
             run_id=settings.run_id, caller=caller.peer_id, request_id=caller.request_id,
@@ -278,7 +275,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         params = sampling(body.max_tokens if body.max_tokens is not None else 16, body.temperature, body.top_p,
                           body.stop, body.seed, body.logprobs, body.echo and body.logprobs is not None)
         check_sequences(prompts, params, body.n)
-        remaining = take_quota(caller)
+        reservation = take_quota(caller)
         jobs = _jobs(prompts, params, body.n)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -312,18 +309,21 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 first_sent.add(index)
                 return [chunk([choice_payload(index, event, first)])]
 
-            return _sse_response(jobs, engine, on_event, chunk, body.stream_options, caller, record_usage,
-                                 len(prompts), remaining)
+            return _sse_response(jobs, engine, on_event, chunk, body.stream_options, reservation, record_usage,
+                                 len(prompts))
 
-        completions_done = await _run_reserved(jobs, engine, lambda: release_quota(caller))
-        prompt_tokens = sum(len(p) for p in prompts)
-        completion_tokens = sum(c.completion_tokens for c in completions_done)
-        record_usage(caller, prompt_tokens, completion_tokens)
+        try:
+            completions_done = await _run_all(jobs, engine)
+            prompt_tokens = sum(len(p) for p in prompts)
+            completion_tokens = sum(c.completion_tokens for c in completions_done)
+            record_usage(reservation, prompt_tokens, completion_tokens)
+        finally:
+            reservation.release()  # unused when generation failed or the caller went away
         return JSONResponse(
             {"id": response_id, "object": "text_completion", "created": created, "model": settings.model_name,
              "choices": [choice_payload(i, c, True) for i, c in enumerate(completions_done)],
              "usage": _usage(prompt_tokens, completion_tokens)},
-            headers={"X-Gpunite-Quota-Remaining": str(remaining)},
+            headers={"X-Gpunite-Quota-Remaining": str(reservation.remaining)},
         )
 
     @app.post("/v1/chat/completions")
@@ -337,7 +337,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         params = sampling(max_tokens, body.temperature, body.top_p, body.stop, body.seed, top_k, False,
                           extra_stops=CHAT_ROLE_TAGS)
         check_sequences([prompt], params, body.n)
-        remaining = take_quota(caller)
+        reservation = take_quota(caller)
         jobs = _jobs([prompt], params, body.n)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -365,19 +365,21 @@ def create_app(settings: ServeSettings) -> FastAPI:
                                        "finish_reason": event.finish_reason}]))
                 return out
 
-            return _sse_response(jobs, engine, on_event, chunk, body.stream_options, caller, record_usage,
-                                 1, remaining)
+            return _sse_response(jobs, engine, on_event, chunk, body.stream_options, reservation, record_usage, 1)
 
-        completions_done = await _run_reserved(jobs, engine, lambda: release_quota(caller))
-        completion_tokens = sum(c.completion_tokens for c in completions_done)
-        record_usage(caller, len(prompt), completion_tokens)
+        try:
+            completions_done = await _run_all(jobs, engine)
+            completion_tokens = sum(c.completion_tokens for c in completions_done)
+            record_usage(reservation, len(prompt), completion_tokens)
+        finally:
+            reservation.release()
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                     "logprobs": _chat_logprobs(c.tokens) if body.logprobs else None,
                     "finish_reason": c.finish_reason} for i, c in enumerate(completions_done)]
         return JSONResponse(
             {"id": response_id, "object": "chat.completion", "created": created, "model": settings.model_name,
              "choices": choices, "usage": _usage(len(prompt), completion_tokens)},
-            headers={"X-Gpunite-Quota-Remaining": str(remaining)},
+            headers={"X-Gpunite-Quota-Remaining": str(reservation.remaining)},
         )
 
     return app
@@ -426,18 +428,44 @@ def _jobs(prompts: list[list[int]], params: SamplingParams, n: int) -> list[tupl
     return jobs
 
 
-async def _run_reserved(jobs: list[tuple[list[int], SamplingParams]], engine: Engine,
-                        release: Callable[[], None]) -> list[Completion]:
-    """Every job's completion; on failure or a caller gone away, the quota reservation is released unused."""
-    try:
-        completions = list(await asyncio.gather(*(engine.complete(prompt, params) for prompt, params in jobs)))
-        for completion in completions:
-            if completion.finish_reason == "error":
-                raise ApiError(503, f"{completion.error}; retry the request", kind="server_error",
-                               code="generation_failed")
-    except BaseException:
-        release()
-        raise
+class _Reservation:
+    """One query held against a caller's quota from acceptance until its usage record exists (or it fails)."""
+
+    def __init__(self, in_flight: dict[str, int], caller: Caller, remaining: int):
+        self._in_flight = in_flight
+        self.caller = caller
+        self.remaining = remaining
+        self._held = True
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        self._in_flight[self.caller.peer_id] -= 1
+        if self._in_flight[self.caller.peer_id] <= 0:
+            del self._in_flight[self.caller.peer_id]
+
+
+class _ReservedStream(StreamingResponse):
+    """A streaming response that ends its quota reservation however the stream ends, even unstarted."""
+
+    def __init__(self, content: AsyncIterator[bytes], reservation: _Reservation, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._reservation = reservation
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._reservation.release()
+
+
+async def _run_all(jobs: list[tuple[list[int], SamplingParams]], engine: Engine) -> list[Completion]:
+    completions = list(await asyncio.gather(*(engine.complete(prompt, params) for prompt, params in jobs)))
+    for completion in completions:
+        if completion.finish_reason == "error":
+            raise ApiError(503, f"{completion.error}; retry the request", kind="server_error",
+                           code="generation_failed")
     return completions
 
 
@@ -472,8 +500,8 @@ def _sse(data: dict | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-def _sse_response(jobs, engine: Engine, on_event, chunk, stream_options: StreamOptions | None, caller: Caller,
-                  record_usage, prompt_count: int, remaining: int) -> StreamingResponse:
+def _sse_response(jobs, engine: Engine, on_event, chunk, stream_options: StreamOptions | None,
+                  reservation: _Reservation, record_usage, prompt_count: int) -> StreamingResponse:
     """Stream every job's events as server-sent events, in arrival order, then usage (if asked) and [DONE]."""
 
     async def events() -> AsyncIterator[bytes]:
@@ -505,16 +533,17 @@ def _sse_response(jobs, engine: Engine, on_event, chunk, stream_options: StreamO
             if stream_options is not None and stream_options.include_usage:
                 yield _sse(chunk([], _usage(_prompt_tokens(jobs, prompt_count), sum(completion_tokens))))
             recorded = True  # before [DONE], so the record exists once the caller has its whole answer
-            record_usage(caller, _prompt_tokens(jobs, prompt_count), sum(completion_tokens))
+            record_usage(reservation, _prompt_tokens(jobs, prompt_count), sum(completion_tokens))
             yield _sse("[DONE]")
         finally:
             for task in tasks:
                 task.cancel()
             if not recorded:  # the caller went away mid-answer: it still used what was generated
-                record_usage(caller, _prompt_tokens(jobs, prompt_count), sum(completion_tokens))
+                record_usage(reservation, _prompt_tokens(jobs, prompt_count), sum(completion_tokens))
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Gpunite-Quota-Remaining": str(remaining)})
+    return _ReservedStream(events(), reservation, media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache",
+                                    "X-Gpunite-Quota-Remaining": str(reservation.remaining)})
 
 
 def _prompt_tokens(jobs: list[tuple[list[int], SamplingParams]], prompt_count: int) -> int:
