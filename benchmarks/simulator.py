@@ -1,7 +1,8 @@
 """Benchmark: the simulator against the real swarm, its speed at a million peers, and the seed's goal.
 
 1. Calibrate: a real loopback swarm (tiny model, `gpunite run start` + `gpunite join`, status files) gives the
-   bytes per parameter on the wire and the fixed per-round overhead (gpunite.sim.calibration.costs_from).
+   bytes per parameter on the wire and the fixed per-round overhead (gpunite.sim.calibration.calibrate);
+   on the shared CPU that overhead is scaled with each run's measured compute time per round.
 2. Baseline: a real swarm on the WAN test bed (8 peers, `home` profile: 100/20 Mbit, 50 ms one way) measures
    round time, compute utilization and bytes per peer per round. When the bed cannot run here (no root or no
    namespaces) a second loopback swarm is the baseline instead, and `testbed` says so.
@@ -87,10 +88,13 @@ def main() -> None:
     parser.add_argument("--loopback", type=Path, help="A saved loopback measurement (skips that real run).")
     parser.add_argument("--testbed", type=Path, help="A saved test-bed measurement (skips that real run).")
     parser.add_argument("--save-dir", type=Path, help="Save the measurements made here.")
+    parser.add_argument(
+        "--also", type=Path, nargs="*", default=[], help="More saved test-bed runs to compare."
+    )
     parser.add_argument("--sim-rounds", type=int, default=20)
     args = parser.parse_args()
 
-    from gpunite.sim.calibration import compare, costs_from, load_measurement, measure_swarm, save_measurement
+    from gpunite.sim.calibration import calibrate, compare, load_measurement, measure_swarm, save_measurement
     from gpunite.sim.model import simulate
     from gpunite.sim.netbed import NetbedError, check_requirements
 
@@ -108,7 +112,8 @@ def main() -> None:
         return result
 
     loopback = measured(args.loopback, args.calibration_peers or args.peers, None, "loopback")
-    costs = costs_from(loopback)
+    calibration = calibrate(loopback)
+    costs = calibration.costs
     bed_note = None
     if args.testbed is None:
         try:
@@ -117,7 +122,8 @@ def main() -> None:
         except NetbedError as exc:
             profile, bed_note = None, f"test bed unavailable ({exc}); baseline is a real loopback swarm"
     baseline = measured(args.testbed, args.peers, profile if args.testbed is None else None, "testbed")
-    comparison = compare(baseline, costs)
+    comparison = compare(baseline, calibration)
+    others = [compare(load_measurement(path), calibration) for path in args.also]
 
     started = time.perf_counter()
     million = simulate(goal_config(costs, 1_000_000, args.sim_rounds))
@@ -135,6 +141,14 @@ def main() -> None:
                 "testbed": f"{baseline.testbed}, {baseline.peers} peers"
                 + (f"; {bed_note}" if bed_note else ""),
                 "side_by_side": comparison["rows"],
+                "other_testbeds": [
+                    {
+                        "testbed": f"{o['testbed']}, {o['peers']} peers",
+                        "max_abs_error": o["max_abs_error"],
+                        "side_by_side": o["rows"],
+                    }
+                    for o in others
+                ],
                 "baseline_measured": baseline.to_dict(),
                 "calibration_measured": loopback.to_dict(),
                 "calibrated_costs": asdict(costs),

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from gpunite.sim.calibration import SwarmMeasurement, compare, costs_from
+from gpunite.sim.calibration import SwarmMeasurement, _config_for, calibrate, compare
 from gpunite.sim.model import GPUS, LINKS, ProtocolCosts, SimConfig, SimError, parse_mix, simulate
 
 SMALL = SimConfig(
@@ -154,39 +154,34 @@ def test_hundred_thousand_peers_completes():
     assert result.rounds_attempted == 3 and result.mean_contributors > 10_000
 
 
-def test_calibration_recovers_the_costs_it_was_measured_with():
-    truth = ProtocolCosts(exchange_bytes_per_param=1.5, round_overhead_s=2.0, round_overhead_rtts=0.0)
-    config = SimConfig(
-        peers=4,
-        gpu_mix={"cpu": 1.0},
-        link_mix={"datacenter": 1.0},
-        params=3_000_000,
-        rounds=5,
-        round_compute_s=10.0,
-        speed_jitter=0.0,
-        deadline_slack=10.0,
-        overlap=False,
-        adaptive=False,
-        audit_fraction=0.0,
-        costs=truth,
-    )
-    run = simulate(config)
-    measured = SwarmMeasurement(
-        testbed="loopback",
-        peers=4,
-        rounds=5,
-        params=3_000_000,
+def _measured_by_simulation(
+    testbed: str, peers: int, compute_s: float, costs: ProtocolCosts
+) -> SwarmMeasurement:
+    """What measure_swarm would report for a swarm that behaves exactly like the simulator with `costs`."""
+    shell = SwarmMeasurement(testbed, peers, 5, 3_000_000, 0.0, compute_s, 0.0, 0.0, 0.0, 24.0)
+    run = simulate(_config_for(shell, costs))
+    return replace(
+        shell,
         round_s=run.mean_round_s,
-        compute_s=10.0,
-        compute_spread=0.0,
         bytes_sent_per_peer_round=run.bytes_sent_per_peer_round,
         bytes_received_per_peer_round=run.bytes_received_per_peer_round,
-        audit_bytes_per_param=12.0,
     )
-    costs = costs_from(measured)
-    assert costs.exchange_bytes_per_param == pytest.approx(1.5, rel=1e-6)
-    assert costs.round_overhead_s == pytest.approx(2.0, rel=1e-3)
-    assert compare(measured, costs)["max_abs_error"] < 1e-3
+
+
+def test_calibration_recovers_the_costs_it_was_measured_with():
+    truth = ProtocolCosts(exchange_bytes_per_param=1.5, round_overhead_s=2.0, background_Bps=5000.0)
+    loopback = _measured_by_simulation("loopback", 8, 10.0, truth)
+    # on the test bed the CPU is twice as busy: inner steps and protocol overhead both take twice as long
+    testbed = _measured_by_simulation("netbed:home", 8, 20.0, replace(truth, round_overhead_s=4.0))
+    assert testbed.round_s > 2 * loopback.round_s
+    calibration = calibrate(loopback, testbed)
+    assert calibration.costs.exchange_bytes_per_param == pytest.approx(1.5, rel=1e-6)
+    assert calibration.costs.background_Bps == pytest.approx(5000.0, rel=1e-6)
+    assert calibration.costs.round_overhead_s == pytest.approx(2.0, rel=1e-6)
+    assert compare(testbed, calibration)["max_abs_error"] < 1e-6
+    # from the loopback run alone the background traffic is folded into the bytes per parameter
+    alone = calibrate(loopback)
+    assert alone.costs.background_Bps == 0 and alone.costs.exchange_bytes_per_param > 1.5
 
 
 def test_bad_settings_are_one_line_errors():

@@ -172,27 +172,33 @@ def netbed_down(
 @netbed_app.command("run")
 def netbed_run(
     peers: int = typer.Option(8, help="Peers, 2 to 16."),
-    profile: str | None = typer.Option("home", help="datacenter, home, bad, or 'loopback' for no test bed."),
-    rounds: int = typer.Option(3, help="Rounds the swarm trains."),
+    profile: str = typer.Option("home", help="datacenter, home, bad, or 'loopback' for no test bed."),
+    rounds: int = typer.Option(4, help="Rounds measured (the swarm trains one more)."),
     workdir: Path | None = typer.Option(None, help="Keep the run's files here (default: a temp dir)."),
     save: Path | None = typer.Option(None, help="Save the measured figures (a calibration file) here."),
+    calibration: Path | None = typer.Option(
+        None, help="A saved loopback run: simulate this run with its costs and show both side by side."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Run a real swarm (tiny model) on the bed, measure round time, compute and bytes, compare to the sim."""
-    from gpunite.sim.calibration import compare, measure_swarm, save_measurement
+    """Run a real swarm (tiny model) on the bed and measure round time, compute and bytes per round."""
+    from gpunite.sim.calibration import calibrate, compare, load_measurement, measure_swarm, save_measurement
 
+    reference = calibrate(load_measurement(calibration)) if calibration else None
     measured = measure_swarm(
         peers=peers, profile=None if profile == "loopback" else profile, rounds=rounds, workdir=workdir
     )
     if save:
         save_measurement(save, measured)
-    comparison = compare(measured)
+    comparison = compare(measured, reference) if reference else None
     if as_json:
         print_json({"measured": measured.to_dict(), "comparison": comparison})
         return
-    for row in comparison["rows"]:
+    for name, value in measured.to_dict().items():
+        console.print(f"{name:30} {value}", highlight=False)
+    for row in comparison["rows"] if comparison else []:
         console.print(
-            f"{row['figure']:28} measured {row['measured']:12.4g}  simulated {row['simulated']:12.4g}  "
+            f"{row['figure']:30} measured {row['measured']:12.4g}  simulated {row['simulated']:12.4g}  "
             f"error {row['relative_error']:+.3f}",
             highlight=False,
         )

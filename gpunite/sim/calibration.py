@@ -3,9 +3,9 @@ side-by-side comparison of simulated and measured round time, utilization and by
 
 `measure_swarm` starts real peers with the CLI (`gpunite run start`, `gpunite join`, each with `--status`),
 polls their status files and takes per-round figures between the first and the last merged round (so the
-joiners' first download of data and weights is not counted as round traffic). `costs_from` turns a loopback
-measurement into `ProtocolCosts` (bytes per parameter on the wire, fixed per-round overhead); `compare`
-simulates a measured run with those costs and reports the relative errors.
+joiners' first download of data and weights is not counted as round traffic). `calibrate` turns a loopback
+run (and optionally a test-bed run) into `ProtocolCosts` (wire bytes per parameter, background traffic,
+per-round overhead); `compare` simulates another measured run with them and reports the relative errors.
 """
 
 from __future__ import annotations
@@ -86,23 +86,52 @@ def load_measurement(path: Path) -> SwarmMeasurement:
 
 def load_costs(path: Path) -> ProtocolCosts:
     """ProtocolCosts from a calibration file (a loopback measurement)."""
-    return costs_from(load_measurement(path))
+    return calibrate(load_measurement(path)).costs
 
 
-def costs_from(measured: SwarmMeasurement, base: ProtocolCosts | None = None) -> ProtocolCosts:
-    """Protocol costs from a loopback run: wire bytes per parameter, and per-round time that is neither
-    compute nor transfer (loopback moves bytes about as fast as memory: what is left is protocol overhead)."""
-    base = base or ProtocolCosts()
-    n = measured.peers
-    # each peer sends (n - 1)/n of its pseudo-gradient and serves its merged slice to n - 1 peers: 2 (n - 1)/n
-    wire_factor = 2.0 * (n - 1) / n
-    bytes_per_param = measured.bytes_sent_per_peer_round / (wire_factor * measured.params)
-    base = replace(base, audit_bytes_per_param=measured.audit_bytes_per_param)
-    probe = simulate(
-        _config_for(measured, replace(base, exchange_bytes_per_param=bytes_per_param, round_overhead_s=0.0))
-    )
-    overhead_s = max(measured.round_s - probe.mean_round_s, 0.0)
-    return replace(base, exchange_bytes_per_param=bytes_per_param, round_overhead_s=overhead_s)
+@dataclass(frozen=True)
+class Calibration:
+    costs: ProtocolCosts
+    # The per-round protocol overhead is CPU work (hashing, signing, (de)compression, robust merge, outer
+    # step, DHT polling); on a shared CPU it slows by the same factor as the inner steps, so a run with a
+    # different compute time per round gets the overhead scaled by compute_s / reference_compute_s.
+    reference_compute_s: float
+
+    def costs_for(self, measured: SwarmMeasurement) -> ProtocolCosts:
+        scale = measured.compute_s / self.reference_compute_s
+        return replace(self.costs, round_overhead_s=self.costs.round_overhead_s * scale)
+
+
+def _wire_factor(peers: int) -> float:
+    # each peer sends (n - 1)/n of its pseudo-gradient and serves its merged slice to n - 1 peers
+    return 2.0 * (peers - 1) / peers
+
+
+def _bytes_per_round(measured: SwarmMeasurement) -> float:
+    return (measured.bytes_sent_per_peer_round + measured.bytes_received_per_peer_round) / 2.0
+
+
+def calibrate(
+    loopback: SwarmMeasurement, wan: SwarmMeasurement | None = None, base: ProtocolCosts | None = None
+) -> Calibration:
+    """Protocol costs from real runs. Loopback moves bytes about as fast as memory, so its round time that is
+    neither compute nor transfer is the protocol's overhead. Bytes per round = exchange + background traffic
+    (heartbeats, DHT polling) x round time: one run gives the exchange's bytes per parameter; a second run
+    with longer rounds (`wan`, e.g. the test bed) separates the two."""
+    base = replace(base or ProtocolCosts(), audit_bytes_per_param=loopback.audit_bytes_per_param)
+    bytes_per_param = _bytes_per_round(loopback) / (_wire_factor(loopback.peers) * loopback.params)
+    background_Bps = 0.0
+    if wan is not None:
+        import numpy as np
+
+        system = np.array([[_wire_factor(run.peers) * run.params, run.round_s] for run in (loopback, wan)])
+        fitted = np.linalg.solve(system, [_bytes_per_round(loopback), _bytes_per_round(wan)])
+        if fitted.min() > 0:  # otherwise the two runs disagree beyond this model: keep the one-run figure
+            bytes_per_param, background_Bps = float(fitted[0]), float(fitted[1])
+    costs = replace(base, exchange_bytes_per_param=bytes_per_param, background_Bps=background_Bps)
+    probe = simulate(_config_for(loopback, replace(costs, round_overhead_s=0.0)))
+    overhead_s = max(loopback.round_s - probe.mean_round_s, 0.0)
+    return Calibration(replace(costs, round_overhead_s=overhead_s), loopback.compute_s)
 
 
 def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
@@ -129,9 +158,9 @@ def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
     )
 
 
-def compare(measured: SwarmMeasurement, costs: ProtocolCosts | None = None) -> dict:
+def compare(measured: SwarmMeasurement, calibration: Calibration | None = None) -> dict:
     """Simulated vs measured round time, utilization and bytes per peer per round, with relative errors."""
-    costs = costs or costs_from(measured)
+    costs = (calibration or calibrate(measured)).costs_for(measured)
     simulated = simulate(_config_for(measured, costs))
     rows = []
     for figure, real, model in (

@@ -108,6 +108,7 @@ class ProtocolCosts:
     )
     message_overhead_s: float = 2e-4  # CPU time per request sent or served (stream set-up, framing)
     failover_s: float = 10.0  # time to notice a vanished slice owner or coordinator and take over
+    background_Bps: float = 0.0  # per roster peer, each way: heartbeats, DHT records and polling
     compute_scale: float = 1.0  # measured compute time / ideal (FLOPs / (peak x mfu)) time
 
 
@@ -519,8 +520,9 @@ class _Run:
         totals["merged"] += float(work[merged & ~cheater].sum())
         totals["cheat"] += float(work[merged & cheater].sum())
         totals["lost"] += float(work[~merged].sum())
-        totals["sent"] += float(exchange.sent.sum()) + audit_sent
-        totals["received"] += float(exchange.received.sum()) + audit_received
+        background = costs.background_Bps * round_s * n
+        totals["sent"] += float(exchange.sent.sum()) + audit_sent + background
+        totals["received"] += float(exchange.received.sum()) + audit_received + background
         totals["audits"] += audited.size
         totals["peer_rounds"] += n
         totals["contributors"] += float(committed.sum())

@@ -100,7 +100,7 @@ async def _relay_connection(
         host, port = original_destination(sock)
         server_reader, server_writer = await asyncio.open_connection(host, port)
     except OSError as exc:
-        log.warning("cannot relay a connection: %s", exc)
+        log.info("cannot relay a connection: %s", exc)  # usually a peer that has just stopped
         client_writer.close()
         return
     try:
