@@ -13,21 +13,17 @@ from gpunite.cli._common import console, print_json
 HOME_HELP = "Peer home: identity key, synced data and state (default ~/.gpunite or $GPUNITE_HOME)."
 
 
-def _config(home: Path | None, roles: list[str], rounds: int | None, speed: float | None,
-            status: Path | None, heartbeat: float, device: str, cheat: str | None = None):
+def _config(home: Path | None, roles: list[str], rounds: int | None, until_round: int | None,
+            speed: float | None, status: Path | None, heartbeat: float, device: str, cheat: str | None = None):
     from gpunite.identity import default_home
-    from gpunite.swarm.peer import PeerConfig
-
-    home = (home or default_home()).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    from gpunite.swarm.peer import CHEATS
+    from gpunite.swarm.peer import CHEATS, PeerConfig, PeerError
 
     if cheat is not None and cheat not in CHEATS:
-        from gpunite.swarm.peer import PeerError
-
         raise PeerError(f"unknown --cheat {cheat!r}; choose one of {', '.join(CHEATS)}")
-    return PeerConfig(home=home, roles=roles, max_rounds=rounds, speed=speed, status_path=status,
-                      heartbeat_s=heartbeat, device=device, cheat=cheat)
+    home = (home or default_home()).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return PeerConfig(home=home, roles=roles, max_rounds=rounds, until_round=until_round, speed=speed,
+                      status_path=status, heartbeat_s=heartbeat, device=device, cheat=cheat)
 
 
 def _setup(log_level: str, threads: int | None, name: str) -> None:
@@ -71,6 +67,7 @@ def start(
     wait_peers: int = typer.Option(1, "--wait-peers", help="Trainers to wait for before round 0 opens."),
     wait_s: float = typer.Option(60.0, "--wait-s", help="Longest wait for them, in seconds."),
     rounds: int | None = typer.Option(None, help="Stop after this many rounds (default: run until stopped)."),
+    until_round: int | None = typer.Option(None, "--until-round", help="Stop once the run reaches this round."),
     speed: float | None = typer.Option(None, help="Relative speed for work sharing (default: measured)."),
     status: Path | None = typer.Option(None, help="Write a JSON status file here after every phase."),
     threads: int | None = typer.Option(None, help="torch CPU threads for this peer."),
@@ -83,7 +80,7 @@ def start(
     from gpunite.swarm.bootstrap import start_run
 
     _setup(log_level, threads, "start")
-    config = _config(home, ["trainer"], rounds, speed, status, heartbeat, device)
+    config = _config(home, ["trainer"], rounds, until_round, speed, status, heartbeat, device)
 
     def announce(peer) -> None:
         print(f"run {peer.run_id} started; peer {peer.peer_id}")
@@ -104,6 +101,7 @@ def join(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(0, help="TCP port to listen on (0: any free port)."),
     rounds: int | None = typer.Option(None, help="Stop after this many rounds."),
+    until_round: int | None = typer.Option(None, "--until-round", help="Stop once the run reaches this round."),
     speed: float | None = typer.Option(None, help="Relative speed for work sharing (default: measured)."),
     status: Path | None = typer.Option(None, help="Write a JSON status file here after every phase."),
     threads: int | None = typer.Option(None, help="torch CPU threads for this peer."),
@@ -118,7 +116,7 @@ def join(
     from gpunite.swarm.bootstrap import join_run
 
     _setup(log_level, threads, "join")
-    config = _config(home, list(role), rounds, speed, status, heartbeat, device, cheat)
+    config = _config(home, list(role), rounds, until_round, speed, status, heartbeat, device, cheat)
     peer = join_run(address, config, run_id=run, host=host, port=port)
     print(f"joined run {peer.run_id} as peer {peer.peer_id} at round {peer.state.round}")
     sys.stdout.flush()

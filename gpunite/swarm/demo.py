@@ -229,11 +229,12 @@ def _drive(swarm: LocalSwarm, peers: int, rounds: int, churn: bool, cheater: str
            started: float) -> dict[str, Any]:
     from rich.live import Live
 
-    swarm.start_first("peer1", wait_peers=peers, rounds=rounds, extra=["--save-final"])
+    until = ["--until-round", str(rounds), "--speed", "1"]
+    swarm.start_first("peer1", wait_peers=peers, extra=["--save-final", *until])
     address = swarm.address()
     for k in range(2, peers + 1):
         extra = ["--cheat", cheater] if cheater and k == peers else []
-        swarm.join(f"peer{k}", address, rounds=rounds, extra=extra)
+        swarm.join(f"peer{k}", address, extra=[*until, *extra])
     victim = f"peer{peers}" if not cheater else f"peer{max(2, peers - 1)}"
     churned = False
     events: list[str] = []
@@ -245,9 +246,7 @@ def _drive(swarm: LocalSwarm, peers: int, rounds: int, churn: bool, cheater: str
                 swarm.kill(victim)
                 events.append(f"killed {victim} (SIGKILL) at round {_round_of(statuses)}")
                 churned = True
-                join_at = swarm.address(exclude=(victim,))
-                remaining = max(1, rounds - _round_of(statuses))
-                swarm.join(victim, join_at, rounds=remaining)
+                swarm.join(victim, swarm.address(exclude=(victim,)), extra=until)
                 events.append(f"restarted {victim} with the same home: it rejoins and syncs")
             swarm.check_alive()
             if live:

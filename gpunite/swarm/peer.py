@@ -15,6 +15,7 @@ One round r, as every peer runs it (`Peer.run_round`):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -80,6 +81,7 @@ class PeerConfig:
     poll_s: float = 0.25
     takeover_s: float = 4.0  # a backup coordinator of rank k waits k x this for the ones before it
     max_rounds: int | None = None  # stop after this many rounds (None: run until stopped)
+    until_round: int | None = None  # stop once the global state reaches this round
     speed: float | None = None  # relative speed for work sharing; None measures matmul TFLOPS
     device: str = "cpu"
     status_path: Path | None = None
@@ -214,6 +216,7 @@ class Peer:
                 log.warning("inner optimizer state from the peer is unusable (%s): starting AdamW fresh", exc)
         with self._lock:
             self.state = state
+        self.last_close = state.close
 
     def serve(self) -> None:
         """Register the stream handlers and start heartbeating (once)."""
@@ -229,19 +232,21 @@ class Peer:
         self.write_status("ready")
 
     def publish_host(self) -> None:
+        """The signed host record: device, its memory and matmul TFLOPS (measured, or --speed if given)."""
         import platform
 
         from gpunite.records import HostRecord
+        from gpunite.train.hardware import list_devices, peak_tflops
 
+        device = torch.device(self.config.device)
         speed = self.config.speed
         if speed is None:
-            from gpunite.train.hardware import peak_tflops
-
-            speed = peak_tflops(torch.device(self.config.device), cache_dir=self.config.home)
+            speed = peak_tflops(device, cache_dir=self.config.home)
         self.speed = max(speed, 1e-6)
+        info = next((d for d in list_devices() if d.device == str(device)), None)
         self.membership.publish_host(HostRecord(
-            host_name=platform.node()[:128], device=self.config.device, memory_gb=0.0, tflops=self.speed,
-            time=time.time()))
+            host_name=platform.node()[:128], device=(info.name if info else str(device))[:256],
+            memory_gb=round(info.memory_gb, 2) if info else 0.0, tflops=self.speed, time=time.time()))
 
     # ----- stream handlers (run on the swarm loop thread) -----
     async def _handle_state(self, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:
@@ -250,8 +255,13 @@ class Peer:
         with self._lock:
             state = self.state
         log.info("serving global state of round %d to %s", state.round, caller[-8:])
-        # Our AdamW moments as a warm start for the joiner (copies; a read racing a step only blurs advice).
-        return state_to_frame(replace(state, inner_optimizer=self.trainer.optimizer_state_tensors()))
+
+        def build() -> tuple[dict, bytes]:
+            # Our AdamW moments as a warm start for the joiner (copies; a read racing a step only blurs advice).
+            return state_to_frame(replace(state, inner_optimizer=self.trainer.optimizer_state_tensors()))
+
+        # Serialising a model's worth of tensors must not stall the loop that answers heartbeats and the DHT.
+        return await asyncio.get_running_loop().run_in_executor(None, build)
 
     async def _handle_slice(self, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:
         round_index, index = int(header.get("round", -1)), int(header.get("slice", -1))
@@ -279,6 +289,8 @@ class Peer:
         try:
             while not self.stopping.is_set():
                 if self.config.max_rounds is not None and self.rounds_done >= self.config.max_rounds:
+                    break
+                if self.config.until_round is not None and self.state.round >= self.config.until_round:
                     break
                 self.run_round()
             self.linger()
@@ -439,20 +451,27 @@ class Peer:
         order = coordinator_order(prev_block, roster_ids)
         ready_since: float | None = None
         rejected_closes: set[str] = set()
+        seen_at: dict[str, float] = {}
         self.write_status("waiting")
         while True:
             closes = self.node.get_records(run_key(self.run_id, "close", ctx.round), parse_close)
+            alive = self.membership.alive()
             for close in sorted(closes.values(), key=lambda c: c.coordinator_rank):
                 if close.record_id in rejected_closes:
+                    continue
+                # A backup's close counts once the candidates before it are gone or had their chance.
+                first_seen = seen_at.setdefault(close.record_id, time.time())
+                earlier_alive = [pid for pid in order[: close.coordinator_rank] if pid in alive]
+                if earlier_alive and time.time() - first_seen < close.coordinator_rank * self.config.takeover_s:
                     continue
                 verdict, accepted = self.verify_close(close, ctx, order)
                 if verdict.accept:
                     return close, accepted
                 rejected_closes.add(close.record_id)
                 log.warning("ignored round %d close by %s: %s", ctx.round, close.peer_id[:12], verdict.reason)
-            alive = self.membership.alive()
             contributions = {pid: c for pid, c in self.contributions(ctx.round).items() if pid in roster_ids}
-            missing_alive = [pid for pid in roster_ids if pid not in contributions and pid in alive]
+            missing_alive = [pid for pid in roster_ids
+                             if ctx.assigned.get(pid) and pid not in contributions and pid in alive]
             if ready_since is None and (not missing_alive or time.time() > deadline):
                 ready_since = time.time()
             candidates = order + sorted(pid for pid in alive if pid not in order and "trainer" in alive[pid].roles)
@@ -523,8 +542,10 @@ class Peer:
     def _check_close(self, close: RoundClose, ctx: RoundContext, order: list[str]) -> CheckResult:
         if close.run_id != self.run_id or close.round != ctx.round or close.base_hash != ctx.base_hash:
             return CheckResult(False, "close is for another run, round or base weights")
-        if close.peer_id not in order and close.coordinator_rank < len(order):
-            return CheckResult(False, "close signed by a peer that is not a candidate coordinator")
+        if close.coordinator_rank < len(order) and order[close.coordinator_rank] != close.peer_id:
+            return CheckResult(False, f"close claims rank {close.coordinator_rank}, which is not its signer's")
+        if close.coordinator_rank >= len(order) and close.peer_id in order:
+            return CheckResult(False, "close by a roster member claims a rank outside the roster")
         if len(close.accepted) != len(close.contributors) or close.contributors != sorted(close.contributors):
             return CheckResult(False, "close lists contributors out of order")
         return CheckResult(True)
