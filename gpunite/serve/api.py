@@ -279,7 +279,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         jobs = _jobs(prompts, params, body.n)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        prompt_texts = [engine.codec.decode(p) for p in prompts] if body.echo else []
+        prompt_texts = [item if isinstance(item, str) else engine.codec.decode(item)
+                        for item in _prompt_items(body.prompt)] if body.echo else []
 
         def choice_payload(index: int, event_or_completion: GenerationEvent | Completion, first: bool) -> dict:
             item = event_or_completion
@@ -408,12 +409,17 @@ def _validation_api_error(exc: RequestValidationError) -> ApiError:
     return ApiError(400, f"{where}: {message}", param=where, code="invalid_value")
 
 
-def _prompt_ids(prompt: str | list[int] | list[str | list[int]], engine: Engine) -> list[list[int]]:
+def _prompt_items(prompt: str | list[int] | list[str | list[int]]) -> list[str | list[int]]:
+    """The request's prompts, each a string or a list of token ids."""
     if isinstance(prompt, str):
-        return [engine.codec.encode(prompt)]
+        return [prompt]
     if prompt and all(isinstance(item, int) for item in prompt):
-        return [list(prompt)]  # type: ignore[arg-type]
-    return [engine.codec.encode(item) if isinstance(item, str) else list(item) for item in prompt]
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def _prompt_ids(prompt: str | list[int] | list[str | list[int]], engine: Engine) -> list[list[int]]:
+    return [engine.codec.encode(item) if isinstance(item, str) else list(item) for item in _prompt_items(prompt)]
 
 
 def _jobs(prompts: list[list[int]], params: SamplingParams, n: int) -> list[tuple[list[int], SamplingParams]]:

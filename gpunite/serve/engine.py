@@ -165,6 +165,7 @@ class _Request:
 @dataclass
 class _Swap:
     state: dict[str, torch.Tensor]
+    label: str
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -212,7 +213,7 @@ class Engine:
     """Generates text for many concurrent requests with one model on one device."""
 
     def __init__(self, model: torch.nn.Module, codec: TextCodec, *, max_batch: int = 8,
-                 batch_window_s: float = 0.002):
+                 batch_window_s: float = 0.002, weights_label: str = ""):
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model.eval()
@@ -223,6 +224,7 @@ class Engine:
         self.context_length = int(model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
         self.stats = EngineStats()
+        self.weights_label = weights_label  # names the weights being served (the host uses their hash)
         # transformers 5 calls the KV cache argument `cache`, 4.x `past_key_values`.
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._inbox: queue.Queue = queue.Queue()
@@ -320,12 +322,15 @@ class Engine:
             if not torch.isfinite(state[name]).all():
                 raise EngineError(f"new weight {name} has NaN or infinite values; refusing to serve it")
 
-    def swap_weights(self, state: Mapping[str, torch.Tensor], timeout_s: float | None = None) -> None:
-        """Replace the weights once every request accepted before this call has finished; blocks until done."""
+    def swap_weights(self, state: Mapping[str, torch.Tensor], label: str, timeout_s: float | None = None) -> None:
+        """Replace the weights once every request accepted before this call has finished; blocks until done.
+
+        `weights_label` becomes label when the new weights are in; after a timeout the swap still happens later.
+        """
         self.check_weights(state)
         reference = trainable_state(self.model)
         prepared = {name: t.detach().to(device=self.device, dtype=reference[name].dtype) for name, t in state.items()}
-        swap = _Swap(prepared)
+        swap = _Swap(prepared, label)
         self._inbox.put(swap)
         if not swap.done.wait(timeout_s):
             raise EngineError(f"weight swap did not complete within {timeout_s} s; in-flight requests are still running")
@@ -413,6 +418,7 @@ class Engine:
         current = trainable_state(self.model)
         for name, tensor in swap.state.items():
             current[name].copy_(tensor)
+        self.weights_label = swap.label
         self.stats.swaps += 1
         swap.done.set()
 

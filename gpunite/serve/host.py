@@ -129,8 +129,6 @@ class Host:
         self.manifest = manifest or served.manifest or parse_manifest("", "<defaults>")
         self.run_id = self.manifest.run_id
         self.ledger = ledger
-        self._weights_hash = served.weights_hash
-        self._swap_lock = threading.Lock()
         if quota is None:
             if ledger is None:
                 raise HostError("a host needs a ledger (for quotas and usage records) or an explicit quota function")
@@ -138,10 +136,11 @@ class Host:
 
             quota = QuotaCheck(ledger, self.run_id, self.manifest.credit, host=identity.peer_id).check
         config = model_config_of(served.model)
-        self.engine: Engine = Engine(served.model, served.codec, max_batch=max_batch or self.manifest.host.max_batch)
+        self.engine: Engine = Engine(served.model, served.codec, max_batch=max_batch or self.manifest.host.max_batch,
+                                     weights_label=served.weights_hash)
         self.settings = ServeSettings(
             engine=self.engine, model_name=served.name, host_identity=identity, quota=quota, run_id=self.run_id,
-            weights_hash=lambda: self._weights_hash, on_usage=ledger.add if ledger is not None else None,
+            weights_hash=lambda: self.engine.weights_label, on_usage=ledger.add if ledger is not None else None,
             forward_flops_per_token=float(forward_flops_per_token(config, config.max_seq_len)),
             max_tokens_cap=max_tokens_cap,
         )
@@ -149,7 +148,8 @@ class Host:
 
     @property
     def weights_hash(self) -> str:
-        return self._weights_hash
+        """The hash of the weights answering requests now."""
+        return self.engine.weights_label
 
     def swap_weights(self, state_dict: Mapping[str, torch.Tensor], weights_hash: str,
                      timeout_s: float | None = None) -> None:
@@ -159,9 +159,7 @@ class Host:
         actual = hash_of(state_dict)
         if actual != weights_hash:
             raise HostError(f"new weights hash to {actual[:16]}, not the announced {weights_hash[:16]}; not serving them")
-        with self._swap_lock:
-            self.engine.swap_weights(state_dict, timeout_s=timeout_s)
-            self._weights_hash = weights_hash
+        self.engine.swap_weights(state_dict, weights_hash, timeout_s=timeout_s)
         log.info("now serving weights %s", weights_hash[:16])
 
     def host_record(self, report: HardwareReport, user_name: str = "", team: str = "") -> HostRecord:
@@ -169,7 +167,7 @@ class Host:
         record = HostRecord(
             host_name=socket.gethostname()[:128], user_name=user_name, team=team,
             device=f"{report.device} ({report.device_name})"[:256], memory_gb=report.memory_gb,
-            tflops=report.tflops, serves_model=self._weights_hash, time=time.time(),
+            tflops=report.tflops, serves_model=self.weights_hash, time=time.time(),
         )
         return sign_record(self.identity, record)  # type: ignore[return-value]
 
