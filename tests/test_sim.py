@@ -9,7 +9,14 @@ from dataclasses import replace
 
 import pytest
 
-from gpunite.sim.calibration import SwarmMeasurement, _config_for, calibrate, compare
+from gpunite.sim.calibration import (
+    SwarmMeasurement,
+    _config_for,
+    _figures,
+    calibrate,
+    compare,
+    parse_peer_log,
+)
 from gpunite.sim.model import GPUS, LINKS, ProtocolCosts, SimConfig, SimError, parse_mix, simulate
 
 SMALL = SimConfig(
@@ -230,3 +237,29 @@ def test_cli_prints_json_and_one_line_errors():
         check=False,
     )
     assert bad.returncode == 2 and "unknown GPU 'abacus'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_peer_log_figures_between_first_and_last_merge():
+    lines = []
+    for round_index, (stamp, sent, received) in enumerate(
+        [
+            ("23:59:40", 9_000_000, 9_500_000),
+            ("23:59:58", 10_000_000, 10_600_000),
+            ("00:00:16", 11_000_000, 11_700_000),
+        ]
+    ):
+        lines.append(
+            f"{stamp} INFO [join] gpunite.swarm.peer: round {round_index}: trained 4 steps in 12.5 s, loss 5"
+        )
+        lines.append(
+            f"{stamp} INFO [join] gpunite.swarm.peer: round {round_index} merged 8 contributions (8192 tokens): "
+            f"new weights abc; sent {sent} B, received {received} B so far"
+        )
+    merges, trained = parse_peer_log("\n".join(lines))
+    assert [m[0] for m in merges] == [86380.0, 86398.0, 86416.0] and trained[2] == 12.5
+    measured = _figures(["\n".join(lines)] * 2, "loopback", 2, 1000, 24.0)
+    assert measured.round_s == 18.0 and measured.compute_s == 12.5 and measured.rounds == 2
+    assert (
+        measured.bytes_sent_per_peer_round == 1_000_000
+        and measured.bytes_received_per_peer_round == 1_100_000
+    )

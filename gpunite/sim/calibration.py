@@ -1,8 +1,9 @@
 """Figures measured on a real swarm (loopback or the WAN test bed) that calibrate the simulator, and the
 side-by-side comparison of simulated and measured round time, utilization and bytes per peer.
 
-`measure_swarm` starts real peers with the CLI (`gpunite run start`, `gpunite join`, each with `--status`),
-polls their status files and takes per-round figures between the first and the last merged round (so the
+`measure_swarm` starts real peers with the CLI (`gpunite run start`, `gpunite join`) and reads their INFO
+logs: each merge line carries the exact byte counters at that merge (timestamps to the second), each round's
+"trained" line its inner-step time. Figures are per round between a peer's first and last merge (so the
 joiners' first download of data and weights is not counted as round traffic). `calibrate` turns a loopback
 run (and optionally a test-bed run) into `ProtocolCosts` (wire bytes per parameter, background traffic,
 per-round overhead); `compare` simulates another measured run with them and reports the relative errors.
@@ -200,7 +201,7 @@ def measure_swarm(
     rounds: int = 3,
     workdir: Path | None = None,
     inner_steps: int = 4,
-    timeout_s: float = 900.0,
+    timeout_s: float = 1800.0,
 ) -> SwarmMeasurement:
     """Run a real swarm of `peers` peers (tiny model) on loopback (`profile` None) or the WAN test bed."""
     from gpunite.manifest import load_manifest
@@ -219,14 +220,14 @@ def measure_swarm(
 
             bed = Netbed(peers, profile, tag="calib")
             bed.up()
-        snapshots = _run_peers(root, manifest_path, peers, rounds + 1, bed, timeout_s)
+        logs = _run_peers(root, manifest_path, peers, rounds + 1, bed, timeout_s)
     finally:
         if bed is not None:
             bed.down()
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)
     return _figures(
-        snapshots,
+        logs,
         "loopback" if profile is None else f"netbed:{profile}",
         peers,
         params,
@@ -256,19 +257,25 @@ def measure_audit_bytes_per_param(preset: str = "tiny") -> float:
     return len(segment_to_bytes(segment)) / param_count(config)
 
 
-def _run_peers(root: Path, manifest: Path, peers: int, rounds: int, bed, timeout_s: float) -> list[dict]:
-    """Start the peers, poll their status files until they stop; returns each peer's status at each merge."""
+def _run_peers(root: Path, manifest: Path, peers: int, rounds: int, bed, timeout_s: float) -> list[str]:
+    """Start the peers and wait until they stop; returns each peer's log (INFO lines carry the figures)."""
     gpunite = [sys.executable, "-m", "gpunite"]
     common = [
         "--rounds",
         str(rounds),
-        *["--threads", "1", "--speed", "1", "--heartbeat", "1", "--log-level", "WARNING"],
+        "--threads",
+        "1",
+        "--speed",
+        "1",
+        "--heartbeat",
+        "1",
+        "--log-level",
+        "INFO",
     ]
 
     def launch(index: int, argv: list[str]) -> subprocess.Popen:
         host = bed.peers[index].address if bed is not None else "127.0.0.1"
-        home, status = root / f"peer{index}", root / f"status{index}.json"
-        argv = [*argv, "--home", str(home), "--host", host, "--status", str(status), *common]
+        argv = [*argv, "--home", str(root / f"peer{index}"), "--host", host, *common]
         with open(root / f"peer{index}.log", "w") as log:  # the child keeps its own copy of the handle
             if bed is not None:
                 return bed.popen(index, argv, stdout=log, stderr=subprocess.STDOUT)
@@ -277,7 +284,6 @@ def _run_peers(root: Path, manifest: Path, peers: int, rounds: int, bed, timeout
     first = [*gpunite, "run", "start", str(manifest), "--wait-peers", str(peers), "--wait-s", str(timeout_s)]
     processes = [launch(0, first)]
     deadline = time.time() + timeout_s
-    snapshots: dict[tuple[int, int], dict] = {}
     try:
         maddr = None
         while maddr is None:
@@ -293,12 +299,7 @@ def _run_peers(root: Path, manifest: Path, peers: int, rounds: int, bed, timeout
                 raise CalibrationError(
                     f"the swarm did not finish {rounds} rounds in {timeout_s:.0f} s; see {root}"
                 )
-            for index in range(peers):
-                # the first status seen after each merge (a peer writes "merged", then soon "training")
-                status = _read_status(root / f"status{index}.json")
-                if status:
-                    snapshots.setdefault((index, status["rounds_done"]), {**status, "peer": index})
-            time.sleep(0.1)
+            time.sleep(0.5)
     finally:
         for process in processes:
             if process.poll() is None:
@@ -313,39 +314,54 @@ def _run_peers(root: Path, manifest: Path, peers: int, rounds: int, bed, timeout
     failed = [i for i, p in enumerate(processes) if p.returncode != 0]
     if failed:
         raise CalibrationError(f"peers {failed} exited with an error; see {root}/peer*.log")
-    return list(snapshots.values())
+    return [(root / f"peer{index}.log").read_text(errors="replace") for index in range(peers)]
 
 
-def _read_status(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+# What gpunite.swarm.peer logs at INFO after each round's steps and after each merge (counters are exact)
+_TRAINED = re.compile(r"round (\d+): trained \d+ steps in ([\d.]+) s")
+_MERGED = re.compile(
+    r"^(\d\d):(\d\d):(\d\d) .*round (\d+) merged .* sent (\d+) B, received (\d+) B so far", re.MULTILINE
+)
+
+
+def parse_peer_log(text: str) -> tuple[list[tuple[float, int, int, int]], dict[int, float]]:
+    """(merges as (seconds of day, round, bytes sent, bytes received), {round: seconds of inner steps})."""
+    merges, offset, previous = [], 0.0, -1.0
+    for match in _MERGED.finditer(text):
+        hours, minutes, seconds, round_index, sent, received = (int(g) for g in match.groups())
+        stamp = hours * 3600 + minutes * 60 + seconds + offset
+        if stamp < previous:  # the log's clock passed midnight
+            offset += 86400.0
+            stamp += 86400.0
+        previous = stamp
+        merges.append((stamp, round_index, sent, received))
+    trained = {int(m.group(1)): float(m.group(2)) for m in _TRAINED.finditer(text)}
+    return merges, trained
 
 
 def _figures(
-    snapshots: list[dict], testbed: str, peers: int, params: int, audit_bytes_per_param: float
+    logs: list[str], testbed: str, peers: int, params: int, audit_bytes_per_param: float
 ) -> SwarmMeasurement:
     """Per-round figures between each peer's first and last merge (the join download is before the first)."""
     import numpy as np
 
     per_peer = []
-    for index in range(peers):
-        mine = sorted(
-            (s for s in snapshots if s["peer"] == index and s["rounds_done"] >= 1),
-            key=lambda s: s["rounds_done"],
-        )
-        if len(mine) < 2:
+    for text in logs:
+        merges, trained = parse_peer_log(text)
+        if len(merges) < 2:
             continue
-        first, last = mine[0], mine[-1]
-        done = last["rounds_done"] - first["rounds_done"]
+        (t0, r0, sent0, received0), (t1, r1, sent1, received1) = merges[0], merges[-1]
+        done = r1 - r0
+        compute = [trained[r] for r in range(r0 + 1, r1 + 1) if r in trained]
+        if done <= 0 or not compute:
+            continue
         per_peer.append(
             (
                 done,
-                (last["time"] - first["time"]) / done,
-                (last["compute_s"] - first["compute_s"]) / done,
-                (last["bytes_sent"] - first["bytes_sent"]) / done,
-                (last["bytes_received"] - first["bytes_received"]) / done,
+                (t1 - t0) / done,
+                float(np.mean(compute)),
+                (sent1 - sent0) / done,
+                (received1 - received0) / done,
             )
         )
     if len(per_peer) < max(2, peers // 2):
