@@ -1,6 +1,6 @@
 """Benchmark: the simulator against the real swarm, its speed at a million peers, and the seed's goal.
 
-1. Calibrate: a real loopback swarm (tiny model, `gpunite run start` + `gpunite join`, status files) gives the
+1. Calibrate: a real loopback swarm (tiny model, `gpunite run start` + `gpunite join`, their logs) gives the
    bytes per parameter on the wire and the fixed per-round overhead (gpunite.sim.calibration.calibrate);
    on the shared CPU that overhead is scaled with each run's measured compute time per round.
 2. Baseline: a real swarm on the WAN test bed (8 peers, `home` profile: 100/20 Mbit, 50 ms one way) measures
