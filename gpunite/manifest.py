@@ -86,8 +86,12 @@ class TrainSection(_Section):
 
 
 class ProofSection(_Section):
-    trail_interval: int = Field(10, gt=0, description="k: inner steps between trail checkpoints.")
-    audit_fraction: float = Field(0.25, ge=0, le=1, description="Share of contributions audited.")
+    trail_interval: int = Field(2, gt=0, description="k: inner steps between trail checkpoints (one audit segment).")
+    audit_fraction: float = Field(
+        0.85, ge=0, le=1,
+        description="Share of contributions audited; 0.85 with 2 segments catches a half-faking peer "
+        "with probability >= 0.99 within 5 rounds (benchmarks/proof_of_training.py).")
+    segments_per_audit: int = Field(2, gt=0, description="Trail segments a verifier replays per audit.")
     verifiers_per_audit: int = Field(1, gt=0)
     accepts_required: int = Field(1, ge=0, description="Accept verdicts needed before an audited merge.")
     tolerance: float = Field(0.05, gt=0, description="Replay distance / honest update norm that still passes.")

@@ -84,7 +84,7 @@ class Contribution(_Record):
     inner_steps: int = Field(ge=0)
     tokens: int = Field(ge=0)
     trail_interval: int = Field(gt=0)
-    trail: list[HEX64] = Field(max_length=100_000)  # weights hash at steps 0, k, 2k, ..., inner_steps
+    trail: list[HEX64] = Field(max_length=100_000)  # training-state hash (weights, AdamW, step) at steps 0, k, ..., inner_steps
     delta_hash: HEX64  # sha256 of the compressed pseudo-gradient bytes
     slice_hashes: list[HEX64] = Field(default_factory=list, max_length=4096)
     delta_norm: float = Field(ge=0)

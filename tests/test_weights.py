@@ -34,3 +34,7 @@ def test_untrusted_payloads_are_checked():
         from_safetensors_bytes(b"garbage" * 10, expected)
     with pytest.raises(TensorPayloadError, match="more than"):
         from_safetensors_bytes(good, expected, max_bytes=10)
+
+
+def test_hash_handles_scalars():
+    assert weights_hash({"step": torch.tensor(3.0)}) != weights_hash({"step": torch.tensor(4.0)})

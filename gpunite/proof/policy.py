@@ -37,11 +37,11 @@ class MergePolicy:
     bounds: AuditBounds = field(default_factory=AuditBounds)
 
 
-def policy_from_manifest(proof, segments_per_audit: int = DEFAULT_SEGMENTS_PER_AUDIT) -> MergePolicy:
+def policy_from_manifest(proof, segments_per_audit: int | None = None) -> MergePolicy:
     """The policy of a run's manifest [proof] section (gpunite.manifest.ProofSection)."""
     return MergePolicy(
         audit_fraction=proof.audit_fraction,
-        segments_per_audit=segments_per_audit,
+        segments_per_audit=segments_per_audit or getattr(proof, "segments_per_audit", DEFAULT_SEGMENTS_PER_AUDIT),
         verifiers_per_audit=proof.verifiers_per_audit,
         accepts_required=proof.accepts_required,
         bounds=AuditBounds(tolerance=proof.tolerance),

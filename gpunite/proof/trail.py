@@ -58,11 +58,8 @@ def trail_length(inner_steps: int, interval_k: int) -> int:
 
 
 def optimizer_hash(optimizer_state: dict[str, torch.Tensor]) -> str:
-    """Hash of AdamW's state as `InnerTrainer.optimizer_state_tensors()` gives it (empty for a fresh optimizer).
-
-    AdamW's per-parameter `step` is a 0-d tensor, which weights_hash cannot view as bytes: hash it as 1-d.
-    """
-    return weights_hash({name: t.reshape(1) if t.ndim == 0 else t for name, t in optimizer_state.items()})
+    """Hash of AdamW's state as `InnerTrainer.optimizer_state_tensors()` gives it (empty for a fresh optimizer)."""
+    return weights_hash(optimizer_state)
 
 
 def entry_hash(weights_hash_hex: str, optimizer_hash_hex: str, step: int) -> str:
