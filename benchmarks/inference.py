@@ -10,14 +10,15 @@ in one run:
 - ours, 8 concurrent streams: 8 clients each sending its prompts back to back; tokens/s over the wall time.
 Single-stream requests alternate prompt by prompt between baseline and ours, ROUNDS times over the prompts
 (the machine may be shared, so both sides see the same load), and tokens/s is each side's total tokens over its
-total time. p50/p99 are request latencies in the concurrent run. `outputs_match` says whether our greedy text
-equals generate's for every prompt. Prints one JSON line.
+total time (`cpu_ratio`: the same with this process's CPU seconds, server and client included, which a
+shared machine's load disturbs less). p50/p99 are request latencies in the concurrent run. `outputs_match`
+says whether our greedy text equals generate's for every prompt. Prints one JSON line.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
+import os
 import sys
 import threading
 import time
@@ -86,20 +87,25 @@ def ask(http: httpx.Client, ids: list[int], model_name: str) -> tuple[int, str, 
 def single_stream(model, url: str, prompts: list[list[int]], model_name: str, codec: TextCodec) -> dict:
     """Both sides, one request at a time, alternating prompt by prompt."""
     time_s = {"ours": 0.0, "baseline": 0.0}
+    cpu_s = {"ours": 0.0, "baseline": 0.0}  # this process's CPU time: less sensitive to other load on the machine
     tokens = {"ours": 0, "baseline": 0}
     outputs_match = True
     with httpx.Client(base_url=url, timeout=600) as http:
         for _ in range(ROUNDS):
             for ids in prompts:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 expected = baseline_generate(model, ids)
                 time_s["baseline"] += time.perf_counter() - start
+                cpu_s["baseline"] += time.process_time() - cpu_start
                 tokens["baseline"] += len(expected)
+                cpu_start = time.process_time()
                 count, text, latency = ask(http, ids, model_name)
+                cpu_s["ours"] += time.process_time() - cpu_start
                 time_s["ours"] += latency
                 tokens["ours"] += count
                 outputs_match &= text == codec.decode(expected)
     return {"ours": tokens["ours"] / time_s["ours"], "baseline": tokens["baseline"] / time_s["baseline"],
+            "ours_cpu": tokens["ours"] / cpu_s["ours"], "baseline_cpu": tokens["baseline"] / cpu_s["baseline"],
             "outputs_match": outputs_match}
 
 
@@ -162,6 +168,7 @@ def main() -> None:
         "concurrent_streams": STREAMS,
         "p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+        "cpu_ratio": round(single["ours_cpu"] / single["baseline_cpu"], 3),
         "outputs_match": single["outputs_match"],
         "ours_via": "HTTP (uvicorn, /v1/completions, non-streaming)",
         "model": f"{PRESET} preset, random init, vocab {config.vocab_size}",
@@ -170,6 +177,7 @@ def main() -> None:
         "new_tokens": NEW_TOKENS,
         "device": str(host.engine.device),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     sys.stdout.write(json.dumps(result) + "\n")
