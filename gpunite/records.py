@@ -69,7 +69,9 @@ class HostRecord(_Record):
     device: str = Field(max_length=256)
     memory_gb: float = Field(ge=0)
     tflops: float = Field(ge=0)
-    serves_model: str | None = None
+    serves_model: str | None = None  # weights hash the peer serves, when it hosts
+    api_url: str | None = Field(None, max_length=256)  # its OpenAI-compatible endpoint, when it hosts
+    max_batch: int | None = Field(None, gt=0)
     time: float
 
 
