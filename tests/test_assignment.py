@@ -137,8 +137,8 @@ def test_plan_over_a_prepared_dataset_trains_every_trainable_sequence_and_no_hel
     writer = ShardWriter(tmp_path, 1024, "uint16")
     writer.add(np.arange(2500, dtype=np.int64))  # token i is i: a sequence is named by its first token
     shards = writer.finish()
-    ShardIndex(tokenizer_hash="0" * 64, vocab_size=65536, eos_id=0, dtype="uint16", seq_len=16, shard_tokens=1024,
-               documents=1, total_tokens=2500, shards=shards).save(tmp_path)
+    ShardIndex(tokenizer_hash="0" * 64, vocab_size=65536, eos_id=0, dtype="uint16", seq_len=16,
+               shard_tokens=1024, documents=1, total_tokens=2500, shards=shards).save(tmp_path)
     index = ShardIndex.load(tmp_path)
     plan = WorkPlan.from_index(index, seq_len=16, seed=9, sequences_per_unit=5)
     firsts = []
