@@ -1,7 +1,7 @@
 """gpunite's InnerTrainer against a minimal plain PyTorch training loop, side by side in one process.
 
 Both train the same model (same preset, init, batch, dtype, AdamW hyperparameters and grad clipping) on the
-same synthetic token batches. Steps alternate A B B A ... so both see the same machine state (thermal,
+same synthetic token batches. Steps alternate A B C C B A ... so both see the same machine state (thermal,
 neighbours' load); warm-up steps are excluded, and tokens/s comes from the median step time, which a
 busy shared machine disturbs far less than the mean. Prints one JSON line.
 
@@ -28,7 +28,9 @@ from gpunite.train.trainer import InnerTrainer, autocast_dtype, pick_device
 class PlainLoop:
     """What a PyTorch user writes by hand: AdamW over all parameters, autocast, clip, step."""
 
-    def __init__(self, model: torch.nn.Module, train_cfg, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, train_cfg, device: torch.device, fused: bool | None = None
+    ) -> None:
         self.model = model.to(device).train()
         self.device = device
         self.dtype = autocast_dtype(device)
@@ -38,6 +40,7 @@ class PlainLoop:
             lr=train_cfg.lr,
             weight_decay=train_cfg.weight_decay,
             betas=(train_cfg.beta1, train_cfg.beta2),
+            fused=fused,
         )
 
     def train_step(self, batch: torch.Tensor) -> float:
@@ -79,10 +82,15 @@ def main() -> None:
     loops = {
         "gpunite": InnerTrainer(build_model(config, seed=0, device=device), train_cfg, device),
         "baseline": PlainLoop(build_model(config, seed=0, device=device), train_cfg, device),
+        # The same plain loop with PyTorch's fused AdamW (which gpunite uses): what is left is the
+        # trainer's own overhead.
+        "baseline_fused": PlainLoop(
+            build_model(config, seed=0, device=device), train_cfg, device, fused=True
+        ),
     }
     step_seconds: dict[str, list[float]] = {name: [] for name in loops}
     for step, batch in enumerate(batches):
-        order = list(loops) if step % 2 == 0 else list(reversed(loops))
+        order = list(loops) if step % 2 == 0 else list(reversed(loops))  # A B C, C B A, ...
         for name in order:
             start = time.perf_counter()
             loops[name].train_step(batch)  # returns the loss as a float: the step has finished on the device
@@ -106,6 +114,8 @@ def main() -> None:
                 "baseline_tokens_per_s": round(rate["baseline"], 1),
                 "ratio": round(rate["gpunite"] / rate["baseline"], 4),
                 "ratio_of_means": round(mean_rate["gpunite"] / mean_rate["baseline"], 4),
+                "baseline_fused_tokens_per_s": round(rate["baseline_fused"], 1),
+                "ratio_vs_fused_baseline": round(rate["gpunite"] / rate["baseline_fused"], 4),
                 "mfu": round(mfu, 4),
                 "peak_tflops": round(peak_tflops, 4),
                 "device": str(device),
