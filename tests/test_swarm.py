@@ -111,6 +111,9 @@ def test_three_peers_end_each_round_with_identical_hashes(swarm):
     assert common
     for round_index in common:
         assert len({c[round_index] for c in chains}) == 1, f"hashes differ in round {round_index}"
+    # Work assignment is deterministic: every coordinator found each contribution's units to be the assigned ones.
+    for name in ("peer1", "peer2", "peer3"):
+        assert "not the ones assigned" not in swarm.peers[name].log_path.read_text(errors="replace")
 
 
 def test_forged_records_and_malformed_frames_are_dropped(swarm):

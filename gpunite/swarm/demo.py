@@ -260,13 +260,27 @@ def _drive(swarm: LocalSwarm, peers: int, rounds: int, churn: bool, cheater: str
         "peers": peers,
         "rounds": rounds,
         "churn": churn,
+        "cheater": cheater,
         "events": events,
+        "refused": _refusals(swarm),
         "weights_hash": sorted(set(hashes.values())),
         "agreed": len(set(hashes.values())) == 1,
         "per_peer": {name: {k: s.get(k) for k in ("round", "loss", "tokens", "bytes_sent", "bytes_received",
                                                   "weights_hash", "compute_s", "wall_s")}
                      for name, s in statuses.items()},
     }
+
+
+def _refusals(swarm: LocalSwarm) -> list[str]:
+    """What the honest peers refused (hostile contributions and slices), from their logs, once each."""
+    seen: list[str] = []
+    for peer in [*swarm.peers.values(), *swarm.retired]:
+        for line in peer.log_path.read_text(errors="replace").splitlines():
+            if ("rejected " in line and "contribution" in line) or ("dropped " in line and "slice" in line):
+                message = line.split(": ", 1)[-1]
+                if message not in seen:
+                    seen.append(message)
+    return seen[:20]
 
 
 def _round_of(statuses: dict[str, dict[str, Any]]) -> int:
@@ -320,6 +334,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     verdict = "[green]all peers agree[/]" if summary["agreed"] else "[red]peers disagree[/]"
     console.print(f"\n{summary['rounds']} rounds with {summary['peers']} peers in {summary['wall_s']} s: {verdict} "
                   f"on weights {', '.join(h[:12] for h in summary['weights_hash'] if h)}")
+    for refusal in summary.get("refused", []):
+        console.print(f"refused: {refusal}", markup=False, highlight=False)
     if summary.get("sample") is not None:
         console.print("[bold]sample from the trained model:[/]")
         console.print("def " + summary["sample"], markup=False, highlight=False)

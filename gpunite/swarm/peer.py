@@ -42,7 +42,7 @@ from gpunite.records import (
     record_bytes,
     sign_record,
 )
-from gpunite.swarm.checks import CheckResult, RoundContext, check_contribution, check_slice
+from gpunite.swarm.checks import CheckResult, ContributionCheck, RoundContext, check_contribution, check_slice
 from gpunite.swarm.membership import Membership
 from gpunite.swarm.node import SwarmError, SwarmNode
 from gpunite.swarm.protocol import (
@@ -196,6 +196,9 @@ class Peer:
         self.timing = RoundTiming()
         self.stopping = threading.Event()
         self.last_close: RoundClose | None = state.close
+        # Checks a contribution must pass before it may merge, beyond the cheap ones (the proof layer's audits
+        # plug in here): each takes (contribution, RoundContext) and returns a CheckResult.
+        self.contribution_checks: list[ContributionCheck] = []
         self._serving = False
         self._max_slice_bytes = self.numel * 4 + (1 << 20)
 
@@ -498,7 +501,7 @@ class Peer:
         accepted, rejected = [], []
         for pid in sorted(contributions):
             contribution = contributions[pid]
-            result = check_contribution(contribution, ctx, median)
+            result = check_contribution(contribution, ctx, median, self.contribution_checks)
             if result.accept:
                 accepted.append(contribution)
             else:
@@ -534,7 +537,7 @@ class Peer:
             contribution = contributions[cid]
             if contribution.peer_id != pid:
                 return CheckResult(False, f"contribution {cid[:12]} is not by {pid[:12]}"), {}
-            result = check_contribution(contribution, ctx, median_norm=0.0)
+            result = check_contribution(contribution, ctx, median_norm=0.0, extra_checks=self.contribution_checks)
             if not result.accept:
                 return CheckResult(False, f"close accepts an invalid contribution: {result.reason}"), {}
         return CheckResult(True), {pid: contributions[cid] for cid, pid in zip(close.accepted, close.contributors)}
