@@ -88,6 +88,10 @@ def main() -> None:
             build_model(config, seed=0, device=device), train_cfg, device, fused=True
         ),
     }
+    matmul_dtype = autocast_dtype(device) or torch.float32
+    # The peak is the best of a measurement before and one after the loops, so that a busy moment on a
+    # shared machine does not shrink the denominator of MFU.
+    peak_before = measure_matmul_tflops(device, matmul_dtype, budget_s=1.0)
     step_seconds: dict[str, list[float]] = {name: [] for name in loops}
     for step, batch in enumerate(batches):
         order = list(loops) if step % 2 == 0 else list(reversed(loops))  # A B C, C B A, ...
@@ -101,7 +105,7 @@ def main() -> None:
     tokens_per_step = args.batch * args.seq_len
     rate = {name: tokens_per_step / statistics.median(times) for name, times in step_seconds.items()}
     mean_rate = {name: tokens_per_step * len(times) / sum(times) for name, times in step_seconds.items()}
-    peak_tflops = measure_matmul_tflops(device, autocast_dtype(device) or torch.float32, budget_s=1.0)
+    peak_tflops = max(peak_before, measure_matmul_tflops(device, matmul_dtype, budget_s=1.0))
     model_flops = flops_per_token(config, args.seq_len)
     mfu = rate["gpunite"] * model_flops / (peak_tflops * 1e12) if peak_tflops > 0 else 0.0
     print(
