@@ -257,7 +257,9 @@ def measure_audit_bytes_per_param(preset: str = "tiny") -> float:
     return len(segment_to_bytes(segment)) / param_count(config)
 
 
-def _run_peers(root: Path, manifest: Path, peers: int, rounds: int, bed, timeout_s: float) -> list[str]:
+def _run_peers(
+    root: Path, manifest: Path, peers: int, rounds: int, bed, timeout_s: float, join_stagger_s: float = 5.0
+) -> list[str]:
     """Start the peers and wait until they stop; returns each peer's log (INFO lines carry the figures)."""
     gpunite = [sys.executable, "-m", "gpunite"]
     common = [
@@ -294,6 +296,7 @@ def _run_peers(root: Path, manifest: Path, peers: int, rounds: int, bed, timeout
             time.sleep(0.2)
         for index in range(1, peers):
             processes.append(launch(index, [*gpunite, "join", maddr]))
+            time.sleep(join_stagger_s)  # many daemons starting at once on a small shared CPU time out
         while any(p.poll() is None for p in processes):
             if time.time() > deadline:
                 raise CalibrationError(
