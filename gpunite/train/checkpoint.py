@@ -119,7 +119,7 @@ def save_checkpoint(
         metadata["tokenizer_json"] = tokenizer_json
     cpu_tensors = {name: t.to("cpu").contiguous() for name, t in tensors.items()}
     # A hash over every tensor lets loading catch flipped bits that the safetensors header cannot see.
-    metadata["tensors_hash"] = _tensors_hash(cpu_tensors)
+    metadata["tensors_hash"] = weights_hash(cpu_tensors)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -160,7 +160,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ) from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a gpunite checkpoint (format {metadata.get('format')!r})")
-    if _tensors_hash(tensors) != metadata.get("tensors_hash"):
+    if weights_hash(tensors) != metadata.get("tensors_hash"):
         raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match their recorded hash")
     try:
         checkpoint = Checkpoint(
@@ -178,11 +178,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} has bad metadata ({type(exc).__name__}: {exc})") from None
     return checkpoint
-
-
-def _tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
-    # Flattened: weights_hash views bytes through .view(uint8), which 0-d tensors (AdamW's step) refuse.
-    return weights_hash({name: t.reshape(-1) for name, t in tensors.items()})
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
