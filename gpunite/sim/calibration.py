@@ -15,12 +15,14 @@ import json
 import math
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from types import FrameType
 
 from gpunite.errors import GpuniteError
 from gpunite.sim.model import LINKS, ProtocolCosts, SimConfig, simulate
@@ -214,6 +216,8 @@ def measure_swarm(
     manifest_path.write_text(MANIFEST.format(inner_steps=inner_steps))
     params = param_count(config_from_manifest(load_manifest(manifest_path)))
     bed = None
+    # SIGTERM stops the peers and the bed like Ctrl-C does, instead of orphaning them
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if profile is not None:
             from gpunite.sim.netbed import Netbed
@@ -224,6 +228,7 @@ def measure_swarm(
     finally:
         if bed is not None:
             bed.down()
+        signal.signal(signal.SIGTERM, previous_sigterm)
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)
     return _figures(
@@ -233,6 +238,10 @@ def measure_swarm(
         params,
         measure_audit_bytes_per_param(),
     )
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def measure_audit_bytes_per_param(preset: str = "tiny") -> float:
