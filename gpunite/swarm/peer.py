@@ -557,7 +557,6 @@ class Peer:
     def merge(self, ctx: RoundContext, close: RoundClose, accepted: dict[str, Contribution], roster_ids: list[str],
               bounds: list[tuple[int, int]], prev_block: str, contributed: bool) -> None:
         from gpunite.swarm.aggregation import clip_factors
-        from gpunite.train.compression import decompress, payload_from_bytes
 
         self.write_status("aggregating")
         factors = dict(zip(sorted(accepted), clip_factors([accepted[p].delta_norm for p in sorted(accepted)],
@@ -570,17 +569,20 @@ class Peer:
         new_momentum = self.state.momentum
         if accepted:
             pseudo_grad = torch.zeros(self.numel, dtype=torch.float32)
+            # A robust merge of vectors clipped to norm <= c has norm <= sqrt(n) * c: an owner serving more is lying.
+            clipped = max(factors[p] * accepted[p].delta_norm for p in accepted)
+            bound = math.sqrt(len(accepted)) * clipped * 1.01 + 1e-6
             for index, (start, end) in enumerate(bounds):
                 if start == end:
                     continue
-                data = self.fetch_aggregate(ctx, index, owners[index] if index < len(owners) else None)
-                if data is None:
-                    log.info("owner of slice %d of round %d is gone: merging it here", index, ctx.round)
-                    data = self.aggregate_slice(ctx, index, bounds, accepted, factors)
-                method = "none" if self.train_cfg.compression == "none" else "int8"
-                pseudo_grad[start:end] = decompress(payload_from_bytes(
-                    data, end - start, self.train_cfg.compression_chunk, max_bytes=self._max_slice_bytes,
-                    method=method))
+                owner = owners[index] if index < len(owners) else None
+                merged = self._checked_aggregate(self.fetch_aggregate(ctx, index, owner), end - start, bound)
+                if merged is None:
+                    log.info("owner of slice %d of round %d is gone or sent a bad slice: merging it here", index,
+                             ctx.round)
+                    merged = self._checked_aggregate(
+                        self.aggregate_slice(ctx, index, bounds, accepted, factors), end - start, float("inf"))
+                pseudo_grad[start:end] = merged
             new_weights = self.outer.step(self.state.weights, pseudo_grad)
             new_momentum = self.outer.momentum_buffer
         if contributed and self.peer_id not in accepted:
@@ -616,6 +618,25 @@ class Peer:
                  self.node.counter.received)
         self.write_status("merged")
         self._append_round_log(ctx.round, len(accepted), tokens)
+
+    def _checked_aggregate(self, data: bytes | None, numel: int, norm_bound: float) -> torch.Tensor | None:
+        """A merged slice's values if the bytes parse (shape, finite, quantizer range) and its norm is in bounds."""
+        from gpunite.train.compression import decompress, payload_from_bytes
+
+        if data is None:
+            return None
+        method = "none" if self.train_cfg.compression == "none" else "int8"
+        try:
+            values = decompress(payload_from_bytes(data, numel, self.train_cfg.compression_chunk,
+                                                   max_bytes=self._max_slice_bytes, method=method))
+        except GpuniteError as exc:
+            log.warning("refused a merged slice: %s", exc)
+            return None
+        norm = float(torch.linalg.vector_norm(values.double()))
+        if norm > norm_bound:
+            log.warning("refused a merged slice of norm %.4g, over the bound %.4g", norm, norm_bound)
+            return None
+        return values
 
     def aggregate_slice(self, ctx: RoundContext, index: int, bounds: list[tuple[int, int]],
                         accepted: dict[str, Contribution], factors: dict[str, float]) -> bytes:
