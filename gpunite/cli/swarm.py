@@ -125,7 +125,7 @@ def join(
 
 def demo(
     peers: int = typer.Option(4, help="Peer processes to start on 127.0.0.1."),
-    rounds: int = typer.Option(6, help="Rounds to train."),
+    rounds: int = typer.Option(5, help="Rounds to train."),
     churn: bool = typer.Option(False, "--churn", help="Kill one peer (SIGKILL) midway and restart it."),
     cheater: str | None = typer.Option(None, help="Make one peer cheat: scaled, random or nan."),
     workdir: Path | None = typer.Option(None, help="Keep the run's files here (default: a temp dir)."),

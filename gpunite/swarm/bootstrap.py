@@ -30,17 +30,13 @@ from gpunite.swarm.protocol import (
     RosterEntry,
     RoundClose,
     RunAnnouncement,
-    parse_swarm_message,
+    parse_announcement,
     run_key,
 )
 from gpunite.swarm.state_sync import StateSyncError, fetch_file, max_state_bytes, state_from_frame
 
 log = logging.getLogger("gpunite.swarm.bootstrap")
 ANNOUNCE_TTL_S = 3600.0
-
-
-def parse_announcement(data: bytes) -> RunAnnouncement:
-    return parse_swarm_message(data, RunAnnouncement)  # type: ignore[return-value]
 
 
 def manifest_from_announcement(announcement: RunAnnouncement) -> Manifest:

@@ -53,6 +53,7 @@ from gpunite.swarm.protocol import (
     ProtocolError,
     RosterEntry,
     RoundClose,
+    parse_announcement,
     parse_swarm_message,
     run_key,
 )
@@ -358,8 +359,6 @@ class Peer:
 
     def _starter(self) -> str | None:
         """The peer that announced the run first: the only one whose genesis close counts."""
-        from gpunite.swarm.bootstrap import parse_announcement
-
         announcements = self.node.get_records(run_key(self.run_id, "manifest"), parse_announcement)
         first = min(announcements.values(), key=lambda a: (a.time, a.peer_id), default=None)
         return first.peer_id if first else None

@@ -89,6 +89,10 @@ def parse_swarm_message(data: bytes, expected: type[_Record]) -> _Record:
         raise RecordError(f"record does not fit its schema: {where}: {err.get('msg')}") from None
 
 
+def parse_announcement(data: bytes) -> RunAnnouncement:
+    return parse_swarm_message(data, RunAnnouncement)  # type: ignore[return-value]
+
+
 class ByteCounter:
     """Bytes this peer wrote to and read from P2P streams (payloads and frame headers, as on the wire)."""
 
