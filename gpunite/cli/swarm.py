@@ -46,8 +46,18 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _attach_ledger(peer):
+    """Store the peer's verified records in HOME/ledger.sqlite and keep it synced with other peers."""
+    from gpunite.ledger.bridge import attach_ledger
+    from gpunite.ledger.store import Ledger, default_ledger_path
+
+    return attach_ledger(peer, Ledger(default_ledger_path(peer.config.home)))
+
+
 def _run_peer(peer, save_final: bool) -> None:
+    bridge = None
     try:
+        bridge = _attach_ledger(peer)
         peer.run()
         if save_final:
             path = peer.save_final()
@@ -56,6 +66,9 @@ def _run_peer(peer, save_final: bool) -> None:
         peer.stopping.set()
         raise
     finally:
+        if bridge is not None:
+            bridge.close(final_sync=not peer.stopping.is_set())
+            bridge.ledger.close()
         peer.node.close()
 
 

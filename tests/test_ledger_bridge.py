@@ -1,0 +1,96 @@
+"""The ledger bridge in a real swarm: three peer processes on 127.0.0.1 train two rounds, and every peer's
+ledger ends with the run's blocks and contributions, and the same credit table, with credit for each trainer."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gpunite.ledger.credits import credit_table
+from gpunite.ledger.store import Ledger, default_ledger_path
+from gpunite.swarm.demo import LocalSwarm
+
+pytestmark = pytest.mark.timeout(300)
+
+ROUNDS = 2
+MANIFEST = """
+[run]
+name = "ledger-bridge-test"
+seed = 11
+[model]
+preset = "tiny"
+hidden_size = 64
+n_layers = 2
+n_heads = 2
+intermediate_size = 128
+[data]
+sources = ["builtin:python-docs"]
+vocab_size = 512
+seq_len = 32
+shard_tokens = 16384
+max_builtin_mb = 0.3
+[train]
+batch_size = 4
+inner_steps = 4
+warmup_steps = 2
+total_steps = 400
+round_deadline_s = 120
+compression_chunk = 256
+[proof]
+trail_interval = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_swarm(tmp_path_factory):
+    from gpunite.data.prepare import prepare_dataset
+    from gpunite.manifest import load_manifest
+
+    workdir = tmp_path_factory.mktemp("bridge")
+    manifest_path = workdir / "run.toml"
+    manifest_path.write_text(MANIFEST)
+    manifest = load_manifest(manifest_path)
+    prepare_dataset(manifest)
+    until = ["--until-round", str(ROUNDS), "--speed", "1"]
+    with LocalSwarm(workdir, manifest_path, heartbeat_s=1.0) as swarm:
+        swarm.start_first("peer1", wait_peers=3, extra=until)
+        address = swarm.address()
+        swarm.join("peer2", address, extra=until)
+        swarm.join("peer3", address, extra=until)
+        swarm.wait_exit(timeout_s=240)
+        peer_ids = {name: (peer.status() or {}).get("peer_id") for name, peer in swarm.peers.items()}
+        yield swarm, load_manifest(manifest_path), peer_ids
+
+
+def test_every_ledger_holds_the_run(finished_swarm):
+    swarm, manifest, _ = finished_swarm
+    for name, peer in swarm.peers.items():
+        with Ledger(default_ledger_path(peer.home)) as ledger:
+            blocks = ledger.blocks(manifest.run_id)
+            assert sorted({block.round for block in blocks}) == list(range(ROUNDS)), name
+            # every peer signed every round's block, and sync brought the others' copies here
+            assert len({block.peer_id for block in blocks}) == 3, name
+            accepted = {record_id for block in blocks for record_id in block.accepted}
+            contributions = set(ledger.ids("contribution"))
+            assert accepted and accepted <= contributions, name
+            assert ledger.conflicts() == []
+
+
+def test_every_peer_computes_the_same_credit_table(finished_swarm):
+    from gpunite.model import config_from_manifest, flops_per_token
+
+    swarm, manifest, peer_ids = finished_swarm
+    cost = {manifest.run_id: float(flops_per_token(config_from_manifest(manifest), manifest.data.seq_len))}
+    now = time.time()
+    tables = {}
+    for name, peer in swarm.peers.items():
+        with Ledger(default_ledger_path(peer.home)) as ledger:
+            table = credit_table(ledger.records_by_id(), now, flops_per_token=cost)
+        tables[name] = [(row.id, round(row.total_credit, 6), round(row.rac, 6)) for row in table.users]
+    assert len({tuple(rows) for rows in tables.values()}) == 1, tables
+    credit = {peer_id: total for peer_id, total, _ in tables["peer1"]}
+    for name, peer_id in peer_ids.items():
+        assert credit.get(peer_id, 0) > 0, f"{name} trained but earned no credit: {credit}"
+    log = swarm.peers["peer1"].log_path.read_text()
+    assert "credit +" in log and "for round" in log
