@@ -16,6 +16,7 @@ One round r, as every peer runs it (`Peer.run_round`):
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -42,6 +43,7 @@ from gpunite.records import (
     record_bytes,
     sign_record,
 )
+from gpunite.swarm.audits import RoundAudits, serve_trail
 from gpunite.swarm.checks import CheckResult, ContributionCheck, RoundContext, check_contribution, check_slice
 from gpunite.swarm.membership import Membership
 from gpunite.swarm.node import SwarmError, SwarmNode
@@ -50,6 +52,7 @@ from gpunite.swarm.protocol import (
     HANDLE_FILE,
     HANDLE_SLICE,
     HANDLE_STATE,
+    HANDLE_TRAIL,
     ProtocolError,
     RosterEntry,
     RoundClose,
@@ -87,6 +90,8 @@ class PeerConfig:
     device: str = "cpu"
     status_path: Path | None = None
     cheat: str | None = None  # demos and tests only: make this peer send a hostile delta (see CHEATS)
+    adversary: str | None = None  # demos and tests only: cheat with a proof.adversary mode (SWARM_ADVERSARIES)
+    audit_timeout_s: float = 30.0  # how long a coordinator waits for verdicts; later ones miss the round
 
 
 CHEATS = ("scaled", "random", "nan")
@@ -197,9 +202,10 @@ class Peer:
         self.timing = RoundTiming()
         self.stopping = threading.Event()
         self.last_close: RoundClose | None = state.close
-        # Checks a contribution must pass before it may merge, beyond the cheap ones (the proof layer's audits
-        # plug in here): each takes (contribution, RoundContext) and returns a CheckResult.
-        self.contribution_checks: list[ContributionCheck] = []
+        # Checks a contribution must pass before it may merge, beyond the cheap ones: each takes
+        # (contribution, RoundContext) and returns a CheckResult. The audits' merge gate is the first.
+        self.audits = RoundAudits(self, config.audit_timeout_s)
+        self.contribution_checks: list[ContributionCheck] = [self.audits.check]
         self._serving = False
         self._max_slice_bytes = self.numel * 4 + (1 << 20)
 
@@ -231,6 +237,7 @@ class Peer:
         self.node.add_handler(HANDLE_FILE, file_handler(self.prepared_dir), max_request_bytes=4096)
         self.node.add_handler(HANDLE_SLICE, self._handle_slice, max_request_bytes=4096)
         self.node.add_handler(HANDLE_AGGREGATE, self._handle_aggregate, max_request_bytes=4096)
+        self.node.add_handler(HANDLE_TRAIL, functools.partial(serve_trail, self), max_request_bytes=4096)
         self.membership.start()
         self.publish_host()
         self.write_status("ready")
@@ -332,6 +339,7 @@ class Peer:
             n_slices=max(1, len(roster)), norm_bound=self.manifest.proof.norm_bound)
         deadline = close_prev.time + self.train_cfg.round_deadline_s
         log.info("round %d started: %d peers in the roster, weights %s", r, len(roster), state.weights_hash[:12])
+        self.audits.start_round(ctx, roster_ids)
         bounds = slice_bounds(self.numel, ctx.n_slices, self.train_cfg.compression_chunk)
         mine = assigned.get(self.peer_id, [])
         contributed = False
@@ -341,6 +349,7 @@ class Peer:
         if not self.agrees_with_majority(r - 1):
             return
         close, accepted = self.await_close(ctx, roster_ids, prev_block, deadline)
+        self.audits.settle(close)
         self.merge(ctx, close, accepted, roster_ids, bounds, prev_block, contributed)
 
     def wait_for_genesis(self) -> RoundClose:
@@ -379,6 +388,13 @@ class Peer:
             return False
         self.write_status("training")
         base = self.state.weights
+        if self.config.adversary:
+            from gpunite.swarm.adversary import adversary_contribution
+
+            contribution, slices = adversary_contribution(self, self.config.adversary, ctx, units, bounds)
+            self._publish_contribution(ctx, contribution, slices)
+            log.info("round %d: committed a %s contribution (adversary)", ctx.round, self.config.adversary)
+            return True
         self.recorder.start_round(ctx.round, steps)
         self.recorder.record(self.model, self.trainer)
         losses = []
@@ -412,15 +428,18 @@ class Peer:
             delta_hash=payload_hash(payload_to_bytes(payload)), slice_hashes=[payload_hash(s) for s in slices],
             delta_norm=norm,
             claimed_flops=float(flops_per_token(self.model_config, ctx.seq_len)) * tokens, time=time.time()))
+        self._publish_contribution(ctx, contribution, slices)
+        log.info("round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, committed delta norm %.4g",
+                 ctx.round, steps, time.perf_counter() - started, losses[0], losses[-1], norm)
+        self._restore_global_weights()
+        return True
+
+    def _publish_contribution(self, ctx: RoundContext, contribution: Contribution, slices: list[bytes]) -> None:
         self.payloads[ctx.round] = slices
         for old in [r for r in self.payloads if r < ctx.round - 1]:
             del self.payloads[old]
         self.node.store(run_key(self.run_id, "contrib", ctx.round), self.peer_id, record_bytes(contribution),
                         ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
-        log.info("round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, committed delta norm %.4g",
-                 ctx.round, steps, time.perf_counter() - started, losses[0], losses[-1], norm)
-        self._restore_global_weights()
-        return True
 
     def _restore_global_weights(self) -> None:
         from gpunite.train.weights import unflatten_into
@@ -472,6 +491,7 @@ class Peer:
                 rejected_closes.add(close.record_id)
                 log.warning("ignored round %d close by %s: %s", ctx.round, close.peer_id[:12], verdict.reason)
             contributions = {pid: c for pid, c in self.contributions(ctx.round).items() if pid in roster_ids}
+            self.audits.serve_audits(ctx, contributions)
             missing_alive = [pid for pid in roster_ids
                              if ctx.assigned.get(pid) and pid not in contributions and pid in alive]
             if ready_since is None and (not missing_alive or time.time() > deadline):
@@ -480,13 +500,17 @@ class Peer:
             if ready_since is not None and self.peer_id in candidates:
                 rank = candidates.index(self.peer_id)
                 before_alive = [pid for pid in candidates[:rank] if pid in alive]
+                decided = None
                 if not before_alive or time.time() - ready_since >= rank * self.config.takeover_s:
-                    close = self.make_close(ctx, contributions, alive, rank, prev_block)
+                    # Publishes the audit beacon first, then waits (polling here) for the drawn verifiers.
+                    decided = self.audits.ready_to_close(ctx, contributions, rank, prev_block)
+                if decided is not None:
+                    close = self.make_close(ctx, decided, alive, rank, prev_block)
                     self.node.store(run_key(self.run_id, "close", ctx.round), self.peer_id, record_bytes(close),
                                     ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
                     log.info("coordinated round %d (rank %d): %d accepted, %d rejected, next roster %d peers",
                              ctx.round, rank, len(close.accepted), len(close.rejected), len(close.next_roster))
-                    return close, {pid: contributions[pid] for pid in close.contributors}
+                    return close, {pid: decided[pid] for pid in close.contributors}
             if self.stopping.is_set():
                 raise PeerError("stopped while waiting for the round to close")
             time.sleep(self.config.poll_s)
@@ -516,7 +540,8 @@ class Peer:
         return sign_record(self.identity, RoundClose(
             run_id=self.run_id, round=ctx.round, base_hash=ctx.base_hash, prev_block=prev_block,
             accepted=[c.record_id for c in accepted], contributors=[c.peer_id for c in accepted],
-            rejected=rejected, next_roster=next_roster, coordinator_rank=rank, time=time.time()))
+            rejected=rejected, next_roster=next_roster, coordinator_rank=rank, time=time.time(),
+            **self.audits.close_fields(ctx.round)))
 
     def verify_close(self, close: RoundClose, ctx: RoundContext, order: list[str]
                      ) -> tuple[CheckResult, dict[str, Contribution]]:
@@ -532,6 +557,9 @@ class Peer:
             time.sleep(self.config.poll_s)
         else:
             return CheckResult(False, "close accepts contributions this peer cannot find"), {}
+        adopted = self.audits.adopt_close(close, ctx)
+        if not adopted.accept:
+            return adopted, {}
         for cid, pid in zip(close.accepted, close.contributors):
             contribution = contributions[cid]
             if contribution.peer_id != pid:
@@ -590,7 +618,8 @@ class Peer:
         weights_hash = self.layout.hash(new_weights)
         tokens = sum(c.tokens for c in accepted.values())
         block = sign_record(self.identity, Block(
-            run_id=self.run_id, round=ctx.round, prev=prev_block, accepted=close.accepted, rejected=close.rejected,
+            run_id=self.run_id, round=ctx.round, prev=prev_block, accepted=close.accepted, verdicts=close.verdicts,
+            rejected=close.rejected,
             weights_hash=weights_hash, tokens=tokens, time=time.time()))
         self.node.store(run_key(self.run_id, "block", ctx.round), self.peer_id, record_bytes(block),
                         ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))

@@ -24,6 +24,7 @@ HANDLE_STATE = "gpunite.state"  # latest global state (weights, outer momentum, 
 HANDLE_FILE = "gpunite.file"  # content-addressed data files: tokenizer, shard index, shards
 HANDLE_SLICE = "gpunite.slice"  # slice i of a contributor's compressed pseudo-gradient
 HANDLE_AGGREGATE = "gpunite.aggregate"  # aggregated slice i of a round, from its owner
+HANDLE_TRAIL = "gpunite.trail"  # a trail segment (or the final entry) of a trainer's contribution, for audits
 
 MAX_HEADER_BYTES = 64 * 1024
 RUNS_KEY = "gpunite/runs"
@@ -36,6 +37,11 @@ class ProtocolError(GpuniteError):
 def run_key(run_id: str, what: str, round_index: int | None = None) -> str:
     """The DHT key for one kind of record of a run (per round where round_index is given)."""
     return f"gpunite/{run_id}/{what}" if round_index is None else f"gpunite/{run_id}/{what}/{round_index}"
+
+
+def verdict_key(run_id: str, round_index: int, contribution_id: str) -> str:
+    """Verdicts on one contribution, one per verifier (subkey: the verifier's peer id)."""
+    return f"{run_key(run_id, 'verdict', round_index)}/{contribution_id}"
 
 
 class RunAnnouncement(_Record):
@@ -70,10 +76,27 @@ class RoundClose(_Record):
     rejected: list[Rejection] = Field(default_factory=list, max_length=4096)
     next_roster: list[RosterEntry] = Field(max_length=4096)
     coordinator_rank: int = Field(ge=0)
+    # The audit beacon the merge followed (gpunite.proof.selection): the signer's signature over these ids.
+    beacon: str = Field("", pattern=r"^([0-9a-f]{128})?$")
+    beacon_contributions: list[HEX64] = Field(default_factory=list, max_length=4096)
+    verdicts: list[HEX64] = Field(default_factory=list, max_length=16384)  # verdict ids the decisions relied on
     time: float
 
 
-SWARM_KINDS: dict[str, type[_Record]] = {"run": RunAnnouncement, "close": RoundClose}
+class AuditBeacon(_Record):
+    """A round coordinator's audit beacon, published before it waits for verdicts: which contributions were
+    committed in time, and its deterministic signature over them that decides audits (who, which segments)."""
+
+    kind: Literal["beacon"] = "beacon"
+    run_id: HEX64
+    round: int = Field(ge=0)
+    prev_block: HEX64
+    contributions: list[HEX64] = Field(max_length=4096)
+    beacon: str = Field(pattern=r"^[0-9a-f]{128}$")  # gpunite.proof.selection.sign_beacon over the above
+    time: float
+
+
+SWARM_KINDS: dict[str, type[_Record]] = {"run": RunAnnouncement, "close": RoundClose, "beacon": AuditBeacon}
 
 
 def parse_swarm_message(data: bytes, expected: type[_Record]) -> _Record:

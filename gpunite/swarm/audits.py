@@ -1,0 +1,323 @@
+"""Audits in a running swarm: the round's beacon, verifiers replaying trail segments, signed verdicts in the
+DHT, and the gate every contribution must pass before a round close may merge it.
+
+One round, after the contributions are committed:
+1. the coordinator signs the audit beacon over the ids it saw in time (`gpunite.proof.selection`) and
+   publishes it as an `AuditBeacon`; from then on only those contributions can merge this round.
+2. every peer polls for beacons; where the beacon draws it as a verifier, it fetches the trainer's delta
+   (slices) and trail segments over P2P, replays them (`gpunite.proof.audit.verify_contribution`) and
+   publishes a signed Verdict under `verdict_key(run, round, contribution)`.
+3. the coordinator waits for the drawn verifiers' verdicts (at most `audit_timeout_s`), then closes:
+   `check` (a `Peer.contribution_checks` hook) applies `gpunite.proof.policy.merge_decision`, so an audited
+   contribution merges only with enough accept verdicts; proven cheats are rejected with cheat=True. The
+   close carries the beacon and the verdict ids relied on, and every peer checking the close re-runs `check`
+   against those verdicts. A verifier that does not answer in time keeps the contribution out of this
+   round without blaming anyone.
+4. every peer bans the signers of the cheats a followed close proved: their later contributions never merge.
+
+With too few peers to keep the coordinator out of verifying, it verifies (a two-peer run still audits); a
+contribution nobody but its own trainer could audit merges on the cheap checks alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from gpunite.errors import GpuniteError
+from gpunite.proof.audit import AuditResult, make_verdict, verify_contribution
+from gpunite.proof.policy import AuditAssignment, BanList, MergePolicy, merge_decision, policy_from_manifest
+from gpunite.proof.selection import (
+    SelectionError,
+    beacon_from_signature,
+    choose_segments,
+    choose_verifiers,
+    is_audited,
+    sign_beacon,
+)
+from gpunite.records import Contribution, Verdict, parse_record, record_bytes, sign_record
+from gpunite.swarm.checks import ACCEPT, CheckResult, RoundContext, check_slice
+from gpunite.swarm.protocol import (
+    HANDLE_TRAIL,
+    AuditBeacon,
+    RoundClose,
+    parse_swarm_message,
+    run_key,
+    verdict_key,
+)
+
+if TYPE_CHECKING:
+    from gpunite.swarm.peer import Peer
+
+log = logging.getLogger("gpunite.swarm.audits")
+MAX_TRAIL_REQUEST_BYTES = 4096
+
+
+def parse_beacon(data: bytes) -> AuditBeacon:
+    return parse_swarm_message(data, AuditBeacon)  # type: ignore[return-value]
+
+
+def parse_verdict(data: bytes) -> Verdict:
+    record = parse_record(data)
+    if not isinstance(record, Verdict):
+        raise ValueError(f"expected a verdict, got a {record.kind} record")
+    return record
+
+
+def assign(beacon: bytes, contribution: Contribution, policy: MergePolicy, candidates: Sequence[str],
+           coordinator: str) -> AuditAssignment:
+    """The beacon's audit decision (as `gpunite.proof.policy.assign_audit`), for swarms of any size.
+
+    The coordinator is kept out of verifying unless that leaves too few candidates; a contribution that
+    nobody but its trainer could verify is not audited.
+    """
+    cid = contribution.record_id
+    if not is_audited(beacon, cid, policy.audit_fraction, signer_is_coordinator=contribution.peer_id == coordinator):
+        return AuditAssignment(False)
+    others = [p for p in candidates if p not in (contribution.peer_id, coordinator)]
+    exclude = (contribution.peer_id, coordinator) if len(others) >= policy.verifiers_per_audit else (
+        contribution.peer_id,)
+    try:
+        verifiers = choose_verifiers(beacon, cid, candidates, policy.verifiers_per_audit, exclude=exclude)
+    except SelectionError:
+        return AuditAssignment(False)
+    segments = choose_segments(beacon, cid, len(contribution.trail) - 1, policy.segments_per_audit)
+    return AuditAssignment(True, tuple(verifiers), tuple(segments))
+
+
+class RoundAudits:
+    """One peer's side of the audits: coordinator (beacon, waiting for verdicts), verifier, and merge gate."""
+
+    def __init__(self, peer: Peer, audit_timeout_s: float) -> None:
+        self.peer = peer
+        self.policy = policy_from_manifest(peer.manifest.proof)
+        self.audit_timeout_s = audit_timeout_s
+        self.bans = BanList()
+        # round -> (coordinator peer id, beacon bytes) that the close being made or checked follows
+        self._in_force: dict[int, tuple[str, bytes]] = {}
+        self._candidates: dict[int, list[str]] = {}
+        self._pool: dict[int, list[Verdict]] = {}  # verdicts a close decision may rely on
+        self._relied: dict[int, set[str]] = {}  # verdict ids the decisions of the current close relied on
+        self._own: dict[int, tuple[AuditBeacon, dict[str, Contribution], float]] = {}  # our beacon, its set, when
+        self._done: set[tuple[str, tuple[int, ...]]] = set()  # (contribution id, segments) audited by us
+        self._emitted: set[str] = set()  # verdict ids already handed to the record hook
+
+    # ----- every peer -----
+    def start_round(self, ctx: RoundContext, roster_ids: Sequence[str]) -> None:
+        self._candidates[ctx.round] = sorted(roster_ids)
+        for table in (self._in_force, self._candidates, self._pool, self._relied, self._own):
+            for old in [r for r in table if r < ctx.round - 1]:
+                del table[old]
+
+    def serve_audits(self, ctx: RoundContext, contributions: dict[str, Contribution]) -> None:
+        """Audit whatever a published beacon of this round draws us for (once each)."""
+        candidates = self._candidates.get(ctx.round, [])
+        beacons = self.peer.node.get_records(run_key(self.peer.run_id, "beacon", ctx.round), parse_beacon)
+        by_id = {c.record_id: c for c in contributions.values()}
+        for signer, record in beacons.items():
+            if signer not in candidates or record.run_id != self.peer.run_id or record.round != ctx.round:
+                continue
+            if not all(cid in by_id for cid in record.contributions):
+                continue  # not all of its contributions have reached us yet: next poll
+            try:
+                beacon = beacon_from_signature(record.signer, record.beacon, record.run_id, record.round,
+                                               record.prev_block, record.contributions)
+            except SelectionError as exc:
+                log.warning("ignored a beacon of round %d by %s: %s", ctx.round, signer[:12], exc)
+                continue
+            for cid in record.contributions:
+                contribution = by_id[cid]
+                if self.bans.is_banned(contribution.peer_id):
+                    continue  # it cannot merge whatever a replay says
+                assignment = assign(beacon, contribution, self.policy, candidates, signer)
+                key = (cid, assignment.segments)
+                if self.peer.peer_id in assignment.verifiers and key not in self._done:
+                    self._done.add(key)
+                    self.audit(ctx, contribution, assignment.segments)
+
+    def audit(self, ctx: RoundContext, contribution: Contribution, segments: Sequence[int]) -> Verdict:
+        """Replay a contribution's drawn segments and publish our signed verdict on it."""
+        started = time.perf_counter()
+        try:
+            result = self._replay(ctx, contribution, segments)
+        except GpuniteError as exc:  # e.g. its data cannot be loaded here: no verdict against the trainer
+            result = AuditResult(False, f"could not replay: {exc}", False, -1, None, 0.0)
+        verdict = make_verdict(self.peer.identity, contribution, result, time.time())
+        self.peer.node.store(verdict_key(self.peer.run_id, ctx.round, contribution.record_id), self.peer.peer_id,
+                             record_bytes(verdict), ttl_s=max(600.0, 4 * self.peer.train_cfg.round_deadline_s))
+        self._emitted.add(verdict.record_id)
+        self.peer._emit(verdict)
+        log.info("audited %s's round %d contribution (segments %s) in %.1f s: %s, %s", contribution.peer_id[:12],
+                 ctx.round, list(segments), time.perf_counter() - started,
+                 "accept" if result.accept else "REJECT", result.reason)
+        return verdict
+
+    def _replay(self, ctx: RoundContext, contribution: Contribution, segments: Sequence[int]) -> AuditResult:
+        peer = self.peer
+        delta = self._fetch_delta(ctx, contribution)
+        if isinstance(delta, str):
+            return AuditResult(False, delta, False, -1, None, 0.0)
+        base = {name: t.clone() for name, t in peer.layout.named(peer.state.weights).items()}
+        max_bytes = 6 * peer.numel * 4 + (1 << 20)  # start and end: weights and two AdamW moments each
+
+        def fetch(what: int | str) -> bytes:
+            header = {"round": ctx.round, "segment": what}
+            return peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes)[1]
+
+        return verify_contribution(
+            contribution, segments, fetch, lambda: fetch("final"), base, delta, peer._load_sequences,
+            peer.train_cfg.batch_size, peer.model_config, peer.train_cfg, total_steps=peer.trainer.total_steps,
+            bounds=self.policy.bounds, max_bytes=max_bytes)
+
+    def _fetch_delta(self, ctx: RoundContext, contribution: Contribution) -> torch.Tensor | str:
+        """The contribution's whole decompressed pseudo-gradient from its slices, or why it is unavailable."""
+        from gpunite.swarm.aggregation import slice_bounds
+
+        cfg = self.peer.train_cfg
+        method = "none" if cfg.compression == "none" else "int8"
+        parts = []
+        for index, (start, end) in enumerate(slice_bounds(self.peer.numel, ctx.n_slices, cfg.compression_chunk)):
+            if start == end:
+                continue
+            data = self.peer.fetch_slice(ctx.round, index, contribution.peer_id)
+            if data is None:
+                return f"could not get slice {index} of the delta from the trainer"
+            result, values = check_slice(data, contribution, index, end - start, cfg.compression_chunk, method)
+            if values is None:
+                return f"slice {index} of the delta is unusable: {result.reason}"
+            parts.append(values)
+        return torch.cat(parts)
+
+    # ----- the coordinator -----
+    def ready_to_close(self, ctx: RoundContext, contributions: dict[str, Contribution], rank: int,
+                       prev_block: str) -> dict[str, Contribution] | None:
+        """The contributions the close may decide on once their verdicts are in (or timed out); None: wait.
+
+        The first call publishes our beacon over `contributions`; later arrivals wait for the next round.
+        """
+        if ctx.round not in self._own:
+            ids = sorted(c.record_id for c in contributions.values())
+            beacon = sign_record(self.peer.identity, AuditBeacon(
+                run_id=ctx.run_id, round=ctx.round, prev_block=prev_block, contributions=ids,
+                beacon=sign_beacon(self.peer.identity, ctx.run_id, ctx.round, prev_block, ids), time=time.time()))
+            self.peer.node.store(run_key(ctx.run_id, "beacon", ctx.round), self.peer.peer_id, record_bytes(beacon),
+                                 ttl_s=max(600.0, 4 * self.peer.train_cfg.round_deadline_s))
+            self._own[ctx.round] = (beacon, dict(contributions), time.time())
+            log.info("published the audit beacon of round %d over %d contributions", ctx.round, len(ids))
+            return None
+        record, frozen, published = self._own[ctx.round]
+        beacon = beacon_from_signature(record.signer, record.beacon, ctx.run_id, ctx.round, prev_block,
+                                       record.contributions)
+        candidates = self._candidates.get(ctx.round, [])
+        pool: list[Verdict] = []
+        missing = 0
+        for contribution in frozen.values():
+            assignment = assign(beacon, contribution, self.policy, candidates, self.peer.peer_id)
+            if not assignment.audited:
+                continue
+            found = self._verdicts(ctx.round, contribution.record_id)
+            pool += found
+            missing += len(set(assignment.verifiers) - {v.peer_id for v in found})
+        if missing and time.time() - published < self.audit_timeout_s:
+            return None
+        if missing:
+            log.warning("round %d: %d verdicts did not arrive within %.0f s; those contributions wait", ctx.round,
+                        missing, self.audit_timeout_s)
+        self._in_force[ctx.round] = (self.peer.peer_id, beacon)
+        self._pool[ctx.round] = pool
+        self._relied[ctx.round] = set()
+        return frozen
+
+    def close_fields(self, round_index: int) -> dict:
+        """What our close carries about the audits: the beacon and the verdicts its decisions relied on."""
+        record = self._own[round_index][0]
+        return {"beacon": record.beacon, "beacon_contributions": record.contributions,
+                "verdicts": sorted(self._relied.get(round_index, set()))}
+
+    # ----- a close, made or checked -----
+    def adopt_close(self, close: RoundClose, ctx: RoundContext, polls: int = 20) -> CheckResult:
+        """Take a close's beacon and verdicts as the ones `check` judges by; a reason if they do not hold up."""
+        if not set(close.accepted) <= set(close.beacon_contributions):
+            return CheckResult(False, "close accepts contributions its audit beacon does not cover")
+        try:
+            beacon = beacon_from_signature(close.signer or "", close.beacon, ctx.run_id, ctx.round,
+                                           close.prev_block, close.beacon_contributions)
+        except (SelectionError, ValueError) as exc:
+            return CheckResult(False, f"close's audit beacon: {exc}")
+        wanted = set(close.verdicts)
+        pool: dict[str, Verdict] = {}
+        for _ in range(polls):
+            for cid in close.accepted:
+                for verdict in self._verdicts(ctx.round, cid):
+                    if verdict.record_id in wanted:
+                        pool[verdict.record_id] = verdict
+            if len(pool) == len(wanted) or not wanted:
+                break
+            time.sleep(self.peer.config.poll_s)
+        self._in_force[ctx.round] = (close.peer_id, beacon)
+        self._pool[ctx.round] = list(pool.values())
+        self._relied[ctx.round] = set()
+        return ACCEPT
+
+    def check(self, contribution: Contribution, ctx: RoundContext) -> CheckResult:
+        """The merge gate (a `contribution_checks` hook): bans, then the audit verdicts the policy needs."""
+        in_force = self._in_force.get(ctx.round)
+        if in_force is None:
+            return CheckResult(False, f"no audit beacon in force for round {ctx.round}")
+        coordinator, beacon = in_force
+        assignment = assign(beacon, contribution, self.policy, self._candidates.get(ctx.round, []), coordinator)
+        decision = merge_decision(contribution, [], self._pool.get(ctx.round, []), self.policy, assignment,
+                                  self.bans)
+        cid = contribution.record_id
+        self._relied.setdefault(ctx.round, set()).update(e for e in decision.evidence if e != cid)
+        return CheckResult(decision.merge, decision.reason, decision.cheat)
+
+    def settle(self, close: RoundClose) -> None:
+        """Ban the signers of the cheats a followed close proved (their later contributions never merge)."""
+        for rejection in close.rejected:
+            if rejection.cheat and not self.bans.is_banned(rejection.trainer):
+                self.bans.ban(rejection.trainer, close.round, rejection.reason, (rejection.contribution,))
+                log.warning("banned %s from the run: %s", rejection.trainer[:12], rejection.reason)
+
+    def _verdicts(self, round_index: int, contribution_id: str) -> list[Verdict]:
+        found = self.peer.node.get_records(verdict_key(self.peer.run_id, round_index, contribution_id),
+                                           parse_verdict)
+        verdicts = [v for v in found.values() if v.contribution == contribution_id and v.round == round_index]
+        for verdict in verdicts:
+            if verdict.record_id not in self._emitted:
+                self._emitted.add(verdict.record_id)
+                self.peer._emit(verdict)
+        return verdicts
+
+
+async def serve_trail(peer: Peer, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:
+    """Stream handler: segment i (or "final") of this trainer's trail for a round it still keeps."""
+    import asyncio
+
+    from gpunite.proof.trail import TrailError
+
+    if header.get("run") != peer.run_id:
+        raise ValueError("trail request for another run")
+    round_index, what = header.get("round"), header.get("segment")
+    if not isinstance(round_index, int) or not (what == "final" or isinstance(what, int)):
+        raise ValueError("trail request needs an integer round and segment (or \"final\")")
+    if not peer.state.round - 1 <= round_index <= peer.state.round:
+        raise ValueError(f"round {round_index}'s trail is not kept here")
+
+    def read() -> bytes:
+        if what == "final":
+            return peer.recorder.final_payload(round_index)
+        if not 0 <= what < len(list(peer.recorder.round_dir(round_index).glob("entry-*.safetensors"))) - 1:
+            raise TrailError(f"round {round_index} has no trail segment {what} here")
+        return peer.recorder.segment_payload(round_index, what)
+
+    try:
+        data = await asyncio.get_running_loop().run_in_executor(None, read)
+    except (TrailError, OSError) as exc:
+        raise ValueError(str(exc)) from None
+    return {"round": round_index, "segment": what}, data
+
