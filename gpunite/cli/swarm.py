@@ -145,12 +145,62 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Start a real local swarm, train the tiny model for a few rounds with a live view, then sample from it."""
+    import tempfile
+
     from gpunite.swarm.demo import run_demo
 
-    summary = run_demo(peers=peers, rounds=rounds, churn=churn, cheater=cheater, workdir=workdir,
-                       live=not as_json)
+    # The peers' ledgers are read after the run, so the temp dir is ours to clean up, not run_demo's.
+    with tempfile.TemporaryDirectory(prefix="gpunite-demo-") as temp:
+        run_dir = workdir or Path(temp)
+        summary = run_demo(peers=peers, rounds=rounds, churn=churn, cheater=cheater, workdir=run_dir,
+                           live=not as_json)
+        summary["credits"] = _demo_credits(run_dir)
     if as_json:
         print_json(summary)
+    else:
+        _print_credits(summary["credits"])
+
+
+def _demo_credits(workdir: Path) -> dict:
+    """The credit table each demo peer computes from its own ledger (at one common time), and if they agree."""
+    import time
+
+    from gpunite.ledger.credits import credit_table
+    from gpunite.ledger.stats import run_policies
+    from gpunite.ledger.store import Ledger, default_ledger_path
+
+    caps, rates = run_policies([workdir / "demo.toml"])  # the manifest run_demo writes
+    now = time.time()
+    tables: dict[str, list[dict]] = {}
+    for home in sorted(path for path in workdir.glob("peer*") if default_ledger_path(path).is_file()):
+        with Ledger(default_ledger_path(home)) as ledger:
+            table = credit_table(ledger.records_by_id(), now, flops_per_token=caps, host_credit_per_1k_tokens=rates)
+        tables[home.name] = [{"user": row.name, "peer_id": row.id, "total_credit": row.total_credit,
+                              "rac": row.rac} for row in table.users]
+    source = next(iter(tables), None)
+    users = tables[source] if source else []
+    return {"from": source, "users": users, "peers_compared": len(tables),
+            "agreed": bool(tables) and all(rows == users for rows in tables.values()),
+            "differ": sorted(name for name, rows in tables.items() if rows != users)}
+
+
+def _print_credits(credits: dict) -> None:
+    from rich.table import Table
+
+    if credits["from"] is None:
+        console.print("[red]no peer kept a ledger[/]")
+        return
+    table = Table(title=f"credits, from {credits['from']}'s ledger")
+    for column in ("user", "peer id", "total credit", "RAC"):
+        table.add_column(column, justify="right" if column in ("total credit", "RAC") else "left")
+    for row in credits["users"]:
+        table.add_row(row["user"], row["peer_id"][:12], f"{row['total_credit']:.4g}", f"{row['rac']:.4g}")
+    console.print(table)
+    if credits["agreed"]:
+        console.print(f"[green]all {credits['peers_compared']} peers computed the same credit table[/]")
+    else:
+        console.print(f"[red]these peers computed a different credit table: {', '.join(credits['differ'])}[/]")
+
 
 
 def register(app: typer.Typer) -> None:

@@ -37,6 +37,7 @@ class LedgerBridge:
         self.ledger = ledger
         self.sync_every_s = sync_every_s
         self.flops_per_token = {peer.run_id: float(flops_per_token(peer.model_config, peer.manifest.data.seq_len))}
+        self.host_credit_per_1k_tokens = {peer.run_id: peer.manifest.credit.host_credit_per_1k_tokens}
         self.stored = 0
         self.synced_in = 0
         self.synced_out = 0
@@ -120,7 +121,8 @@ class LedgerBridge:
             return
         self._blocks_seen.clear()
         records = self.ledger.records_by_id(run_id=self.peer.run_id)
-        table = credit_table(records, time.time(), flops_per_token=self.flops_per_token)
+        table = credit_table(records, time.time(), flops_per_token=self.flops_per_token,
+                             host_credit_per_1k_tokens=self.host_credit_per_1k_tokens)
         by_round: dict[int, float] = {}
         for grant in table.grants:
             if grant.peer != self.peer.peer_id or grant.source in self._credited:
