@@ -19,9 +19,52 @@ class ClientError(GpuniteError):
     """A host that cannot be reached or that refused a request."""
 
 
-def resolve_host_url(url: str | None) -> str:
-    """The base URL of the host to ask: the one given, else the local default (swarm discovery plugs in here)."""
-    return (url or DEFAULT_HOST_URL).rstrip("/")
+def resolve_host_url(url: str | None, join: str | None = None) -> str:
+    """The base URL of the host to ask: the one given, else the first reachable host announced in the swarm
+    that `join` (any peer's multiaddr) reaches, else the local default."""
+    if url:
+        return url.rstrip("/")
+    if join is None:
+        return DEFAULT_HOST_URL
+    urls = find_host_urls(join)
+    for candidate in urls:
+        if _answers(candidate):
+            return candidate
+    if not urls:
+        raise ClientError(f"no host is announced in the swarm at {join}; start one with `gpunite host WEIGHTS "
+                          "--join ADDRESS`, or pass --url")
+    raise ClientError(f"none of the {len(urls)} hosts announced in the swarm answers ({', '.join(urls[:3])}); "
+                      "try again later, or pass --url")
+
+
+def find_host_urls(join: str, attempts: int = 10) -> list[str]:
+    """API URLs of the hosts announced in the swarm (signed host records in the DHT), newest first."""
+    import time
+
+    from gpunite.serve.host import HOSTS_KEY
+    from gpunite.swarm.membership import parse_host
+    from gpunite.swarm.node import SwarmNode
+
+    node = SwarmNode(initial_peers=[join]).start()
+    try:
+        for attempt in range(attempts):
+            records = node.get_records(HOSTS_KEY, parse_host)
+            if records or attempt == attempts - 1:
+                break
+            time.sleep(0.5)  # a fresh node may not have found the peers holding the key yet
+    finally:
+        node.close()
+    newest = sorted(records.values(), key=lambda record: (-record.time, record.peer_id))
+    urls = [record.api_url.rstrip("/") for record in newest
+            if record.api_url and record.api_url.startswith(("http://", "https://"))]
+    return list(dict.fromkeys(urls))
+
+
+def _answers(url: str, timeout_s: float = 5.0) -> bool:
+    try:
+        return httpx.get(f"{url}/v1/models", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 class HostClient:

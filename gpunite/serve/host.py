@@ -4,11 +4,13 @@
 quotas from the ledger (`gpunite.ledger.quota.QuotaCheck`) and signed Usage records written to that ledger.
 The swarm calls `Host.swap_weights(state_dict, weights_hash)` when a new round's weights are verified:
 requests already accepted finish on the old weights, later ones run on the new (see engine.py), none fail.
-`Host.host_record(report)` is the signed HostRecord the swarm announces in the DHT.
+`Host.host_record(report)` is the signed HostRecord the swarm announces in the DHT; `announce_host` keeps it
+there under HOSTS_KEY so `gpunite ask --join` finds the host's api_url.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from gpunite.errors import GpuniteError
 from gpunite.identity import Identity
 from gpunite.manifest import HostSection, Manifest, parse_manifest
-from gpunite.records import HostRecord, sign_record
+from gpunite.records import HostRecord, record_bytes, sign_record
 
 if TYPE_CHECKING:
     import torch
@@ -162,17 +164,40 @@ class Host:
         self.engine.swap_weights(state_dict, weights_hash, timeout_s=timeout_s)
         log.info("now serving weights %s", weights_hash[:16])
 
-    def host_record(self, report: HardwareReport, user_name: str = "", team: str = "") -> HostRecord:
-        """This host's signed record for the DHT: hardware measured by the probe and the weights it serves."""
+    def host_record(self, report: HardwareReport, user_name: str = "", team: str = "",
+                    api_url: str | None = None) -> HostRecord:
+        """This host's signed record for the DHT: hardware measured by the probe, the weights it serves and
+        where its API answers (api_url, when it announces itself)."""
         record = HostRecord(
             host_name=socket.gethostname()[:128], user_name=user_name, team=team,
             device=f"{report.device} ({report.device_name})"[:256], memory_gb=report.memory_gb,
-            tflops=report.tflops, serves_model=self.weights_hash, time=time.time(),
+            tflops=report.tflops, serves_model=self.weights_hash, api_url=api_url, time=time.time(),
         )
         return sign_record(self.identity, record)  # type: ignore[return-value]
 
     def close(self) -> None:
         self.engine.close()
+
+
+HOSTS_KEY = "gpunite:hosts"  # DHT key: every announced host's signed HostRecord, under the host's peer id
+HOST_TTL_S = 300.0
+
+
+def announce_host(node: Any, record: HostRecord, ttl_s: float = HOST_TTL_S) -> Any:
+    """Keep a signed host record in the DHT under HOSTS_KEY (republished every ttl/4 until the node closes)."""
+    data = record_bytes(record)
+
+    async def republish() -> None:
+        from hivemind.utils import get_dht_time
+
+        while True:
+            try:
+                await node._dht.store(HOSTS_KEY, data, get_dht_time() + ttl_s, subkey=record.peer_id)
+            except Exception as exc:  # retried at the next tick; serving goes on meanwhile
+                log.warning("host record not announced: %s", exc)
+            await asyncio.sleep(ttl_s / 4)
+
+    return node.submit(republish())
 
 
 class ServerThread:
