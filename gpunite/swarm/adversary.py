@@ -11,9 +11,9 @@ import time
 from typing import TYPE_CHECKING
 
 from gpunite.records import Contribution, WorkUnit, parse_record
-from gpunite.swarm.checks import RoundContext
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # importing them here would load torch for the CLI's option checks
+    from gpunite.swarm.checks import RoundContext
     from gpunite.swarm.peer import Peer
 
 # The strategies that fit a running peer: one identity, its own assigned units, nothing of others' needed.
@@ -38,7 +38,7 @@ def adversary_contribution(peer: Peer, mode: str, ctx: RoundContext, units: list
     submission = next(s for s in MODES[mode](work) if s.cheating)
     record = parse_record(submission.record)
     if not isinstance(record, Contribution):
-        raise ValueError(f"adversary {mode} produced a {record.kind} record")
+        raise TypeError(f"adversary {mode} produced a {record.kind} record")
     method = "none" if cfg.compression == "none" else "int8"
     payload = payload_from_bytes(submission.delta_bytes, peer.numel, cfg.compression_chunk, method=method)
     return record, [payload_to_bytes(slice_payload(payload, start, end)) for start, end in bounds]

@@ -105,6 +105,7 @@ class RoundAudits:
         self._own: dict[int, tuple[AuditBeacon, dict[str, Contribution], float]] = {}  # our beacon, its set, when
         self._done: set[tuple[str, tuple[int, ...]]] = set()  # (contribution id, segments) audited by us
         self._emitted: set[str] = set()  # verdict ids already handed to the record hook
+        self._beacon_seen: dict[tuple[int, str], float] = {}  # (round, signer) -> when we first saw its beacon
 
     # ----- every peer -----
     def start_round(self, ctx: RoundContext, roster_ids: Sequence[str]) -> None:
@@ -112,12 +113,16 @@ class RoundAudits:
         for table in (self._in_force, self._candidates, self._pool, self._relied, self._own):
             for old in [r for r in table if r < ctx.round - 1]:
                 del table[old]
+        for key in [k for k in self._beacon_seen if k[0] < ctx.round - 1]:
+            del self._beacon_seen[key]
 
     def serve_audits(self, ctx: RoundContext, contributions: dict[str, Contribution]) -> None:
         """Audit whatever a published beacon of this round draws us for (once each)."""
         candidates = self._candidates.get(ctx.round, [])
         beacons = self.peer.node.get_records(run_key(self.peer.run_id, "beacon", ctx.round), parse_beacon)
         by_id = {c.record_id: c for c in contributions.values()}
+        for signer in beacons:
+            self._beacon_seen.setdefault((ctx.round, signer), time.time())
         for signer, record in beacons.items():
             if signer not in candidates or record.run_id != self.peer.run_id or record.round != ctx.round:
                 continue
@@ -131,13 +136,18 @@ class RoundAudits:
                 continue
             for cid in record.contributions:
                 contribution = by_id[cid]
-                if self.bans.is_banned(contribution.peer_id):
-                    continue  # it cannot merge whatever a replay says
+                if not self._worth_auditing(contribution, ctx):
+                    continue
                 assignment = assign(beacon, contribution, self.policy, candidates, signer)
                 key = (cid, assignment.segments)
                 if self.peer.peer_id in assignment.verifiers and key not in self._done:
                     self._done.add(key)
                     self.audit(ctx, contribution, assignment.segments)
+
+    def _worth_auditing(self, contribution: Contribution, ctx: RoundContext) -> bool:
+        """No replay for what cannot merge anyway: a banned signer's work, or work from another base than ours
+        (a verifier holding other weights would misjudge it)."""
+        return not self.bans.is_banned(contribution.peer_id) and contribution.base_hash == ctx.base_hash
 
     def audit(self, ctx: RoundContext, contribution: Contribution, segments: Sequence[int]) -> Verdict:
         """Replay a contribution's drawn segments and publish our signed verdict on it."""
@@ -193,6 +203,13 @@ class RoundAudits:
         return torch.cat(parts)
 
     # ----- the coordinator -----
+    def earlier_at_work(self, ctx: RoundContext, earlier_alive: Sequence[str]) -> bool:
+        """Whether a better-ranked live coordinator published its beacon and may still be waiting for verdicts
+        (a backup must not close the round then: two closes would split the swarm)."""
+        patience = self.audit_timeout_s + 2 * self.peer.config.takeover_s
+        return any(time.time() - self._beacon_seen.get((ctx.round, pid), -float("inf")) < patience
+                   for pid in earlier_alive)
+
     def ready_to_close(self, ctx: RoundContext, contributions: dict[str, Contribution], rank: int,
                        prev_block: str) -> dict[str, Contribution] | None:
         """The contributions the close may decide on once their verdicts are in (or timed out); None: wait.
@@ -216,6 +233,8 @@ class RoundAudits:
         pool: list[Verdict] = []
         missing = 0
         for contribution in frozen.values():
+            if not self._worth_auditing(contribution, ctx):
+                continue
             assignment = assign(beacon, contribution, self.policy, candidates, self.peer.peer_id)
             if not assignment.audited:
                 continue

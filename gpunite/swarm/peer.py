@@ -501,7 +501,8 @@ class Peer:
                 rank = candidates.index(self.peer_id)
                 before_alive = [pid for pid in candidates[:rank] if pid in alive]
                 decided = None
-                if not before_alive or time.time() - ready_since >= rank * self.config.takeover_s:
+                if not before_alive or (time.time() - ready_since >= rank * self.config.takeover_s
+                                        and not self.audits.earlier_at_work(ctx, before_alive)):
                     # Publishes the audit beacon first, then waits (polling here) for the drawn verifiers.
                     decided = self.audits.ready_to_close(ctx, contributions, rank, prev_block)
                 if decided is not None:
