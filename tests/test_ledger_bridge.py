@@ -74,6 +74,8 @@ def test_every_ledger_holds_the_run(finished_swarm):
             accepted = {record_id for block in blocks for record_id in block.accepted}
             contributions = set(ledger.ids("contribution"))
             assert accepted and accepted <= contributions, name
+            relied_on = {record_id for block in blocks for record_id in block.verdicts}
+            assert relied_on <= set(ledger.ids("verdict")), name
             assert ledger.conflicts() == []
 
 

@@ -24,6 +24,7 @@ from gpunite.records import KINDS
 
 log = logging.getLogger("gpunite.ledger.bridge")
 SYNC_TIMEOUT_S = 30.0
+FINAL_SYNC_TIMEOUT_S = 10.0
 FINAL_SYNC_PEERS = 8
 
 
@@ -52,7 +53,10 @@ class LedgerBridge:
         self._chained = self.peer.on_record
         self.peer.on_record = self.on_record
         # the ledger's own stream protocol runs on the peer's daemon, beside the swarm's request handlers
-        self.peer.node.run(serve_sync(self.peer.node._p2p, self.ledger), timeout=30)
+        try:
+            self.peer.node.run(serve_sync(self.peer.node._p2p, self.ledger), timeout=30)
+        except Exception as exc:  # the peer still trains and syncs outwards; others just cannot pull from it
+            log.warning("ledger sync is not served to other peers: %s", exc)
         self._thread.start()
         return self
 
@@ -85,21 +89,34 @@ class LedgerBridge:
                 log.warning("ledger %s: %s", part.__name__.strip("_").replace("_", " "), exc)
 
     def _live_peers(self) -> list[Any]:
-        alive = self.peer.membership.alive()
-        return [beat for pid, beat in sorted(alive.items()) if pid != self.peer.peer_id and beat.p2p_id]
+        """Other peers with a fresh heartbeat (read here, not through Membership.alive(), which logs arrivals)."""
+        import time
+
+        from gpunite.swarm.membership import parse_heartbeat
+        from gpunite.swarm.protocol import run_key
+
+        beats = self.peer.node.get_records(run_key(self.peer.run_id, "heartbeat"), parse_heartbeat)
+        fresh_after = time.time() - self.peer.membership.ttl_s
+        return [beat for pid, beat in sorted(beats.items())
+                if pid != self.peer.peer_id and beat.run_id == self.peer.run_id and beat.time >= fresh_after
+                and beat.p2p_id]
 
     def _sync_random_peer(self) -> None:
         beats = self._live_peers()
         if beats:
             self.sync_with_peer(random.choice(beats))
 
-    def sync_with_peer(self, beat: Any) -> tuple[int, int]:
+    def sync_with_peer(self, beat: Any, timeout_s: float = SYNC_TIMEOUT_S) -> tuple[int, int]:
         """One anti-entropy exchange with a live peer (its heartbeat says where it is)."""
         from hivemind.p2p import PeerID
 
+        try:
+            p2p_id = PeerID.from_base58(beat.p2p_id)
+        except ValueError:
+            raise SyncError(f"peer {beat.peer_id[:12]} announced {beat.p2p_id[:16]!r}, not a libp2p peer id") from None
         received, sent = self.peer.node.run(
-            sync_with(self.peer.node._p2p, PeerID.from_base58(beat.p2p_id), self.ledger, timeout=SYNC_TIMEOUT_S),
-            timeout=SYNC_TIMEOUT_S * 4)
+            sync_with(self.peer.node._p2p, p2p_id, self.ledger, timeout=timeout_s),
+            timeout=timeout_s * 4)
         self.synced_in += received
         self.synced_out += sent
         if received or sent:
@@ -148,7 +165,7 @@ class LedgerBridge:
                 beats = []
             for beat in beats[:FINAL_SYNC_PEERS]:
                 try:
-                    self.sync_with_peer(beat)
+                    self.sync_with_peer(beat, FINAL_SYNC_TIMEOUT_S)
                 except (SyncError, GpuniteError) as exc:
                     log.info("ledger final sync with %s: %s", beat.peer_id[:12], exc)
         try:
