@@ -48,7 +48,7 @@ def finished_swarm(tmp_path_factory):
     from gpunite.manifest import load_manifest
 
     workdir = tmp_path_factory.mktemp("bridge")
-    manifest_path = workdir / "run.toml"
+    manifest_path = workdir / "demo.toml"  # the name `gpunite demo` gives it, so its credit summary reads it too
     manifest_path.write_text(MANIFEST)
     manifest = load_manifest(manifest_path)
     prepare_dataset(manifest)
@@ -96,3 +96,12 @@ def test_every_peer_computes_the_same_credit_table(finished_swarm):
         assert credit.get(peer_id, 0) > 0, f"{name} trained but earned no credit: {credit}"
     log = swarm.peers["peer1"].log_path.read_text()
     assert "credit +" in log and "for round" in log
+
+
+def test_demo_credit_summary_compares_every_peer(finished_swarm):
+    from gpunite.cli.swarm import _demo_credits
+
+    swarm, _, peer_ids = finished_swarm
+    credits = _demo_credits(swarm.workdir)
+    assert credits["agreed"] and credits["peers_compared"] == 3 and credits["differ"] == []
+    assert {row["peer_id"] for row in credits["users"]} == set(peer_ids.values())
