@@ -14,16 +14,20 @@ HOME_HELP = "Peer home: identity key, synced data and state (default ~/.gpunite 
 
 
 def _config(home: Path | None, roles: list[str], rounds: int | None, until_round: int | None,
-            speed: float | None, status: Path | None, heartbeat: float, device: str, cheat: str | None = None):
+            speed: float | None, status: Path | None, heartbeat: float, device: str, cheat: str | None = None,
+            adversary: str | None = None):
     from gpunite.identity import default_home
+    from gpunite.swarm.adversary import SWARM_ADVERSARIES
     from gpunite.swarm.peer import CHEATS, PeerConfig, PeerError
 
     if cheat is not None and cheat not in CHEATS:
         raise PeerError(f"unknown --cheat {cheat!r}; choose one of {', '.join(CHEATS)}")
+    if adversary is not None and adversary not in SWARM_ADVERSARIES:
+        raise PeerError(f"unknown --adversary {adversary!r}; choose one of {', '.join(SWARM_ADVERSARIES)}")
     home = (home or default_home()).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     return PeerConfig(home=home, roles=roles, max_rounds=rounds, until_round=until_round, speed=speed,
-                      status_path=status, heartbeat_s=heartbeat, device=device, cheat=cheat)
+                      status_path=status, heartbeat_s=heartbeat, device=device, cheat=cheat, adversary=adversary)
 
 
 def _setup(log_level: str, threads: int | None, name: str) -> None:
@@ -123,13 +127,15 @@ def join(
     save_final: bool = typer.Option(False, "--save-final", help="Save the global weights when stopping."),
     cheat: str | None = typer.Option(None, "--cheat", hidden=True,
                                         help="Tests and demos: send a hostile delta (scaled, random, nan)."),
+    adversary: str | None = typer.Option(None, "--adversary", hidden=True,
+                                         help="Tests and demos: cheat like a proof adversary mode (fewer_steps...)."),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Join a swarm run through any peer: fetch its manifest, data and latest weights, then train."""
     from gpunite.swarm.bootstrap import join_run
 
     _setup(log_level, threads, "join")
-    config = _config(home, list(role), rounds, until_round, speed, status, heartbeat, device, cheat)
+    config = _config(home, list(role), rounds, until_round, speed, status, heartbeat, device, cheat, adversary)
     peer = join_run(address, config, run_id=run, host=host, port=port)
     print(f"joined run {peer.run_id} as peer {peer.peer_id} at round {peer.state.round}")
     sys.stdout.flush()
@@ -140,7 +146,8 @@ def demo(
     peers: int = typer.Option(4, help="Peer processes to start on 127.0.0.1."),
     rounds: int = typer.Option(5, help="Rounds to train."),
     churn: bool = typer.Option(False, "--churn", help="Kill one peer (SIGKILL) midway and restart it."),
-    cheater: str | None = typer.Option(None, help="Make one peer cheat: scaled, random or nan."),
+    cheater: str | None = typer.Option(None, help="Make one peer cheat: scaled, random, nan, or a proof "
+                                                  "adversary mode (scaled_delta, fewer_steps, skipped_data, ...)."),
     workdir: Path | None = typer.Option(None, help="Keep the run's files here (default: a temp dir)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -200,7 +207,6 @@ def _print_credits(credits: dict) -> None:
         console.print(f"[green]all {credits['peers_compared']} peers computed the same credit table[/]")
     else:
         console.print(f"[red]these peers computed a different credit table: {', '.join(credits['differ'])}[/]")
-
 
 
 def register(app: typer.Typer) -> None:

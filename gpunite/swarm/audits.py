@@ -41,9 +41,11 @@ from gpunite.proof.selection import (
 )
 from gpunite.records import Contribution, Verdict, parse_record, record_bytes, sign_record
 from gpunite.swarm.checks import ACCEPT, CheckResult, RoundContext, check_slice
+from gpunite.swarm.node import SwarmError
 from gpunite.swarm.protocol import (
     HANDLE_TRAIL,
     AuditBeacon,
+    ProtocolError,
     RoundClose,
     parse_swarm_message,
     run_key,
@@ -109,7 +111,8 @@ class RoundAudits:
 
     # ----- every peer -----
     def start_round(self, ctx: RoundContext, roster_ids: Sequence[str]) -> None:
-        self._candidates[ctx.round] = sorted(roster_ids)
+        # A banned peer judges no one (every peer holds the same bans: they come from the closes it followed).
+        self._candidates[ctx.round] = sorted(pid for pid in roster_ids if not self.bans.is_banned(pid))
         for table in (self._in_force, self._candidates, self._pool, self._relied, self._own):
             for old in [r for r in table if r < ctx.round - 1]:
                 del table[old]
@@ -176,7 +179,11 @@ class RoundAudits:
 
         def fetch(what: int | str) -> bytes:
             header = {"round": ctx.round, "segment": what}
-            return peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes)[1]
+            try:
+                return peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes)[1]
+            except (SwarmError, ProtocolError) as exc:  # a stream broken on a busy machine: one more try
+                log.info("trail %s of %s: %s; retrying", what, contribution.peer_id[:12], exc)
+                return peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes)[1]
 
         return verify_contribution(
             contribution, segments, fetch, lambda: fetch("final"), base, delta, peer._load_sequences,

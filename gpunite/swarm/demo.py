@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gpunite.errors import GpuniteError
+from gpunite.swarm.adversary import SWARM_ADVERSARIES
 
 DEMO_MANIFEST = """
 [run]
@@ -46,8 +47,13 @@ round_deadline_s = 90
 compression_chunk = 4096
 
 [proof]
-trail_interval = 16
+trail_interval = 4
+audit_fraction = 1.0
+segments_per_audit = 1
 """
+
+
+CHEATER_MODES = ("scaled", "random", "nan", *SWARM_ADVERSARIES)  # --cheat modes, then proof adversaries
 
 
 class DemoError(GpuniteError):
@@ -204,6 +210,8 @@ def run_demo(peers: int = 4, rounds: int = 5, churn: bool = False, cheater: str 
         raise DemoError("the demo needs --peers >= 1 and --rounds >= 1")
     if churn and peers < 2:
         raise DemoError("--churn needs --peers >= 2: one peer is killed while the others go on")
+    if cheater is not None and cheater not in CHEATER_MODES:
+        raise DemoError(f"unknown --cheater {cheater!r}; choose one of {', '.join(CHEATER_MODES)}")
     temp = None
     if workdir is None:
         temp = tempfile.TemporaryDirectory(prefix="gpunite-demo-")
@@ -233,7 +241,8 @@ def _drive(swarm: LocalSwarm, peers: int, rounds: int, churn: bool, cheater: str
     swarm.start_first("peer1", wait_peers=peers, extra=["--save-final", *until])
     address = swarm.address()
     for k in range(2, peers + 1):
-        extra = ["--cheat", cheater] if cheater and k == peers else []
+        flag = "--adversary" if cheater in SWARM_ADVERSARIES else "--cheat"
+        extra = [flag, cheater] if cheater and k == peers else []
         swarm.join(f"peer{k}", address, extra=[*until, *extra])
     victim = f"peer{peers}" if not cheater else f"peer{max(2, peers - 1)}"
     churned = False
@@ -263,6 +272,8 @@ def _drive(swarm: LocalSwarm, peers: int, rounds: int, churn: bool, cheater: str
         "cheater": cheater,
         "events": events,
         "refused": _refusals(swarm),
+        # The cheater is caught when none of its contributions merged (the audits or cheap checks refused them).
+        "cheater_merged_rounds": statuses.get(f"peer{peers}", {}).get("contributed_rounds") if cheater else None,
         "weights_hash": sorted(set(hashes.values())),
         "agreed": len(set(hashes.values())) == 1,
         "per_peer": {name: {k: s.get(k) for k in ("round", "loss", "tokens", "bytes_sent", "bytes_received",
@@ -276,7 +287,8 @@ def _refusals(swarm: LocalSwarm) -> list[str]:
     seen: list[str] = []
     for peer in [*swarm.peers.values(), *swarm.retired]:
         for line in peer.log_path.read_text(errors="replace").splitlines():
-            if ("rejected " in line and "contribution" in line) or ("dropped " in line and "slice" in line):
+            if (("rejected " in line and "contribution" in line) or ("dropped " in line and "slice" in line)
+                    or "banned " in line or ": REJECT, " in line):
                 message = line.split(": ", 1)[-1]
                 if message not in seen:
                     seen.append(message)
@@ -336,6 +348,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
                   f"on weights {', '.join(h[:12] for h in summary['weights_hash'] if h)}")
     for refusal in summary.get("refused", []):
         console.print(f"refused: {refusal}", markup=False, highlight=False)
+    if summary.get("cheater"):
+        merged = summary.get("cheater_merged_rounds")
+        caught = "[green]caught: none of its contributions merged[/]" if merged == 0 else (
+            f"[red]NOT caught: its contributions merged in {merged} rounds[/]")
+        console.print(f"cheater peer{summary['peers']} ({summary['cheater']}): {caught}")
     if summary.get("sample") is not None:
         console.print("[bold]sample from the trained model:[/]")
         console.print("def " + summary["sample"], markup=False, highlight=False)
