@@ -49,6 +49,40 @@ HONEST = ["peer1", "peer2", "peer3"]
 ROUNDS = 2
 
 
+def _contribution(identity, trail_entries: int = 5):
+    from gpunite.records import Contribution, WorkUnit, sign_record
+
+    return sign_record(identity, Contribution(
+        run_id="a" * 64, round=0, base_hash="b" * 64, work_units=[WorkUnit(shard="c" * 64, first=0, count=8)],
+        inner_steps=8, tokens=256, trail_interval=2, trail=["d" * 64] * trail_entries, delta_hash="e" * 64,
+        slice_hashes=["f" * 64], delta_norm=1.0, claimed_flops=1.0, time=0.0))
+
+
+def test_assignment_fits_swarms_of_any_size():
+    from gpunite.identity import Identity
+    from gpunite.proof.policy import MergePolicy
+    from gpunite.swarm.audits import assign
+
+    beacon = bytes(32)
+    policy = MergePolicy(audit_fraction=1.0, segments_per_audit=2)
+    trainer, coordinator, other = (Identity.from_seed(s.encode()) for s in ("trainer", "coordinator", "other"))
+    work = _contribution(trainer)
+    # Enough peers: neither the trainer nor the coordinator verifies; 2 of the 4 segments are drawn.
+    many = assign(beacon, work, policy, [trainer.peer_id, coordinator.peer_id, other.peer_id], coordinator.peer_id)
+    assert many.audited and many.verifiers == (other.peer_id,) and len(many.segments) == 2
+    assert set(many.segments) <= {0, 1, 2, 3}
+    # Two peers: the coordinator is the only one who can verify, so it does.
+    two = assign(beacon, work, policy, [trainer.peer_id, coordinator.peer_id], coordinator.peer_id)
+    assert two.verifiers == (coordinator.peer_id,)
+    # Alone: nobody can audit it.
+    assert not assign(beacon, work, policy, [trainer.peer_id], trainer.peer_id).audited
+    # The coordinator's own contribution is audited even when the fraction is zero.
+    own = _contribution(coordinator)
+    none = MergePolicy(audit_fraction=0.0)
+    assert assign(beacon, own, none, [trainer.peer_id, coordinator.peer_id], coordinator.peer_id).audited
+    assert not assign(beacon, work, none, [trainer.peer_id, coordinator.peer_id], coordinator.peer_id).audited
+
+
 def blocks(peer) -> dict[int, dict]:
     found = {}
     for path in peer.home.glob("runs/*/chain.jsonl"):

@@ -5,8 +5,9 @@ One round r, as every peer runs it (`Peer.run_round`):
 1. roster_r comes from the round close of r - 1; work units from the work plan (deterministic).
 2. trainers run their inner steps, compress the pseudo-gradient, publish a signed Contribution.
 3. the round's coordinator (the roster member with the smallest sha256(prev block hash + peer id) that is
-   alive; the next one takes over if it vanishes) publishes a signed RoundClose: accepted contributions and
-   the roster of r + 1. Every peer checks it.
+   alive; the next one takes over if it vanishes) signs the audit beacon; the verifiers it draws replay trail
+   segments and publish verdicts (`gpunite.swarm.audits`); then it publishes a signed RoundClose: accepted
+   contributions (audited ones only with their accept verdicts), the roster of r + 1. Every peer checks it.
 4. sharded aggregation: roster member i owns slice i; it pulls slice i of every accepted contribution,
    checks and merges it robustly, and serves the result; every peer fetches all slices (or, if an owner is
    gone, merges that slice itself) and applies the outer Nesterov step.
