@@ -144,7 +144,7 @@ def join(
 
 def demo(
     peers: int = typer.Option(4, help="Peer processes to start on 127.0.0.1."),
-    rounds: int = typer.Option(5, help="Rounds to train."),
+    rounds: int = typer.Option(4, help="Rounds to train."),
     churn: bool = typer.Option(False, "--churn", help="Kill one peer (SIGKILL) midway and restart it."),
     cheater: str | None = typer.Option(None, help="Make one peer cheat: scaled, random, nan, or a proof "
                                                   "adversary mode (scaled_delta, fewer_steps, skipped_data, ...)."),

@@ -203,7 +203,7 @@ def prepare_demo(manifest_path: Path) -> None:
     prepare_dataset(load_manifest(manifest_path))
 
 
-def run_demo(peers: int = 4, rounds: int = 5, churn: bool = False, cheater: str | None = None,
+def run_demo(peers: int = 4, rounds: int = 4, churn: bool = False, cheater: str | None = None,
              workdir: Path | None = None, live: bool = True) -> dict[str, Any]:
     """Run the demo; returns its summary (also shown live on the terminal unless live is False)."""
     if peers < 1 or rounds < 1:
