@@ -49,3 +49,13 @@ def test_missing_data_file_is_named(tmp_path):
 def test_missing_manifest_says_what_to_do(tmp_path):
     with pytest.raises(ManifestError, match="gpunite run init"):
         load_manifest(tmp_path / "absent.toml")
+
+
+def test_examples_hold_one_valid_manifest_per_preset():
+    from pathlib import Path
+
+    from gpunite.model import PRESETS
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    presets = {load_manifest(path).model.preset: path for path in sorted(examples.glob("*.toml"))}
+    assert set(presets) == set(PRESETS)
