@@ -32,16 +32,6 @@ def manifest_text(inner_steps: int) -> str:
     ]) + "\n"
 
 
-def round_log(home: Path) -> dict[int, dict]:
-    """A peer's per-round figures (runs/<run>/rounds.jsonl), by round."""
-    lines = {}
-    for path in home.glob("runs/*/rounds.jsonl"):
-        for line in path.read_text().splitlines():
-            entry = json.loads(line)
-            lines[entry["round"]] = entry
-    return lines
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=4)
@@ -52,7 +42,7 @@ def main() -> None:
 
     from gpunite.data.prepare import prepare_dataset
     from gpunite.manifest import load_manifest
-    from gpunite.swarm.demo import LocalSwarm
+    from gpunite.swarm.demo import LocalSwarm, round_log
 
     with tempfile.TemporaryDirectory(prefix="gpunite-bench-util-") as tmp:
         workdir = Path(tmp)

@@ -8,12 +8,13 @@ Parsing a record from outside goes through `parse_record`, which checks the sign
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from gpunite.identity import RecordError, canonical_json, peer_id_of, record_hash, verify_record
 
+_R = TypeVar("_R")
 HEX64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 GENESIS = "0" * 64
 
@@ -180,6 +181,14 @@ def parse_record(data: dict[str, Any] | bytes) -> _Record:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err.get("loc", ()))
         raise RecordError(f"record does not fit its schema: {where}: {err.get('msg')}") from None
+
+
+def parse_record_as(data: dict[str, Any] | bytes, record_type: type[_R]) -> _R:
+    """Like parse_record, and the record must be of record_type (a DHT key holds one kind only)."""
+    record = parse_record(data)
+    if not isinstance(record, record_type):
+        raise RecordError(f"expected a {record_type.__name__} record, got a {record.kind} record")
+    return record
 
 
 def record_bytes(record: _Record) -> bytes:

@@ -38,3 +38,12 @@ def test_block_hash_ignores_signer_and_time():
     two = sign_record(Identity.from_seed(b"2"), Block(time=2.0, **fields))
     assert one.block_hash == two.block_hash
     assert one.record_id != two.record_id
+
+
+def test_parse_record_as_insists_on_the_kind():
+    from gpunite.records import parse_record_as
+
+    signed = sign_record(Identity.from_seed(b"t"), _contribution())
+    assert parse_record_as(record_bytes(signed), Contribution) == signed
+    with pytest.raises(RecordError, match="expected a Block record, got a contribution record"):
+        parse_record_as(record_bytes(signed), Block)

@@ -39,7 +39,7 @@ from gpunite.proof.selection import (
     is_audited,
     sign_beacon,
 )
-from gpunite.records import Contribution, Verdict, parse_record, record_bytes, sign_record
+from gpunite.records import Contribution, Verdict, parse_record_as, record_bytes, sign_record
 from gpunite.swarm.checks import ACCEPT, CheckResult, RoundContext, check_slice
 from gpunite.swarm.node import SwarmError
 from gpunite.swarm.protocol import (
@@ -64,10 +64,7 @@ def parse_beacon(data: bytes) -> AuditBeacon:
 
 
 def parse_verdict(data: bytes) -> Verdict:
-    record = parse_record(data)
-    if not isinstance(record, Verdict):
-        raise ValueError(f"expected a verdict, got a {record.kind} record")
-    return record
+    return parse_record_as(data, Verdict)
 
 
 def assign(beacon: bytes, contribution: Contribution, policy: MergePolicy, candidates: Sequence[str],

@@ -179,6 +179,16 @@ class LocalSwarm:
             _kill_group(peer.process)
 
 
+def round_log(home: Path) -> dict[int, dict]:
+    """A peer's per-round figures (runs/<run>/rounds.jsonl), by round."""
+    lines = {}
+    for path in home.glob("runs/*/rounds.jsonl"):
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            lines[entry["round"]] = entry
+    return lines
+
+
 def _kill_group(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from gpunite.identity import Identity
-from gpunite.records import Heartbeat, HostRecord, parse_record, record_bytes, sign_record
+from gpunite.records import Heartbeat, HostRecord, parse_record_as, record_bytes, sign_record
 from gpunite.swarm.node import SwarmNode
 from gpunite.swarm.protocol import run_key
 
@@ -21,17 +21,11 @@ log = logging.getLogger("gpunite.swarm.membership")
 
 
 def parse_heartbeat(data: bytes) -> Heartbeat:
-    record = parse_record(data)
-    if not isinstance(record, Heartbeat):
-        raise ValueError(f"expected a heartbeat, got a {record.kind} record")
-    return record
+    return parse_record_as(data, Heartbeat)
 
 
 def parse_host(data: bytes) -> HostRecord:
-    record = parse_record(data)
-    if not isinstance(record, HostRecord):
-        raise ValueError(f"expected a host record, got a {record.kind} record")
-    return record
+    return parse_record_as(data, HostRecord)
 
 
 @dataclass

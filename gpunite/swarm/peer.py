@@ -40,7 +40,7 @@ from gpunite.records import (
     Contribution,
     Rejection,
     WorkUnit,
-    parse_record,
+    parse_record_as,
     record_bytes,
     sign_record,
 )
@@ -123,17 +123,11 @@ def hostile_delta(mode: str | None, pseudo_grad: torch.Tensor) -> torch.Tensor:
 
 
 def parse_contribution(data: bytes) -> Contribution:
-    record = parse_record(data)
-    if not isinstance(record, Contribution):
-        raise ValueError(f"expected a contribution, got a {record.kind} record")
-    return record
+    return parse_record_as(data, Contribution)
 
 
 def parse_block(data: bytes) -> Block:
-    record = parse_record(data)
-    if not isinstance(record, Block):
-        raise ValueError(f"expected a block, got a {record.kind} record")
-    return record
+    return parse_record_as(data, Block)
 
 
 def parse_close(data: bytes) -> RoundClose:
