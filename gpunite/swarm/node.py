@@ -3,6 +3,11 @@
 The peer's main thread (which trains) calls the blocking methods here; they hand coroutines to the loop
 thread. The DHT node lives in this process (not hivemind.DHT's child process) so that a killed peer takes
 its daemon with it: p2pd exits as soon as its client connection closes.
+
+Request streams have two deadlines: a fixed one to open the stream, send the request and get the reply's
+header (the other peer is there and answering), then one for the reply's body that grows with its announced
+length at the slowest link speed a peer may have (`TransferBudget`), so a 1 Mbit/s peer can fetch a
+global state or a shard that takes minutes, while a peer that stops answering is still given up on.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -28,15 +35,55 @@ class SwarmError(GpuniteError):
     """The swarm could not be reached or did not answer in time."""
 
 
+# The slowest link a peer of a run may have ("bad" test-bed profile: one peer at 1 Mbit/s).
+FLOOR_BITS_PER_S = 1e6
+
+
+class TransferBudget:
+    """Seconds a transfer of n bytes may take: bytes at the floor link speed, with a margin, plus a fixed start.
+
+    The floor is the assumed one (FLOOR_BITS_PER_S) or, once this peer has seen slower big transfers, the
+    slowest of its recent ones: a peer behind a link slower than assumed still gets the time it needs.
+    """
+
+    MARGIN = 2.0  # TCP slow start, a link shared with other transfers, a busy sender
+    MEASURE_MIN_BYTES = 256 * 1024  # smaller transfers are dominated by latency, not bandwidth
+    KEEP = 8  # recent measurements the floor is taken from
+
+    def __init__(self, start_s: float = 5.0, floor_bits_per_s: float = FLOOR_BITS_PER_S) -> None:
+        if floor_bits_per_s <= 0 or start_s < 0:
+            raise ValueError("a transfer budget needs floor_bits_per_s > 0 and start_s >= 0")
+        self.start_s = start_s
+        self.assumed_bits_per_s = floor_bits_per_s
+        self._measured: deque[float] = deque(maxlen=self.KEEP)
+
+    @property
+    def floor_bits_per_s(self) -> float:
+        return min([self.assumed_bits_per_s, *self._measured])
+
+    def transfer_s(self, n_bytes: int) -> float:
+        """Time for the bytes alone at the floor speed, with the margin."""
+        return self.MARGIN * 8.0 * max(n_bytes, 0) / self.floor_bits_per_s
+
+    def seconds_for(self, n_bytes: int) -> float:
+        return self.start_s + self.transfer_s(n_bytes)
+
+    def observe(self, n_bytes: int, seconds: float) -> None:
+        """A completed transfer's size and duration (only big ones say anything about the link)."""
+        if n_bytes >= self.MEASURE_MIN_BYTES and seconds > 0:
+            self._measured.append(8.0 * n_bytes / seconds)
+
+
 class SwarmNode:
     """A libp2p daemon + hivemind DHT node with blocking helpers for signed records and request streams."""
 
     def __init__(self, initial_peers: list[str] | None = None, host: str = "127.0.0.1", port: int = 0,
-                 request_timeout_s: float = 30.0) -> None:
+                 request_timeout_s: float = 30.0, floor_bits_per_s: float = FLOOR_BITS_PER_S) -> None:
         self.initial_peers = list(initial_peers or [])
         self.host = host
         self.port = port
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s = request_timeout_s  # to open a stream, send a request and get the reply header
+        self.budget = TransferBudget(floor_bits_per_s=floor_bits_per_s)
         self.counter = ByteCounter()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gpunite-swarm", daemon=True)
@@ -166,9 +213,11 @@ class SwarmNode:
                 log.exception("%s handler failed for %s", name, caller[-8:])
                 reply_header, reply_body = {"error": f"internal error: {type(exc).__name__}"}, b""
             try:
-                await write_frame(writer, reply_header, reply_body, self.counter)
-            except (ConnectionError, OSError) as exc:
-                log.info("%s reply to %s not delivered: %s", name, caller[-8:], exc)
+                # A caller that stops reading (cut off, frozen) must not pin this reply forever.
+                await asyncio.wait_for(write_frame(writer, reply_header, reply_body, self.counter),
+                                       self.budget.seconds_for(len(reply_body)))
+            except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                log.info("%s reply to %s not delivered: %s", name, caller[-8:], str(exc) or type(exc).__name__)
             finally:
                 writer.close()
 
@@ -177,16 +226,55 @@ class SwarmNode:
     def request(self, p2p_id: str, name: str, header: dict[str, Any], body: bytes = b"", *,
                 max_reply_bytes: int, maddrs: list[str] | None = None,
                 timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
-        """Send one request frame to a peer and read its one reply frame (ProtocolError/SwarmError on failure)."""
+        """Send one request frame to a peer and read its one reply frame (ProtocolError/SwarmError on failure).
+
+        timeout bounds opening the stream, sending the request and the reply's header (default
+        request_timeout_s); the reply's body then gets the time its announced size needs (`self.budget`).
+        """
         timeout = timeout or self.request_timeout_s
-        try:
-            return self.run(asyncio.wait_for(
-                self._request(p2p_id, name, header, body, max_reply_bytes, maddrs or []), timeout), timeout + 5)
-        except asyncio.TimeoutError:
-            raise SwarmError(f"{name} request to {p2p_id[-8:]} timed out after {timeout} s") from None
+        # The loop thread applies the real deadlines; this one only guards against a wedged loop.
+        wedged_s = timeout + self.budget.seconds_for(len(body) + max_reply_bytes) + 5
+        return self.run(self._request(p2p_id, name, header, body, max_reply_bytes, maddrs or [], timeout),
+                        wedged_s)
 
     async def _request(self, p2p_id: str, name: str, header: dict[str, Any], body: bytes, max_reply_bytes: int,
-                       maddrs: list[str]) -> tuple[dict[str, Any], bytes]:
+                       maddrs: list[str], timeout: float) -> tuple[dict[str, Any], bytes]:
+        reply_started: list[tuple[int, float]] = []  # (announced body length, when it was announced)
+        header_arrived = asyncio.Event()
+
+        def body_timeout(body_len: int) -> float:
+            reply_started.append((body_len, time.monotonic()))
+            header_arrived.set()
+            return self.budget.seconds_for(body_len)
+
+        exchange = asyncio.ensure_future(
+            self._exchange(p2p_id, name, header, body, max_reply_bytes, maddrs, body_timeout))
+        waiter = asyncio.ensure_future(header_arrived.wait())
+        try:
+            # First deadline: the stream opens, our request goes out, the reply's header comes back.
+            done, _ = await asyncio.wait({exchange, waiter}, timeout=timeout + self.budget.transfer_s(len(body)),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not done:
+            exchange.cancel()
+            raise SwarmError(f"{name} request to {p2p_id[-8:]} got no reply within {timeout:.0f} s")
+        try:
+            # Second deadline, inside read_frame: the body's bytes at the floor link speed.
+            reply_header, reply_body = await exchange
+        except asyncio.TimeoutError:
+            size = reply_started[0][0] if reply_started else 0
+            raise SwarmError(
+                f"{name} reply from {p2p_id[-8:]} ({size} bytes) did not arrive within "
+                f"{self.budget.seconds_for(size):.0f} s (allowing {self.budget.floor_bits_per_s / 1e6:.2g} Mbit/s); "
+                "the peer or its link stalled") from None
+        if reply_started:
+            size, since = reply_started[0]
+            self.budget.observe(size, time.monotonic() - since)
+        return reply_header, reply_body
+
+    async def _exchange(self, p2p_id: str, name: str, header: dict[str, Any], body: bytes, max_reply_bytes: int,
+                        maddrs: list[str], body_timeout: Callable[[int], float]) -> tuple[dict[str, Any], bytes]:
         from hivemind.p2p import PeerID
         from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
         from hivemind.utils.multiaddr import Multiaddr
@@ -208,7 +296,7 @@ class SwarmNode:
             raise SwarmError(f"cannot open a {name} stream to {p2p_id[-8:]}: {str(exc)[:200]}") from None
         try:
             await write_frame(writer, header, body, self.counter)
-            return await read_frame(reader, max_reply_bytes, self.counter)
+            return await read_frame(reader, max_reply_bytes, self.counter, body_timeout=body_timeout)
         except (ConnectionError, OSError) as exc:
             raise SwarmError(f"{name} stream to {p2p_id[-8:]} broke: {exc}") from None
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -142,9 +143,13 @@ async def write_frame(writer: asyncio.StreamWriter, header: dict[str, Any], body
         counter.sent += 12 + len(head) + len(body)
 
 
-async def read_frame(reader: asyncio.StreamReader, max_body: int,
-                     counter: ByteCounter | None = None) -> tuple[dict[str, Any], bytes]:
-    """Read one frame, refusing a header or body longer than allowed before reading it."""
+async def read_frame(reader: asyncio.StreamReader, max_body: int, counter: ByteCounter | None = None,
+                     body_timeout: Callable[[int], float] | None = None) -> tuple[dict[str, Any], bytes]:
+    """Read one frame, refusing a header or body longer than allowed before reading it.
+
+    body_timeout, given the announced body length, returns the seconds its bytes may take to arrive
+    (asyncio.TimeoutError past that): big bodies on slow links get the time their size needs.
+    """
     try:
         head_len = int.from_bytes(await reader.readexactly(4), "big")
         if head_len > MAX_HEADER_BYTES:
@@ -153,7 +158,10 @@ async def read_frame(reader: asyncio.StreamReader, max_body: int,
         body_len = int.from_bytes(await reader.readexactly(8), "big")
         if body_len > max_body:
             raise ProtocolError(f"peer sent a {body_len}-byte body, over the {max_body} limit for this message")
-        body = await reader.readexactly(body_len)
+        if body_timeout is None:
+            body = await reader.readexactly(body_len)
+        else:
+            body = await asyncio.wait_for(reader.readexactly(body_len), body_timeout(body_len))
     except asyncio.IncompleteReadError:
         raise ProtocolError("peer closed the stream in the middle of a frame") from None
     if counter is not None:

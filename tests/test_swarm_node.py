@@ -1,0 +1,115 @@
+"""Request deadlines of the swarm node: a body's time grows with its size at the floor link speed; a silent peer
+is still given up on. Slow links are emulated by feeding a stream reader at a fixed rate."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gpunite.swarm.node import FLOOR_BITS_PER_S, SwarmError, SwarmNode, TransferBudget
+from gpunite.swarm.protocol import read_frame
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_budget_scales_with_bytes_at_the_floor_speed():
+    budget = TransferBudget(start_s=5.0, floor_bits_per_s=1e6)
+    # A tiny model's global state (weights, momentum, two AdamW moments: ~5.6 MB) over a 1 Mbit/s link
+    # moves in ~45 s; the budget gives it twice that, where the old fixed deadline gave 30 s.
+    state_bytes = 16 * 100_000 + (1 << 22)
+    assert state_bytes * 8 / 1e6 < budget.seconds_for(state_bytes) - 5.0
+    assert budget.seconds_for(state_bytes) > 80
+    assert budget.seconds_for(2 * state_bytes) - 5.0 == pytest.approx(2 * (budget.seconds_for(state_bytes) - 5.0))
+    assert budget.seconds_for(0) == 5.0
+
+
+def test_budget_learns_a_link_slower_than_assumed_and_ignores_small_transfers():
+    budget = TransferBudget(start_s=1.0, floor_bits_per_s=FLOOR_BITS_PER_S)
+    budget.observe(1000, 10.0)  # latency-bound: says nothing about bandwidth
+    assert budget.floor_bits_per_s == FLOOR_BITS_PER_S
+    budget.observe(1 << 20, 8.0 * (1 << 20) / 0.5e6)  # 1 MiB at 0.5 Mbit/s
+    assert budget.floor_bits_per_s == pytest.approx(0.5e6)
+    budget.observe(1 << 20, 0.01)  # a fast transfer does not raise the floor above the assumed one
+    assert budget.floor_bits_per_s == pytest.approx(0.5e6)
+    for _ in range(TransferBudget.KEEP):
+        budget.observe(1 << 20, 0.01)
+    assert budget.floor_bits_per_s == FLOOR_BITS_PER_S  # the slow one aged out
+    with pytest.raises(ValueError):
+        TransferBudget(floor_bits_per_s=0)
+
+
+async def _feed(reader: asyncio.StreamReader, data: bytes, bytes_per_s: float, stop_after: int | None = None) -> None:
+    """Write data into reader at a fixed rate, like a slow link; stop_after bytes, then go silent."""
+    chunk = 4096
+    for offset in range(0, len(data), chunk):
+        if stop_after is not None and offset >= stop_after:
+            return
+        reader.feed_data(data[offset : offset + chunk])
+        await asyncio.sleep(chunk / bytes_per_s)
+    reader.feed_eof()
+
+
+def _frame(body: bytes) -> bytes:
+    head = b'{"ok":1}'
+    return len(head).to_bytes(4, "big") + head + len(body).to_bytes(8, "big") + body
+
+
+def _read_slowly(body: bytes, bytes_per_s: float, budget: TransferBudget, stop_after: int | None = None):
+    async def main():
+        reader = asyncio.StreamReader()
+        feeder = asyncio.ensure_future(_feed(reader, _frame(body), bytes_per_s, stop_after))
+        try:
+            return await read_frame(reader, len(body), body_timeout=budget.seconds_for)
+        finally:
+            feeder.cancel()
+
+    return asyncio.run(main())
+
+
+def test_a_body_slower_than_the_fixed_start_but_within_its_size_budget_arrives():
+    body = bytes(range(256)) * 256  # 64 KiB at 64 KiB/s: ~1 s, far over the 0.2 s fixed start
+    budget = TransferBudget(start_s=0.2, floor_bits_per_s=8 * 32 * 1024)  # floor 32 KiB/s -> 0.2 + 4 s
+    started = time.monotonic()
+    header, received = _read_slowly(body, 64 * 1024, budget)
+    assert received == body and header == {"ok": 1}
+    assert time.monotonic() - started > 0.2  # it did need more than the fixed part
+    # The same bytes under a fixed deadline as short as the start (the old behaviour) do not make it.
+    with pytest.raises(asyncio.TimeoutError):
+        _read_slowly(body, 64 * 1024, TransferBudget(start_s=0.2, floor_bits_per_s=1e12))
+
+
+def test_a_stalled_body_is_given_up_on():
+    body = b"x" * (64 * 1024)
+    budget = TransferBudget(start_s=0.2, floor_bits_per_s=8 * 256 * 1024)  # 0.2 + 0.5 s
+    with pytest.raises(asyncio.TimeoutError):
+        _read_slowly(body, 1 << 30, budget, stop_after=8192)
+
+
+def test_real_streams_scaled_reply_and_a_silent_peer(tmp_path):
+    server = SwarmNode().start()
+    try:
+        client = SwarmNode(initial_peers=server.maddrs, request_timeout_s=1.0).start()
+        try:
+            payload = b"w" * (1 << 20)
+
+            async def big(header, body, caller):
+                return {"size": len(payload)}, payload
+
+            async def silent(header, body, caller):
+                await asyncio.sleep(4)
+                return {}, b""
+
+            server.add_handler("test.big", big, max_request_bytes=1024)
+            server.add_handler("test.silent", silent, max_request_bytes=1024)
+            header, body = client.request(server.p2p_id, "test.big", {}, max_reply_bytes=2 << 20,
+                                          maddrs=server.maddrs)
+            assert header == {"size": 1 << 20} and body == payload
+            assert len(client.budget._measured) == 1  # a 1 MiB body is a bandwidth measurement
+            with pytest.raises(SwarmError, match="got no reply within 1 s"):
+                client.request(server.p2p_id, "test.silent", {}, max_reply_bytes=1 << 30, maddrs=server.maddrs)
+        finally:
+            client.close()
+    finally:
+        server.close()
