@@ -6,9 +6,10 @@ file) against its wall time; the window is steady state, from the end of round `
 of the last round, so process start-up and joining are excluded. compute_utilization is the mean over
 peers of compute_s / wall_s in that window; the worst peer is reported too.
 
-Baseline in the same run: the same peers' utilization if the exchange cost nothing, which is 1.0 by
-definition; what is measured below it is time spent committing, waiting for the round close, aggregating
-and fetching slices, and waiting for the slowest peer of the round.
+Baselines in the same run: 1.0 (the exchange costing nothing), and by default the same swarm with
+train.overlap off (each round's exchange after its steps), so the overlap's gain is measured side by side.
+What is missing below 1.0 is time spent recording the trail, committing, auditing, waiting for the round
+close, aggregating and fetching slices, and waiting for the slowest peer of the round.
 Prints one JSON line.
 """
 
@@ -23,13 +24,49 @@ import time
 from pathlib import Path
 
 
-def manifest_text(inner_steps: int) -> str:
-    return "\n".join([
+def manifest_text(inner_steps: int, overlap: bool, trail_interval: int | None) -> str:
+    lines = [
         "[run]", 'name = "bench-utilization"', "[model]", 'preset = "tiny"', "[data]",
         'sources = ["builtin:python-docs"]', "max_builtin_mb = 1.0", "seq_len = 64", "[train]",
         f"inner_steps = {inner_steps}", "batch_size = 8", "warmup_steps = 4", "round_deadline_s = 1800",
-        "[proof]", f"trail_interval = {inner_steps}",
-    ]) + "\n"
+        f"overlap = {'true' if overlap else 'false'}", "[proof]",
+    ]
+    if trail_interval is not None:
+        lines.append(f"trail_interval = {trail_interval}")
+    return "\n".join(lines) + "\n"
+
+
+def measure(workdir: Path, peers: int, rounds: int, warmup_rounds: int, inner_steps: int, overlap: bool,
+            trail_interval: int | None) -> dict:
+    """One real local swarm; per-peer compute_s / wall_s over the steady-state window."""
+    from gpunite.data.prepare import prepare_dataset
+    from gpunite.manifest import load_manifest
+    from gpunite.swarm.demo import LocalSwarm, round_log
+
+    workdir.mkdir(parents=True)
+    manifest_path = workdir / "run.toml"
+    manifest_path.write_text(manifest_text(inner_steps, overlap, trail_interval))
+    prepare_dataset(load_manifest(manifest_path))
+    names = [f"peer{i}" for i in range(1, peers + 1)]
+    total_rounds = warmup_rounds + rounds
+    started = time.time()
+    with LocalSwarm(workdir, manifest_path) as swarm:
+        swarm.start_first("peer1", wait_peers=peers, rounds=total_rounds, extra=["--speed", "1"])
+        address = swarm.address()
+        for name in names[1:]:
+            swarm.join(name, address, rounds=total_rounds, extra=["--speed", "1"])
+        swarm.wait_exit(7200)
+        logs = {name: round_log(swarm.peers[name].home) for name in names}
+    first_round, last_round = warmup_rounds - 1, total_rounds - 1
+    per_peer = {}
+    for name in names:
+        compute = logs[name][last_round]["compute_s"] - logs[name][first_round]["compute_s"]
+        wall = logs[name][last_round]["wall_s"] - logs[name][first_round]["wall_s"]
+        per_peer[name] = round(compute / wall, 4)
+    values = list(per_peer.values())
+    round_s = (logs["peer1"][last_round]["time"] - logs["peer1"][first_round]["time"]) / rounds
+    return {"mean": round(sum(values) / len(values), 4), "worst": min(values), "per_peer": per_peer,
+            "round_s": round(round_s, 2), "wall_s": round(time.time() - started, 1)}
 
 
 def main() -> None:
@@ -38,50 +75,42 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after the warm-up")
     parser.add_argument("--warmup-rounds", type=int, default=1, help="rounds left out of the window (>= 1)")
     parser.add_argument("--inner-steps", type=int, default=30)
+    parser.add_argument("--trail-interval", type=int, default=None,
+                        help="proof.trail_interval (default: the manifest's default)")
+    parser.add_argument("--overlap", choices=["on", "off", "both"], default="both",
+                        help="measure with train.overlap on, off, or both side by side (default)")
     args = parser.parse_args()
 
-    from gpunite.data.prepare import prepare_dataset
-    from gpunite.manifest import load_manifest
-    from gpunite.swarm.demo import LocalSwarm, round_log
-
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.overlap]
+    results = {}
     with tempfile.TemporaryDirectory(prefix="gpunite-bench-util-") as tmp:
-        workdir = Path(tmp)
-        manifest_path = workdir / "run.toml"
-        manifest_path.write_text(manifest_text(args.inner_steps))
-        prepare_dataset(load_manifest(manifest_path))
-        names = [f"peer{i}" for i in range(1, args.peers + 1)]
-        total_rounds = args.warmup_rounds + args.rounds
-        started = time.time()
-        with LocalSwarm(workdir, manifest_path) as swarm:
-            swarm.start_first("peer1", wait_peers=args.peers, rounds=total_rounds, extra=["--speed", "1"])
-            address = swarm.address()
-            for name in names[1:]:
-                swarm.join(name, address, rounds=total_rounds, extra=["--speed", "1"])
-            swarm.wait_exit(7200)
-            logs = {name: round_log(swarm.peers[name].home) for name in names}
-        first_round, last_round = args.warmup_rounds - 1, total_rounds - 1
-        per_peer = {}
-        for name in names:
-            compute = logs[name][last_round]["compute_s"] - logs[name][first_round]["compute_s"]
-            wall = logs[name][last_round]["wall_s"] - logs[name][first_round]["wall_s"]
-            per_peer[name] = round(compute / wall, 4)
-        values = list(per_peer.values())
-        result = {
-            "name": "utilization",
-            "value": round(sum(values) / len(values), 4),
-            "unit": "fraction of wall time in inner steps",
-            "compute_utilization": round(sum(values) / len(values), 4),
-            "worst_peer_utilization": min(values),
-            "baseline_utilization": 1.0,
-            "per_peer": per_peer,
-            "peers": args.peers,
-            "rounds": args.rounds,
-            "inner_steps": args.inner_steps,
-            "cpu_cores": os.cpu_count(),
-            "torch_threads_per_peer": 1,
-            "overlap": False,
-            "wall_s": round(time.time() - started, 1),
-        }
+        for overlap in modes:
+            results[overlap] = measure(Path(tmp) / ("overlap" if overlap else "sync"), args.peers, args.rounds,
+                                       args.warmup_rounds, args.inner_steps, overlap, args.trail_interval)
+    main_result = results[modes[0]]
+    result = {
+        "name": "utilization",
+        "value": main_result["mean"],
+        "unit": "fraction of wall time in inner steps",
+        "compute_utilization": main_result["mean"],
+        "worst_peer_utilization": main_result["worst"],
+        "per_peer": main_result["per_peer"],
+        "overlap": modes[0],
+        "round_s": main_result["round_s"],
+        "baseline_utilization": 1.0,
+        "peers": args.peers,
+        "rounds": args.rounds,
+        "inner_steps": args.inner_steps,
+        "trail_interval": args.trail_interval,
+        "cpu_cores": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "torch_threads_per_peer": 1,
+        "wall_s": round(sum(r["wall_s"] for r in results.values()), 1),
+    }
+    if False in results and modes[0] is True:
+        result["no_overlap_utilization"] = results[False]["mean"]
+        result["no_overlap_worst_peer"] = results[False]["worst"]
+        result["no_overlap_round_s"] = results[False]["round_s"]
     sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -87,6 +87,9 @@ class TrainSection(_Section):
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)
     clip_norm_ratio: float = Field(2.0, gt=0, description="Clip each pseudo-gradient to this x median norm.")
     round_deadline_s: float = Field(600.0, gt=0, description="A round closes this long after it starts.")
+    overlap: bool = Field(
+        True, description="Train round r + 1 while round r's exchange runs: its steps start from the newest "
+        "global weights and its pseudo-gradient lands one round late (a one-round-delayed outer step).")
 
 
 class ProofSection(_Section):

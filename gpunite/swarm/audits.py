@@ -147,7 +147,8 @@ class RoundAudits:
     def _worth_auditing(self, contribution: Contribution, ctx: RoundContext) -> bool:
         """No replay for what cannot merge anyway: a banned signer's work, or work from another base than ours
         (a verifier holding other weights would misjudge it)."""
-        return not self.bans.is_banned(contribution.peer_id) and contribution.base_hash == ctx.base_hash
+        return (not self.bans.is_banned(contribution.peer_id) and contribution.base_hash == ctx.base_hash
+                and self.peer.round_base(ctx.round) is not None)
 
     def audit(self, ctx: RoundContext, contribution: Contribution, segments: Sequence[int]) -> Verdict:
         """Replay a contribution's drawn segments and publish our signed verdict on it."""
@@ -171,7 +172,10 @@ class RoundAudits:
         delta = self._fetch_delta(ctx, contribution)
         if isinstance(delta, str):
             return AuditResult(False, delta, False, -1, None, 0.0)
-        base = {name: t.clone() for name, t in peer.layout.named(peer.state.weights).items()}
+        base_weights = peer.round_base(ctx.round)
+        if base_weights is None:
+            raise GpuniteError(f"this peer no longer holds round {ctx.round}'s base weights")
+        base = {name: t.clone() for name, t in peer.layout.named(base_weights).items()}
         max_bytes = 6 * peer.numel * 4 + (1 << 20)  # start and end: weights and two AdamW moments each
 
         def fetch(what: int | str) -> bytes:

@@ -99,6 +99,16 @@ CHEATS = ("scaled", "random", "nan")
 
 
 @dataclass
+class _TrainingJob:
+    """A round training on its own thread while the round loop runs the previous round's exchange."""
+
+    round: int
+    thread: threading.Thread | None = None
+    result: bool = False
+    error: BaseException | None = None
+
+
+@dataclass
 class RoundTiming:
     """Where a peer's wall time went, for the status file and the utilization benchmark."""
 
@@ -179,6 +189,11 @@ class Peer:
         self.trainer = InnerTrainer(self.model, self.train_cfg, device=config.device)
 
         self._lock = threading.Lock()  # guards self.state against the stream handlers
+        self._weights_at: dict[int, torch.Tensor] = {}  # round -> global weights that start it (2 kept)
+        self._hashes: dict[int, str] = {}  # round -> hash of the global weights that start it
+        self._trained: dict[int, bool] = {}  # round -> whether this peer committed a contribution to it
+        self._job: _TrainingJob | None = None  # with overlap: the next round training on its own thread
+        self._abort_training = threading.Event()
         if state is None:
             weights = flatten(self.params)
             state = GlobalState(0, weights, None, self.plan.state_dict(), None, None, self.layout.hash(weights))
@@ -222,6 +237,10 @@ class Peer:
         with self._lock:
             self.state = state
         self.last_close = state.close
+        self._trained.clear()
+        self._weights_at.clear()  # what we held before a re-sync may be the minority's history
+        self._hashes.clear()
+        self._remember_global(state.round, state.weights, state.weights_hash)
 
     def serve(self) -> None:
         """Register the stream handlers and start heartbeating (once)."""
@@ -317,35 +336,161 @@ class Peer:
                 return
             time.sleep(self.config.poll_s)
 
-    def run_round(self) -> None:
-        from gpunite.swarm.aggregation import slice_bounds
+    @property
+    def lag(self) -> int:
+        """Rounds between a round's base weights and the state its delta lands on: 1 with train.overlap."""
+        return 1 if self.train_cfg.overlap else 0
 
-        state = self.state
-        r = state.round
-        close_prev = state.close or self.wait_for_genesis()
-        roster = sorted(close_prev.next_roster, key=lambda e: e.peer_id)
-        roster_ids = [e.peer_id for e in roster]
-        assigned = self.plan.assign(r, [(e.peer_id, e.speed) for e in roster], self.train_cfg.inner_steps)
-        prev_block = state.tip.block_hash if state.tip else GENESIS
-        ctx = RoundContext(
-            run_id=self.run_id, round=r, base_hash=state.weights_hash, assigned=assigned,
+    def run_round(self) -> None:
+        """Close round r = state.round: train it first (no overlap), or train r + 1 meanwhile (overlap)."""
+        if self.state.close is None:
+            self.wait_for_genesis()
+        self._assign_ahead()
+        r = self.state.round
+        ctx = self.round_context(r)
+        if ctx is None:
+            raise PeerError(f"round {r}'s base weights are unknown here; restart the peer to re-sync")
+        roster_ids = sorted(ctx.assigned)
+        prev_block = self.state.tip.block_hash if self.state.tip else GENESIS
+        deadline = self.state.close.time + self.train_cfg.round_deadline_s
+        log.info("round %d started: %d peers in the roster, weights %s", r, len(roster_ids),
+                 self.state.weights_hash[:12])
+        self.audits.start_round(ctx, roster_ids)
+        bounds = self.slice_bounds(ctx)
+        if r not in self._trained and self._base_round(r) == r:
+            self._trained[r] = self.train_round(ctx)  # no overlap (or round 0): train now, close after
+        job = self._start_training(r + 1) if self.lag else None
+        try:
+            if not self.agrees_with_majority(r - 1):
+                return
+            close, accepted = self.await_close(ctx, roster_ids, prev_block, deadline)
+            self.audits.settle(close)
+            self.merge(ctx, close, accepted, roster_ids, bounds, prev_block, self._trained.pop(r, False))
+        finally:
+            self._finish_training(job)
+
+    # ----- rounds, bases and assignments -----
+    def _base_round(self, round_index: int) -> int:
+        return max(0, round_index - self.lag)
+
+    def round_base(self, round_index: int) -> torch.Tensor | None:
+        """The global weights round_index's contributions start from, if this peer holds them."""
+        return self._weights_at.get(self._base_round(round_index))
+
+    def _remember_global(self, round_index: int, weights: torch.Tensor, weights_hash: str) -> None:
+        """Keep the global weights of this round and the one before (the bases of rounds in flight)."""
+        if round_index - 1 not in self._weights_at:
+            self._weights_at.clear()
+        self._weights_at[round_index] = weights
+        self._hashes[round_index] = weights_hash
+        for old in [r for r in self._weights_at if r < round_index - 1]:
+            del self._weights_at[old]
+        for old in [r for r in self._hashes if r < round_index - 8]:
+            del self._hashes[old]
+
+    def _global_hash(self, round_index: int) -> str | None:
+        """Weights hash of the global state that starts round_index: known here, or most peers' signed blocks."""
+        known = self._hashes.get(round_index)
+        if known is not None or round_index < 1:
+            return known
+        blocks = self.node.get_records(run_key(self.run_id, "block", round_index - 1), parse_block)
+        votes: dict[str, int] = {}
+        for block in blocks.values():
+            if block.run_id == self.run_id and block.round == round_index - 1:
+                votes[block.weights_hash] = votes.get(block.weights_hash, 0) + 1
+        if not votes:
+            return None
+        best = max(votes, key=lambda h: (votes[h], h))
+        self._hashes[round_index] = best
+        return best
+
+    def _assign_ahead(self) -> None:
+        """Assign rounds state.round .. state.round + lag from the last close's roster, where not done yet.
+
+        Every peer does this at the same point of the plan's history (right after settling the round before),
+        so all derive the same units; the close of round r thereby names the roster of round r + 1 + lag.
+        """
+        close = self.state.close
+        if close is None:
+            return
+        roster = [(e.peer_id, e.speed) for e in close.next_roster]
+        for round_index in range(self.state.round, self.state.round + self.lag + 1):
+            # The genesis close names the roster of rounds 0 .. lag, every later close that of one round.
+            if round_index not in self.plan.outstanding and (
+                    close.round == -1 or round_index == close.round + 1 + self.lag):
+                self.plan.assign(round_index, roster, self.train_cfg.inner_steps)
+
+    def round_context(self, round_index: int) -> RoundContext | None:
+        """What every honest peer knows about a round before it closes (None: its assignment or base is unknown)."""
+        if round_index not in self.plan.outstanding:
+            return None
+        base_hash = self._global_hash(self._base_round(round_index))
+        if base_hash is None:
+            return None
+        assigned = self.plan.assign(round_index, [], self.train_cfg.inner_steps)
+        return RoundContext(
+            run_id=self.run_id, round=round_index, base_hash=base_hash, assigned=assigned,
             inner_steps=self.train_cfg.inner_steps, batch_size=self.train_cfg.batch_size,
             seq_len=self.manifest.data.seq_len, trail_interval=self.manifest.proof.trail_interval,
-            n_slices=max(1, len(roster)), norm_bound=self.manifest.proof.norm_bound)
-        deadline = close_prev.time + self.train_cfg.round_deadline_s
-        log.info("round %d started: %d peers in the roster, weights %s", r, len(roster), state.weights_hash[:12])
-        self.audits.start_round(ctx, roster_ids)
-        bounds = slice_bounds(self.numel, ctx.n_slices, self.train_cfg.compression_chunk)
-        mine = assigned.get(self.peer_id, [])
-        contributed = False
-        if "trainer" in self.config.roles and mine:
-            log.info("assigned %d units (%d sequences) in round %d", len(mine), sum(u.count for u in mine), r)
-            contributed = self.train_and_commit(ctx, mine, bounds, deadline)
-        if not self.agrees_with_majority(r - 1):
+            n_slices=max(1, len(assigned)), norm_bound=self.manifest.proof.norm_bound)
+
+    def slice_bounds(self, ctx: RoundContext) -> list[tuple[int, int]]:
+        from gpunite.swarm.aggregation import slice_bounds
+
+        return slice_bounds(self.numel, ctx.n_slices, self.train_cfg.compression_chunk)
+
+    # ----- training, in line or beside the exchange -----
+    def train_round(self, ctx: RoundContext) -> bool:
+        """Train this peer's units of a round from its base weights and commit; False if it had none or gave up."""
+        mine = ctx.assigned.get(self.peer_id, [])
+        base = self.round_base(ctx.round)
+        if "trainer" not in self.config.roles or not mine or base is None:
+            return False
+        log.info("assigned %d units (%d sequences) in round %d", len(mine), sum(u.count for u in mine), ctx.round)
+        # The round may close this long after the close before it; with overlap it starts one round early.
+        deadline = self.state.close.time + (1 + self.lag) * self.train_cfg.round_deadline_s
+        return self.train_and_commit(ctx, mine, self.slice_bounds(ctx), deadline, base)
+
+    def _start_training(self, round_index: int) -> _TrainingJob | None:
+        """Train round_index on a thread while this one runs the exchange of the round before."""
+        ctx = self.round_context(round_index)
+        if ctx is None or round_index in self._trained or not ctx.assigned.get(self.peer_id):
+            return None
+        self._abort_training.clear()
+        job = _TrainingJob(round_index)
+
+        def work() -> None:
+            try:
+                job.result = self.train_round(ctx)
+            except BaseException as exc:  # handed to the round loop, which raises it there
+                job.error = exc
+
+        job.thread = threading.Thread(target=work, name=f"train-round-{round_index}", daemon=True)
+        self._job = job
+        job.thread.start()
+        return job
+
+    def _finish_training(self, job: _TrainingJob | None) -> None:
+        """Wait for a training thread; keep its result only if the state it trained from still holds."""
+        if job is None or job.thread is None:
             return
-        close, accepted = self.await_close(ctx, roster_ids, prev_block, deadline)
-        self.audits.settle(close)
-        self.merge(ctx, close, accepted, roster_ids, bounds, prev_block, contributed)
+        job.thread.join()
+        self._job = None
+        aborted = self._abort_training.is_set()
+        self._abort_training.clear()
+        if aborted:
+            return
+        if job.error is not None:
+            raise job.error
+        if self._base_round(job.round) == self.state.round - 1:
+            self._trained[job.round] = job.result
+
+    def _stop_training(self) -> None:
+        """Abandon a running training thread (its base is no longer the majority's) before the state changes."""
+        job = self._job
+        if job is not None and job.thread is not None and job.thread is not threading.current_thread():
+            self._abort_training.set()
+            job.thread.join()
 
     def wait_for_genesis(self) -> RoundClose:
         """Before round 0: the run's starter publishes the first roster (the genesis close)."""
@@ -369,7 +514,7 @@ class Peer:
 
     # ----- 2. train and commit -----
     def train_and_commit(self, ctx: RoundContext, units: list[WorkUnit], bounds: list[tuple[int, int]],
-                         deadline: float) -> bool:
+                         deadline: float, base: torch.Tensor) -> bool:
         from gpunite.model import flops_per_token
         from gpunite.proof.trail import iter_batches
         from gpunite.swarm.aggregation import contribution_norm
@@ -382,7 +527,9 @@ class Peer:
         if steps == 0:
             return False
         self.write_status("training")
-        base = self.state.weights
+        from gpunite.train.weights import unflatten_into
+
+        unflatten_into(base, self.params)
         if self.config.adversary:
             from gpunite.swarm.adversary import adversary_contribution
 
@@ -395,10 +542,9 @@ class Peer:
         losses = []
         started = time.perf_counter()
         for batch in iter_batches(units, steps, batch_size, self._load_sequences, self.recorder.interval_k):
-            if time.time() > deadline or self.stopping.is_set():
-                log.warning("round %d deadline passed after %d of %d steps: skipping this round", ctx.round,
-                            len(losses), steps)
-                self._restore_global_weights()
+            if time.time() > deadline or self.stopping.is_set() or self._abort_training.is_set():
+                log.warning("round %d: stopped after %d of %d steps (deadline, stop or re-sync): no contribution",
+                            ctx.round, len(losses), steps)
                 return False
             step_start = time.perf_counter()
             losses.append(self.trainer.train_step(batch))
@@ -426,13 +572,13 @@ class Peer:
         self._publish_contribution(ctx, contribution, slices)
         log.info("round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, committed delta norm %.4g",
                  ctx.round, steps, time.perf_counter() - started, losses[0], losses[-1], norm)
-        self._restore_global_weights()
         return True
 
     def _publish_contribution(self, ctx: RoundContext, contribution: Contribution, slices: list[bytes]) -> None:
-        self.payloads[ctx.round] = slices
-        for old in [r for r in self.payloads if r < ctx.round - 1]:
-            del self.payloads[old]
+        with self._lock:
+            self.payloads[ctx.round] = slices
+            for old in [r for r in self.payloads if r < ctx.round - 2]:
+                del self.payloads[old]
         self.node.store(run_key(self.run_id, "contrib", ctx.round), self.peer_id, record_bytes(contribution),
                         ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
 
@@ -530,7 +676,8 @@ class Peer:
         speeds = self.membership.speeds()
         next_ids = {c.peer_id for c in accepted}
         next_ids |= {pid for pid, hb in alive.items()
-                     if "trainer" in hb.roles and hb.round == ctx.round and hb.weights_hash == ctx.base_hash}
+                     if "trainer" in hb.roles and hb.round == self.state.round
+                     and hb.weights_hash == self.state.weights_hash}
         next_roster = [RosterEntry(peer_id=pid, speed=min(max(speeds.get(pid, 1.0), 1e-6), 1e9))
                        for pid in sorted(next_ids)]
         return sign_record(self.identity, RoundClose(
@@ -621,13 +768,13 @@ class Peer:
                         ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
         self._append_chain(block)
         self._emit(block)
-        new_state = GlobalState(ctx.round + 1, new_weights, new_momentum, self.plan.state_dict(), block, close,
-                                weights_hash)
-        from gpunite.train.weights import unflatten_into
-
-        unflatten_into(new_weights, self.params)
         with self._lock:
-            self.state = new_state
+            self.state = GlobalState(ctx.round + 1, new_weights, new_momentum, self.plan.state_dict(), block, close,
+                                     weights_hash)
+        self._remember_global(ctx.round + 1, new_weights, weights_hash)
+        self._assign_ahead()
+        with self._lock:  # the state joiners get carries the plan with the rounds ahead already assigned
+            self.state.plan = self.plan.state_dict()
         self.last_close = close
         for key in [k for k in self.aggregates if k[0] < ctx.round - 1]:
             del self.aggregates[key]
@@ -757,6 +904,7 @@ class Peer:
     def sync_from(self, peer_id: str) -> None:
         header, body = self._request(peer_id, HANDLE_STATE, {}, max_reply=max_state_bytes(self.numel))
         state = state_from_frame(header, body, self.layout, self.run_id)
+        self._stop_training()
         self._load_state(state)
         self.membership.update(state.round, state.weights_hash)
         log.info("synced global state of round %d (weights %s) from %s", state.round, state.weights_hash[:12],
