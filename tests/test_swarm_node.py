@@ -1,5 +1,5 @@
-"""Request deadlines of the swarm node: a body's time grows with its size at the floor link speed; a silent peer
-is still given up on. Slow links are emulated by feeding a stream reader at a fixed rate."""
+"""Swarm node requests: a reply body's time grows with its size at the floor link speed, a silent peer is given
+up on, a stream broken mid-frame is retried once. Slow links are emulated by feeding a reader at a fixed rate."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gpunite.swarm.node import FLOOR_BITS_PER_S, SwarmError, SwarmNode, TransferBudget
-from gpunite.swarm.protocol import read_frame
+from gpunite.swarm.protocol import TruncatedFrameError, read_frame
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,7 +87,18 @@ def test_a_stalled_body_is_given_up_on():
         _read_slowly(body, 1 << 30, budget, stop_after=8192)
 
 
-def test_real_streams_scaled_reply_and_a_silent_peer(tmp_path):
+def test_a_frame_cut_short_is_a_truncated_frame():
+    async def main():
+        reader = asyncio.StreamReader()
+        reader.feed_data(_frame(b"y" * 1000)[:500])
+        reader.feed_eof()
+        return await read_frame(reader, 1000)
+
+    with pytest.raises(TruncatedFrameError):
+        asyncio.run(main())
+
+
+def test_real_streams_scaled_reply_a_broken_stream_retried_and_a_silent_peer():
     server = SwarmNode().start()
     try:
         client = SwarmNode(initial_peers=server.maddrs, request_timeout_s=1.0).start()
@@ -101,8 +112,23 @@ def test_real_streams_scaled_reply_and_a_silent_peer(tmp_path):
                 await asyncio.sleep(4)
                 return {}, b""
 
+            calls = []
+
+            async def flaky(stream_info, reader, writer):
+                # The first stream breaks mid-frame (as libp2p streams now and then do); the second is served.
+                calls.append(1)
+                await read_frame(reader, 1024)
+                frame = _frame(b"z" * 50_000)
+                writer.write(frame if len(calls) > 1 else frame[:20_000])
+                await writer.drain()
+                writer.close()
+
             server.add_handler("test.big", big, max_request_bytes=1024)
             server.add_handler("test.silent", silent, max_request_bytes=1024)
+            server.run(server._p2p.add_binary_stream_handler("test.flaky", flaky), timeout=30)
+            assert client.request(server.p2p_id, "test.flaky", {}, max_reply_bytes=1 << 20,
+                                  maddrs=server.maddrs)[1] == b"z" * 50_000
+            assert len(calls) == 2
             header, body = client.request(server.p2p_id, "test.big", {}, max_reply_bytes=2 << 20,
                                           maddrs=server.maddrs)
             assert header == {"size": 1 << 20} and body == payload

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from gpunite.errors import GpuniteError
 from gpunite.identity import RecordError
-from gpunite.swarm.protocol import ByteCounter, ProtocolError, read_frame, write_frame
+from gpunite.swarm.protocol import ByteCounter, ProtocolError, TruncatedFrameError, read_frame, write_frame
 
 log = logging.getLogger("gpunite.swarm.node")
 T = TypeVar("T")
@@ -35,12 +35,16 @@ class SwarmError(GpuniteError):
     """The swarm could not be reached or did not answer in time."""
 
 
+class StreamBrokenError(SwarmError):
+    """A request stream broke after it was opened (connection reset or closed mid-frame)."""
+
+
 # The slowest link a peer of a run may have ("bad" test-bed profile: one peer at 1 Mbit/s).
 FLOOR_BITS_PER_S = 1e6
 
 
 class TransferBudget:
-    """Seconds a transfer of n bytes may take: bytes at the floor link speed, with a margin, plus a fixed start.
+    """Seconds a transfer of n bytes may take: its bytes at the floor link speed, with a margin, plus a start.
 
     The floor is the assumed one (FLOOR_BITS_PER_S) or, once this peer has seen slower big transfers, the
     slowest of its recent ones: a peer behind a link slower than assumed still gets the time it needs.
@@ -82,7 +86,7 @@ class SwarmNode:
         self.initial_peers = list(initial_peers or [])
         self.host = host
         self.port = port
-        self.request_timeout_s = request_timeout_s  # to open a stream, send a request and get the reply header
+        self.request_timeout_s = request_timeout_s  # open a stream, send a request, get the reply header
         self.budget = TransferBudget(floor_bits_per_s=floor_bits_per_s)
         self.counter = ByteCounter()
         self._loop = asyncio.new_event_loop()
@@ -217,7 +221,8 @@ class SwarmNode:
                 await asyncio.wait_for(write_frame(writer, reply_header, reply_body, self.counter),
                                        self.budget.seconds_for(len(reply_body)))
             except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
-                log.info("%s reply to %s not delivered: %s", name, caller[-8:], str(exc) or type(exc).__name__)
+                log.info("%s reply to %s not delivered: %s", name, caller[-8:],
+                         str(exc) or type(exc).__name__)
             finally:
                 writer.close()
 
@@ -226,7 +231,7 @@ class SwarmNode:
     def request(self, p2p_id: str, name: str, header: dict[str, Any], body: bytes = b"", *,
                 max_reply_bytes: int, maddrs: list[str] | None = None,
                 timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
-        """Send one request frame to a peer and read its one reply frame (ProtocolError/SwarmError on failure).
+        """Send one request frame to a peer and read its one reply frame (ProtocolError/SwarmError if not).
 
         timeout bounds opening the stream, sending the request and the reply's header (default
         request_timeout_s); the reply's body then gets the time its announced size needs (`self.budget`).
@@ -234,11 +239,19 @@ class SwarmNode:
         timeout = timeout or self.request_timeout_s
         # The loop thread applies the real deadlines; this one only guards against a wedged loop.
         wedged_s = timeout + self.budget.seconds_for(len(body) + max_reply_bytes) + 5
+        try:
+            return self.run(self._request(p2p_id, name, header, body, max_reply_bytes, maddrs or [], timeout),
+                            wedged_s)
+        except (StreamBrokenError, TruncatedFrameError) as exc:
+            # Every request is a read (handlers serve data and change nothing), so a stream that broke after
+            # it opened, as libp2p streams now and then do on a busy machine, is tried once more.
+            log.info("%s stream to %s broke (%s); retrying once", name, p2p_id[-8:], exc)
         return self.run(self._request(p2p_id, name, header, body, max_reply_bytes, maddrs or [], timeout),
                         wedged_s)
 
-    async def _request(self, p2p_id: str, name: str, header: dict[str, Any], body: bytes, max_reply_bytes: int,
-                       maddrs: list[str], timeout: float) -> tuple[dict[str, Any], bytes]:
+    async def _request(self, p2p_id: str, name: str, header: dict[str, Any], body: bytes,
+                       max_reply_bytes: int, maddrs: list[str], timeout: float
+                       ) -> tuple[dict[str, Any], bytes]:
         reply_started: list[tuple[int, float]] = []  # (announced body length, when it was announced)
         header_arrived = asyncio.Event()
 
@@ -252,8 +265,8 @@ class SwarmNode:
         waiter = asyncio.ensure_future(header_arrived.wait())
         try:
             # First deadline: the stream opens, our request goes out, the reply's header comes back.
-            done, _ = await asyncio.wait({exchange, waiter}, timeout=timeout + self.budget.transfer_s(len(body)),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({exchange, waiter}, return_when=asyncio.FIRST_COMPLETED,
+                                         timeout=timeout + self.budget.transfer_s(len(body)))
         finally:
             waiter.cancel()
         if not done:
@@ -266,15 +279,16 @@ class SwarmNode:
             size = reply_started[0][0] if reply_started else 0
             raise SwarmError(
                 f"{name} reply from {p2p_id[-8:]} ({size} bytes) did not arrive within "
-                f"{self.budget.seconds_for(size):.0f} s (allowing {self.budget.floor_bits_per_s / 1e6:.2g} Mbit/s); "
-                "the peer or its link stalled") from None
+                f"{self.budget.seconds_for(size):.0f} s (allowing {self.budget.floor_bits_per_s / 1e6:.2g} "
+                "Mbit/s); the peer or its link stalled") from None
         if reply_started:
             size, since = reply_started[0]
             self.budget.observe(size, time.monotonic() - since)
         return reply_header, reply_body
 
-    async def _exchange(self, p2p_id: str, name: str, header: dict[str, Any], body: bytes, max_reply_bytes: int,
-                        maddrs: list[str], body_timeout: Callable[[int], float]) -> tuple[dict[str, Any], bytes]:
+    async def _exchange(self, p2p_id: str, name: str, header: dict[str, Any], body: bytes,
+                        max_reply_bytes: int, maddrs: list[str], body_timeout: Callable[[int], float]
+                        ) -> tuple[dict[str, Any], bytes]:
         from hivemind.p2p import PeerID
         from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
         from hivemind.utils.multiaddr import Multiaddr
@@ -298,6 +312,6 @@ class SwarmNode:
             await write_frame(writer, header, body, self.counter)
             return await read_frame(reader, max_reply_bytes, self.counter, body_timeout=body_timeout)
         except (ConnectionError, OSError) as exc:
-            raise SwarmError(f"{name} stream to {p2p_id[-8:]} broke: {exc}") from None
+            raise StreamBrokenError(f"{name} stream to {p2p_id[-8:]} broke: {exc}") from None
         finally:
             writer.close()

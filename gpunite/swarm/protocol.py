@@ -35,6 +35,10 @@ class ProtocolError(GpuniteError):
     """A peer broke the wire protocol: an oversized or malformed frame, or an error reply."""
 
 
+class TruncatedFrameError(ProtocolError):
+    """The stream ended in the middle of a frame (the peer went away, or its stream was reset)."""
+
+
 def run_key(run_id: str, what: str, round_index: int | None = None) -> str:
     """The DHT key for one kind of record of a run (per round where round_index is given)."""
     return f"gpunite/{run_id}/{what}" if round_index is None else f"gpunite/{run_id}/{what}/{round_index}"
@@ -163,7 +167,7 @@ async def read_frame(reader: asyncio.StreamReader, max_body: int, counter: ByteC
         else:
             body = await asyncio.wait_for(reader.readexactly(body_len), body_timeout(body_len))
     except asyncio.IncompleteReadError:
-        raise ProtocolError("peer closed the stream in the middle of a frame") from None
+        raise TruncatedFrameError("peer closed the stream in the middle of a frame") from None
     if counter is not None:
         counter.received += 12 + head_len + body_len
     try:
