@@ -13,7 +13,8 @@ Which sequences each inner step trains on is defined once, in `batches_for_steps
 sequences in order, `batch_size` per step. Trainer and verifier both call it, so they cannot disagree.
 
 Checkpoints are stored as safetensors files, each replaced in one rename (`store_dir/round-NNNNNNNN/entry-NNNN`), kept
-until the round's block is final (`prune`).
+until the round's block is final (`prune`). The trainer only copies its state at a trail step; hashing and
+writing it happen on a writer thread (at most `MAX_PENDING` states queued), so the inner steps go on meanwhile.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,7 @@ SequenceLoader = Callable[[str, int, int], torch.Tensor]
 
 _WEIGHTS, _OPTIMIZER = "weights/", "optimizer/"
 _START, _END = "start.", "end."
+MAX_PENDING = 2  # trail states copied but not yet written; the trainer waits beyond this (bounded memory)
 
 
 class TrailError(GpuniteError):
@@ -240,6 +244,15 @@ def capture_state(model: torch.nn.Module, trainer) -> TrailState:
     return TrailState(weights, optimizer, optimizer_hash(optimizer), trainer.step)
 
 
+def _store_state(path: Path, state: TrailState) -> str:
+    """Write one trail state (on the writer thread) and return its entry hash."""
+    data = to_safetensors_bytes(
+        _state_tensors("", state), metadata={"step": str(state.step), "optimizer_hash": state.optimizer_hash}
+    )
+    _replace_file(path, data)
+    return state.entry
+
+
 def _replace_file(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename: readers never see half a checkpoint.
 
@@ -270,50 +283,74 @@ class TrailRecorder:
         self._local_step = 0
         self._trail: list[str] = []
         self._trails: dict[int, list[str]] = {}
+        self._recorded = 0  # entries of the current round handed to the writer
+        self._pending: list[Future[str]] = []  # their writes, in entry order, not yet in self._trail
+        self._lock = threading.Lock()
+        self._writer: ThreadPoolExecutor | None = None
 
     def round_dir(self, round_index: int) -> Path:
         return self.store_dir / f"round-{round_index:08d}"
 
     def start_round(self, round_index: int, inner_steps: int) -> None:
         """Begin a round's trail; anything stored earlier for this round is discarded."""
+        self.flush()
         shutil.rmtree(self.round_dir(round_index), ignore_errors=True)
         self._round = round_index
         self._steps = trail_steps(inner_steps, self.interval_k)
         self._local_step = 0
+        self._recorded = 0
         self._trail = []
         self._trails[round_index] = self._trail
 
-    def record(self, model: torch.nn.Module, trainer) -> str | None:
-        """Call before the first inner step and after every step; returns the entry when one was recorded."""
+    def record(self, model: torch.nn.Module, trainer) -> bool:
+        """Call before the first inner step and after every step; True when this step is a trail entry."""
         if self._round is None:
             raise TrailError("TrailRecorder.record called before start_round")
         local = self._local_step
         self._local_step += 1
         if local not in self._steps:
-            return None
-        return self.record_state(capture_state(model, trainer))
+            return False
+        self.record_state(capture_state(model, trainer))
+        return True
 
-    def record_state(self, state: TrailState) -> str:
-        """Store a state as the round's next trail entry (adversary strategies build states by other means)."""
+    def record_state(self, state: TrailState) -> None:
+        """Queue a state (copied, never changed afterwards) as the round's next trail entry.
+
+        Adversary strategies build states by other means and record them here too.
+        """
         if self._round is None:
             raise TrailError("TrailRecorder.record_state called before start_round")
-        index = len(self._trail)
-        if index >= len(self._steps):
-            raise TrailError(f"round {self._round} already has its {len(self._steps)} trail entries")
-        data = to_safetensors_bytes(
-            _state_tensors("", state), metadata={"step": str(state.step), "optimizer_hash": state.optimizer_hash}
-        )
-        _replace_file(self.round_dir(self._round) / f"entry-{index:04d}.safetensors", data)
-        entry = state.entry
-        self._trail.append(entry)
-        return entry
+        with self._lock:
+            index = self._recorded
+            if index >= len(self._steps):
+                raise TrailError(f"round {self._round} already has its {len(self._steps)} trail entries")
+            self._recorded += 1
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trail-writer")
+            path = self.round_dir(self._round) / f"entry-{index:04d}.safetensors"
+            self._pending.append(self._writer.submit(_store_state, path, state))
+            backlog = self._pending[: max(0, len(self._pending) - MAX_PENDING)]
+        for future in backlog:
+            future.result()
+
+    def flush(self) -> None:
+        """Wait for the queued writes; their entries join the trail (a failed write raises here)."""
+        with self._lock:
+            try:
+                for future in self._pending:
+                    self._trail.append(future.result())
+            finally:
+                self._pending = []
 
     @property
     def trail(self) -> list[str]:
         """The current round's entries so far (complete once the round's last step is recorded)."""
+        self.flush()
         return list(self._trail)
 
     def load_state(self, round_index: int, index: int) -> TrailState:
+        if round_index == self._round:
+            self.flush()
         path = self.round_dir(round_index) / f"entry-{index:04d}.safetensors"
         if not path.is_file():
             raise TrailError(f"no trail checkpoint {index} for round {round_index} (pruned, or never recorded)")
@@ -335,6 +372,8 @@ class TrailRecorder:
 
     def final_payload(self, round_index: int) -> bytes:
         """The round's last entry (weights, optimizer hash, step): checked against the submitted delta."""
+        if round_index == self._round:
+            self.flush()
         last = len(self._trails.get(round_index) or []) - 1
         if last < 0:
             existing = sorted(self.round_dir(round_index).glob("entry-*.safetensors"))
