@@ -69,6 +69,7 @@ class ServeSettings:
     forward_flops_per_token: float = 0.0
     max_tokens_cap: int = 1024
     max_sequences: int = 64  # prompts x n per request
+    health_extra: Callable[[], dict[str, Any]] = dict  # more /health fields (a following host: the verified round)
     verifier: RequestVerifier = field(default_factory=RequestVerifier)
 
 
@@ -251,7 +252,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         stats = engine.stats
         return {"status": "ok", "model": settings.model_name, "weights_hash": settings.weights_hash(),
                 "requests": stats.requests, "completion_tokens": stats.completion_tokens,
-                "largest_batch": stats.largest_batch, "swaps": stats.swaps}
+                "largest_batch": stats.largest_batch, "swaps": stats.swaps, **settings.health_extra()}
 
     def model_card() -> dict[str, Any]:
         return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "gpunite",

@@ -2,10 +2,10 @@
 
 `Host` ties the pieces together: an `Engine` over the loaded model, the FastAPI app from `gpunite.serve.api`,
 quotas from the ledger (`gpunite.ledger.quota.QuotaCheck`) and signed Usage records written to that ledger.
-The swarm calls `Host.swap_weights(state_dict, weights_hash)` when a new round's weights are verified:
-requests already accepted finish on the old weights, later ones run on the new (see engine.py), none fail.
-`Host.host_record(report)` is the signed HostRecord the swarm announces in the DHT; `announce_host` keeps it
-there under HOSTS_KEY so `gpunite ask --join` finds the host's api_url.
+`gpunite.serve.follow` calls `Host.swap_weights(state_dict, weights_hash)` when a new round's weights are
+verified: requests already accepted finish on the old weights, later ones run on the new (see engine.py), none
+fail. `Host.host_record(report)` is the signed HostRecord announced in the DHT; `announce_host` keeps it there
+under HOSTS_KEY (and `.update()` replaces it after a swap) so `gpunite ask --join` finds the host's api_url.
 """
 
 from __future__ import annotations
@@ -146,6 +146,8 @@ class Host:
             forward_flops_per_token=float(forward_flops_per_token(config, config.max_seq_len)),
             max_tokens_cap=max_tokens_cap,
         )
+        self.provenance: dict[str, Any] = {}  # where the served weights come from (a verified round), for /health
+        self.settings.health_extra = lambda: dict(self.provenance)
         self.app = create_app(self.settings)
 
     @property
@@ -154,24 +156,28 @@ class Host:
         return self.engine.weights_label
 
     def swap_weights(self, state_dict: Mapping[str, torch.Tensor], weights_hash: str,
-                     timeout_s: float | None = None) -> None:
-        """Serve new verified weights: checks their hash, then swaps once in-flight requests finish (none dropped)."""
+                     timeout_s: float | None = None, provenance: Mapping[str, Any] | None = None) -> None:
+        """Serve new verified weights: checks their hash, then swaps once in-flight requests finish (none dropped).
+
+        provenance (say, the verified round and its signers) is shown by /health once the new weights serve."""
         from gpunite.train.weights import weights_hash as hash_of
 
         actual = hash_of(state_dict)
         if actual != weights_hash:
             raise HostError(f"new weights hash to {actual[:16]}, not the announced {weights_hash[:16]}; not serving them")
         self.engine.swap_weights(state_dict, weights_hash, timeout_s=timeout_s)
+        self.provenance = dict(provenance or {})
         log.info("now serving weights %s", weights_hash[:16])
 
     def host_record(self, report: HardwareReport, user_name: str = "", team: str = "",
                     api_url: str | None = None) -> HostRecord:
-        """This host's signed record for the DHT: hardware measured by the probe, the weights it serves and
-        where its API answers (api_url, when it announces itself)."""
+        """This host's signed record for the DHT: hardware measured by the probe and its capacity (sequences
+        decoded together), the weights it serves and where its API answers (api_url, when it announces itself)."""
         record = HostRecord(
             host_name=socket.gethostname()[:128], user_name=user_name, team=team,
             device=f"{report.device} ({report.device_name})"[:256], memory_gb=report.memory_gb,
-            tflops=report.tflops, serves_model=self.weights_hash, api_url=api_url, time=time.time(),
+            tflops=report.tflops, serves_model=self.weights_hash, api_url=api_url,
+            max_batch=self.engine.max_batch, time=time.time(),
         )
         return sign_record(self.identity, record)  # type: ignore[return-value]
 
@@ -183,21 +189,39 @@ HOSTS_KEY = "gpunite:hosts"  # DHT key: every announced host's signed HostRecord
 HOST_TTL_S = 300.0
 
 
-def announce_host(node: Any, record: HostRecord, ttl_s: float = HOST_TTL_S) -> Any:
-    """Keep a signed host record in the DHT under HOSTS_KEY (republished every ttl/4 until the node closes)."""
-    data = record_bytes(record)
+class HostAnnouncement:
+    """A signed host record kept in the DHT under HOSTS_KEY: republished every ttl/4 until the node closes,
+    replaced at once by `update` (after a weight swap)."""
 
-    async def republish() -> None:
+    def __init__(self, node: Any, record: HostRecord, ttl_s: float = HOST_TTL_S):
+        self.node = node
+        self.ttl_s = ttl_s
+        self.record = record
+        self.task = node.submit(self._republish())
+
+    def update(self, record: HostRecord) -> None:
+        self.record = record
+        self.node.submit(self._store())
+
+    async def _store(self) -> None:
         from hivemind.utils import get_dht_time
 
-        while True:
-            try:
-                await node._dht.store(HOSTS_KEY, data, get_dht_time() + ttl_s, subkey=record.peer_id)
-            except Exception as exc:  # retried at the next tick; serving goes on meanwhile
-                log.warning("host record not announced: %s", exc)
-            await asyncio.sleep(ttl_s / 4)
+        record = self.record
+        try:
+            await self.node._dht.store(HOSTS_KEY, record_bytes(record), get_dht_time() + self.ttl_s,
+                                       subkey=record.peer_id)
+        except Exception as exc:  # retried at the next tick; serving goes on meanwhile
+            log.warning("host record not announced: %s", exc)
 
-    return node.submit(republish())
+    async def _republish(self) -> None:
+        while True:
+            await self._store()
+            await asyncio.sleep(self.ttl_s / 4)
+
+
+def announce_host(node: Any, record: HostRecord, ttl_s: float = HOST_TTL_S) -> HostAnnouncement:
+    """Keep a signed host record in the DHT under HOSTS_KEY (republished every ttl/4 until the node closes)."""
+    return HostAnnouncement(node, record, ttl_s)
 
 
 class ServerThread:
