@@ -133,3 +133,29 @@ def test_forged_optimizer_state_is_rejected(tmp_path):
     segment0, segment1 = _audit(submission, 0), _audit(submission, 1)
     assert not segment0.accept and "optimizer state" in segment0.reason  # the forgery breaks segment 0's end
     assert not segment1.accept and "second moment" in segment1.reason, segment1.details
+
+
+def test_held_out_loss_that_blows_up_is_a_proven_rejection(honest_submission):
+    contribution = parse_record(honest_submission.record)
+    delta = decompress(payload_from_bytes(honest_submission.delta_bytes, NUMEL, 256))
+    # A base loss far below what the final weights reach: the held-out loss "rose" past the bound.
+    result = verify_contribution(
+        contribution, [0], lambda i: honest_submission.recorder.segment_payload(0, i),
+        lambda: honest_submission.recorder.final_payload(0), BASE, delta, load, BATCH, MICRO, CFG, total_steps=20,
+        held_out=(CORPUS[60:62], 0.01), expected_first_step=0)
+    assert not result.accept and result.cheat and "held-out loss rose" in result.reason
+
+
+def test_replayed_old_work_commits_to_this_round_and_its_slicing(honest_submission, tmp_path):
+    from gpunite.train.compression import payload_hash, payload_to_bytes, slice_payload
+
+    work = _work("replay_old", tmp_path)
+    work.round, work.history = 1, [honest_submission]
+    work.slice_bounds = [(0, 512), (512, NUMEL)]  # the roster grew: two slices now
+    replayed = MODES["replay_old"](work)[0]
+    record = parse_record(replayed.record)
+    assert replayed.cheating and record.round == 1 and record.delta_hash == parse_record(
+        honest_submission.record).delta_hash
+    payload = payload_from_bytes(honest_submission.delta_bytes, NUMEL, 256)
+    assert record.slice_hashes == [payload_hash(payload_to_bytes(slice_payload(payload, lo, hi)))
+                                   for lo, hi in work.slice_bounds]

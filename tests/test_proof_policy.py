@@ -76,3 +76,11 @@ def test_proven_rejection_bans_the_trainer_for_the_run():
     accepted = [_verdict(V1, later, True), _verdict(V2, later, True)]
     after = merge_decision(later, [], accepted, POLICY, assignment, bans)
     assert not after.merge and "banned" in after.reason
+
+
+def test_bans_as_of_a_round_leave_out_later_proofs():
+    bans = BanList()
+    bans.ban(TRAINER.peer_id, 3, "proven: replay", ("x" * 64,))
+    assert not bans.as_of(3).is_banned(TRAINER.peer_id)  # judging round 3 itself: not banned yet
+    assert bans.as_of(4).is_banned(TRAINER.peer_id)
+    assert bans.as_of(4).bans[TRAINER.peer_id].evidence == ("x" * 64,)

@@ -1,10 +1,20 @@
-"""Audits in a real swarm on 127.0.0.1: three honest peers and one cheater, every contribution audited.
+"""Audits in a real swarm on 127.0.0.1, and the close re-check every honest peer applies.
 
-The cheater (`gpunite join --adversary scaled_delta`) trains honestly but sends twice its pseudo-gradient:
-cheap checks pass (the norm is within the bound), so only the audit can catch it. Checked from the peers'
-own signed chains and the DHT: its contributions never merge, a signed reject verdict on one exists, the
-close that rejected it proved the cheat (ban), and the honest peers agree on every round's weights and
-merge each other's audited contributions.
+The swarm: two honest peers and one peer per live adversary mode that needs other peers, every contribution
+audited (the adversaries run the honest protocol otherwise: they verify, coordinate and merge):
+- scaled_delta trains honestly but sends twice its pseudo-gradient (the norm is within the bound);
+- copy_delta waits for another trainer's contribution, fetches its slices and trail and claims them;
+- replay_old resubmits its round-0 delta and trail in later rounds;
+- sybil heartbeats a second identity on its node, which the roster assigns units, and claims its one trained
+  delta and trail again under that identity.
+Only audits can catch them. Checked from the peers' own signed chains and the DHT: no cheating contribution
+ever merges, each cheat is proven by a signed reject verdict and banned, and the honest peers agree on every
+round's weights and merge each other's audited contributions.
+
+forged_signature is checked without a swarm, on the bytes its peer would publish in a real DHT node (every
+peer reads contributions through `SwarmNode.get_records`, which drops and logs it). The close re-check is
+tested by forging round closes against real signed records in a real DHT node: a close must not merge on
+verdicts that do not exist, are not by a drawn verifier or reject, nor ban without a proof.
 """
 
 from __future__ import annotations
@@ -12,10 +22,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from gpunite.swarm.demo import LocalSwarm
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 MANIFEST = """
 [run]
@@ -45,8 +56,9 @@ trail_interval = 2
 audit_fraction = 1.0
 segments_per_audit = 1
 """
-HONEST = ["peer1", "peer2", "peer3"]
-ROUNDS = 2
+HONEST = ["peer1", "peer2"]
+ADVERSARIES = {"scaler": "scaled_delta", "copier": "copy_delta", "replayer": "replay_old", "sybil": "sybil"}
+ROUNDS = 2  # replay_old and sybil cheat from round 1 on: rounds 0 and 1 must close
 
 
 def _contribution(identity, trail_entries: int = 5):
@@ -92,10 +104,12 @@ def blocks(peer) -> dict[int, dict]:
     return found
 
 
-def test_cheater_is_caught_by_audits_and_never_merged(tmp_path):
+def test_live_adversaries_are_caught_and_never_merged(tmp_path):
     from gpunite.data.prepare import prepare_dataset
+    from gpunite.identity import Identity
     from gpunite.manifest import load_manifest
     from gpunite.records import parse_record
+    from gpunite.swarm.adversary import read_adversary_log, sybil_identity
     from gpunite.swarm.node import SwarmNode
     from gpunite.swarm.protocol import run_key, verdict_key
 
@@ -103,33 +117,33 @@ def test_cheater_is_caught_by_audits_and_never_merged(tmp_path):
     manifest_path.write_text(MANIFEST)
     prepare_dataset(load_manifest(manifest_path))
     with LocalSwarm(tmp_path, manifest_path, heartbeat_s=1.0) as swarm:
-        swarm.start_first("peer1", wait_peers=4, extra=["--speed", "1"])
+        swarm.start_first("peer1", wait_peers=len(HONEST) + len(ADVERSARIES), extra=["--speed", "1"])
         address = swarm.address()
         for name in HONEST[1:]:
             swarm.join(name, address, extra=["--speed", "1"])
-        swarm.join("cheater", address, extra=["--speed", "1", "--adversary", "scaled_delta"])
-        swarm.wait_for(lambda s: all(s.get(n, {}).get("round", -1) >= ROUNDS for n in HONEST), 240,
+        for name, mode in ADVERSARIES.items():
+            swarm.join(name, address, extra=["--speed", "1", "--adversary", mode])
+        swarm.wait_for(lambda s: all(s.get(n, {}).get("round", -1) >= ROUNDS for n in HONEST), 480,
                        f"the honest peers to reach round {ROUNDS}")
         statuses = swarm.statuses()
-        run_id, cheater_id = statuses["cheater"]["run_id"], statuses["cheater"]["peer_id"]
+        run_id = statuses["peer1"]["run_id"]
+        ids = {name: statuses[name]["peer_id"] for name in [*HONEST, *ADVERSARIES]}
+        sybil_id = sybil_identity(Identity.load_or_create(swarm.peers["sybil"].home)).peer_id
 
-        # The DHT holds the cheater's contributions and the signed verdicts on them.
+        # The DHT holds the adversaries' contributions and the signed verdicts on them.
         observer = SwarmNode(initial_peers=[address]).start()
         try:
             verdicts = []
             for round_index in range(ROUNDS):
-                raw = observer.get(run_key(run_id, "contrib", round_index)).get(cheater_id)
-                if raw is None:
-                    continue
-                contribution = parse_record(raw)
-                for value in observer.get(verdict_key(run_id, round_index, contribution.record_id)).values():
-                    verdicts.append(parse_record(value))
+                published = observer.get(run_key(run_id, "contrib", round_index))
+                for trainer in [ids[n] for n in ADVERSARIES] + [sybil_id]:
+                    if trainer in published:
+                        contribution = parse_record(published[trainer])
+                        key = verdict_key(run_id, round_index, contribution.record_id)
+                        verdicts += [parse_record(value) for value in observer.get(key).values()]
         finally:
             observer.close()
-
-    assert verdicts, "nobody audited the cheater"
-    assert any(not v.accept and v.trainer == cheater_id and v.reason.startswith("proven: ") for v in verdicts)
-    assert all(not v.accept for v in verdicts)
+    logs = {name: read_adversary_log(swarm.peers[name].home) for name in ADVERSARIES}
 
     chains = {name: blocks(swarm.peers[name]) for name in HONEST}
     common = set.intersection(*(set(c) for c in chains.values()))
@@ -137,14 +151,192 @@ def test_cheater_is_caught_by_audits_and_never_merged(tmp_path):
     for round_index in common:
         assert len({chains[name][round_index]["weights_hash"] for name in HONEST}) == 1
     chain = chains["peer1"]
-    rejected = [r for b in chain.values() for r in b["rejected"] if r["trainer"] == cheater_id]
-    assert any(r["cheat"] for r in rejected), "the cheat was not proven"
+    merged_ids = {cid for b in chain.values() for cid in b["accepted"]}
+    proven = {r["contribution"] for b in chain.values() for r in b["rejected"] if r["cheat"]}
+    banned = {r["trainer"] for b in chain.values() for r in b["rejected"] if r["cheat"]}
+    for name, mode in ADVERSARIES.items():
+        cheats = [e for e in logs[name] if e["cheating"]]
+        assert cheats, f"{mode} never cheated"
+        assert not merged_ids & {e["record_id"] for e in cheats}, f"a {mode} contribution merged"
+        caught = proven & {e["record_id"] for e in cheats}
+        assert caught, f"{mode}'s cheat was not proven"
+        assert any(not v.accept and v.reason.startswith("proven: ") and v.contribution in caught
+                   for v in verdicts), f"no signed proof against {mode} in the DHT"
+    # A Sybil's extra identity is the one banned; the work it trained once and claimed first was honest.
+    assert sybil_id in banned and all(e["peer_id"] == sybil_id for e in logs["sybil"] if e["cheating"])
+    assert {ids[n] for n in ("scaler", "copier", "replayer")} <= banned
     # Merged contributions were audited: every block that merged something lists the accept verdicts it used.
     assert all(b["verdicts"] for b in chain.values() if b["accepted"])
-    honest_ids = {statuses[n]["peer_id"] for n in HONEST}
-    honest_merged = sum(len(b["accepted"]) for b in chain.values())
-    assert honest_merged >= len(honest_ids)
-    assert statuses["cheater"]["contributed_rounds"] == 0
     assert all(statuses[n]["contributed_rounds"] >= 1 for n in HONEST)
-    merged_ids = {cid for b in chain.values() for cid in b["accepted"]}
-    assert not merged_ids & {r["contribution"] for r in rejected}
+
+
+class _CloseChecker:
+    """A peer's audit state around a real DHT node holding real signed records: trainer, coordinator,
+    verifiers, one contribution, the coordinator's beacon, and the drawn verifier's accept verdict."""
+
+    def __init__(self, node, name: str):
+        import hashlib
+        from types import SimpleNamespace
+
+        from gpunite.identity import Identity
+        from gpunite.manifest import ProofSection
+        from gpunite.proof.selection import beacon_from_signature, sign_beacon
+        from gpunite.records import Contribution, WorkUnit, record_bytes, sign_record
+        from gpunite.swarm.audits import RoundAudits, assign
+        from gpunite.swarm.checks import RoundContext
+        from gpunite.swarm.protocol import run_key
+
+        self.node = node
+        self.run_id = hashlib.sha256(name.encode()).hexdigest()  # each test its own keys in the shared DHT
+        self.prev_block, self.base_hash = "9" * 64, "b" * 64
+        self.trainer, self.coordinator, self.me, self.other, self.third = (
+            Identity.from_seed(s.encode()) for s in ("trainer", "coordinator", "me", "other", "third"))
+        roster = [i.peer_id for i in (self.trainer, self.coordinator, self.me, self.other, self.third)]
+        units = [WorkUnit(shard="c" * 64, first=0, count=32)]
+        self.contribution = sign_record(self.trainer, Contribution(
+            run_id=self.run_id, round=0, base_hash=self.base_hash, work_units=units, inner_steps=8, tokens=256,
+            trail_interval=2, trail=["d" * 64] * 5, delta_hash="e" * 64, slice_hashes=["f" * 64], delta_norm=1.0,
+            claimed_flops=1.0, time=0.0))
+        self.ctx = RoundContext(run_id=self.run_id, round=0, base_hash=self.base_hash,
+                                assigned={pid: units if pid == self.trainer.peer_id else [] for pid in roster},
+                                inner_steps=8, batch_size=4, seq_len=8, trail_interval=2, n_slices=1, norm_bound=3.0)
+        node.store(run_key(self.run_id, "contrib", 0), self.trainer.peer_id, record_bytes(self.contribution), 600)
+        ids = [self.contribution.record_id]
+        self.beacon_signature = sign_beacon(self.coordinator, self.run_id, 0, self.prev_block, ids)
+        beacon = beacon_from_signature(self.coordinator.public_key_hex, self.beacon_signature, self.run_id, 0,
+                                       self.prev_block, ids)
+        proof = ProofSection(audit_fraction=1.0, segments_per_audit=1)
+        peer = SimpleNamespace(
+            node=node, run_id=self.run_id, identity=self.me, peer_id=self.me.peer_id,
+            manifest=SimpleNamespace(proof=proof), config=SimpleNamespace(poll_s=0.05, takeover_s=1.0),
+            state=SimpleNamespace(weights_hash=self.base_hash, weights=None), _emit=lambda record: None)
+        self.audits = RoundAudits(peer, audit_timeout_s=1.0)
+        self.audits.start_round(self.ctx, roster)
+        drawn = assign(beacon, self.contribution, self.audits.policy, roster, self.coordinator.peer_id).verifiers
+        by_id = {i.peer_id: i for i in (self.me, self.other, self.third)}
+        self.verifier = by_id[drawn[0]]
+        self.bystander = next(i for pid, i in by_id.items() if pid not in drawn)
+
+    def verdict(self, identity, accept: bool):
+        from gpunite.proof.audit import PROVEN, AuditResult, make_verdict
+        from gpunite.records import record_bytes
+        from gpunite.swarm.protocol import verdict_key
+
+        reason = "segment 0 replayed within 0" if accept else PROVEN + "replay of segment 0 lands 0.9 away"
+        verdict = make_verdict(identity, self.contribution, AuditResult(accept, reason, not accept, 0, 0.0, 1.0),
+                               time=1.0)
+        self.node.store(verdict_key(self.run_id, 0, self.contribution.record_id), identity.peer_id,
+                        record_bytes(verdict), 600)
+        return verdict
+
+    def close(self, accepted: bool, verdicts: list[str], ban: bool = False):
+        from gpunite.records import Rejection, sign_record
+        from gpunite.swarm.protocol import RoundClose
+
+        cid, pid = self.contribution.record_id, self.trainer.peer_id
+        rejected = [] if accepted else [Rejection(contribution=cid, trainer=pid, reason="proven: replay", cheat=ban)]
+        return sign_record(self.coordinator, RoundClose(
+            run_id=self.run_id, round=0, base_hash=self.base_hash, prev_block=self.prev_block,
+            accepted=[cid] if accepted else [], contributors=[pid] if accepted else [], rejected=rejected,
+            next_roster=[], coordinator_rank=0, beacon=self.beacon_signature, beacon_contributions=[cid],
+            verdicts=verdicts, time=2.0))
+
+    def adopt(self, close):
+        return self.audits.adopt_close(close, self.ctx, polls=3)
+
+
+@pytest.fixture(scope="module")
+def dht_node():
+    from gpunite.swarm.node import SwarmNode
+
+    node = SwarmNode().start()
+    yield node
+    node.close()
+
+
+def test_a_close_merges_only_on_signed_accepts_by_drawn_verifiers(dht_node):
+    checker = _CloseChecker(dht_node, "merges")
+    contribution, ctx = checker.contribution, checker.ctx
+    accept = checker.verdict(checker.verifier, accept=True)
+    outsider = checker.verdict(checker.bystander, accept=True)
+
+    honest = checker.adopt(checker.close(accepted=True, verdicts=[accept.record_id]))
+    assert honest.accept, honest.reason
+    assert checker.audits.check(contribution, ctx).accept
+
+    refused = checker.adopt(checker.close(accepted=True, verdicts=["ab" * 32]))
+    assert not refused.accept and "not found signed in the DHT" in refused.reason
+    refused = checker.adopt(checker.close(accepted=True, verdicts=[outsider.record_id]))
+    assert not refused.accept and "did not draw" in refused.reason
+    # Listing no verdict at all: adopted, but the merge gate then wants the drawn verifier's accept.
+    assert checker.adopt(checker.close(accepted=True, verdicts=[])).accept
+    assert not checker.audits.check(contribution, ctx).accept
+
+    reject = checker.verdict(checker.verifier, accept=False)  # replaces its accept in the DHT
+    refused = checker.adopt(checker.close(accepted=True, verdicts=[reject.record_id]))
+    assert not refused.accept and "against a reject verdict" in refused.reason
+
+
+def test_a_close_bans_only_with_a_proof_in_the_signed_records(dht_node):
+    checker = _CloseChecker(dht_node, "bans")
+    accept = checker.verdict(checker.verifier, accept=True)
+    for verdicts in ([], [accept.record_id]):
+        refused = checker.adopt(checker.close(accepted=False, verdicts=verdicts, ban=True))
+        assert not refused.accept and "without proof" in refused.reason
+    checker.verdict(checker.bystander, accept=False)  # a reject by someone the beacon did not draw proves nothing
+    assert not checker.adopt(checker.close(accepted=False, verdicts=[], ban=True)).accept
+
+    reject = checker.verdict(checker.verifier, accept=False)
+    close = checker.close(accepted=False, verdicts=[reject.record_id], ban=True)
+    adopted = checker.adopt(close)
+    assert adopted.accept, adopted.reason
+    checker.audits.settle(close)
+    assert checker.audits.bans.is_banned(checker.trainer.peer_id)
+    # A rejection that bans no one needs no proof (lateness, a missing verdict).
+    assert checker.adopt(checker.close(accepted=False, verdicts=[], ban=False)).accept
+
+
+def test_a_forged_contribution_is_dropped_where_peers_read_it(dht_node, tmp_path, caplog):
+    """What a forged_signature peer publishes, stored in a real DHT node and read back as every peer reads."""
+    import logging
+
+    from gpunite.identity import Identity, RecordError
+    from gpunite.manifest import TrainSection
+    from gpunite.model import ModelConfig, build_model
+    from gpunite.proof.adversary import MODES, RoundWork
+    from gpunite.proof.trail import TrailRecorder
+    from gpunite.records import WorkUnit, parse_record, record_bytes
+    from gpunite.swarm.adversary import _as_published
+    from gpunite.swarm.audits import parse_contribution
+    from gpunite.swarm.protocol import run_key
+    from gpunite.train.weights import trainable_state
+
+    config = ModelConfig(64, 32, 1, 2, 2, 64, 32, True)
+    corpus = torch.randint(0, 64, (16, 9), generator=torch.Generator().manual_seed(0))
+    base = {n: t.clone() for n, t in trainable_state(build_model(config, seed=0)).items()}
+    numel = sum(t.numel() for t in base.values())
+    forger = Identity.from_seed(b"forger")
+    work = RoundWork(
+        run_id="7" * 64, round=0, base=base, units=[WorkUnit(shard="c" * 64, first=0, count=8)],
+        model_config=config, train_cfg=TrainSection(batch_size=2, inner_steps=4, compression_chunk=256), seq_len=8,
+        trail_interval=2, first_step=0, total_steps=20, loader=lambda shard, first, count: corpus[first:first + count],
+        identity=forger, recorder=TrailRecorder(2, tmp_path / "trail"), slice_bounds=[(0, numel)])
+    published = _as_published(MODES["forged_signature"](work)[0].record)
+    with pytest.raises(RecordError):
+        parse_record(record_bytes(published))
+    key = run_key(work.run_id, "contrib", 0)
+    dht_node.store(key, forger.peer_id, record_bytes(published), 600)
+    assert dht_node.get(key), "the forged record did not reach the DHT"
+    with caplog.at_level(logging.WARNING, logger="gpunite.swarm.node"):
+        assert dht_node.get_records(key, parse_contribution) == {}
+    assert any("dropped a bad record" in r.getMessage() and forger.peer_id[:16] in r.getMessage()
+               for r in caplog.records)
+
+
+def test_swarm_adversaries_cover_every_proof_mode():
+    from gpunite.proof.adversary import CHEAT_MODES
+    from gpunite.swarm.adversary import SWARM_ADVERSARIES
+    from gpunite.swarm.demo import CHEATER_MODES
+
+    assert set(SWARM_ADVERSARIES) == set(CHEAT_MODES)
+    assert set(CHEAT_MODES) <= set(CHEATER_MODES)

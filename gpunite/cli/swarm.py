@@ -128,7 +128,8 @@ def join(
     cheat: str | None = typer.Option(None, "--cheat", hidden=True,
                                         help="Tests and demos: send a hostile delta (scaled, random, nan)."),
     adversary: str | None = typer.Option(None, "--adversary", hidden=True,
-                                         help="Tests and demos: cheat like a proof adversary mode (fewer_steps...)."),
+                                         help="Tests and demos: cheat like a proof adversary mode "
+                                              "(fewer_steps, copy_delta, replay_old, sybil, forged_signature, ...)."),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Join a swarm run through any peer: fetch its manifest, data and latest weights, then train."""
@@ -146,8 +147,8 @@ def demo(
     peers: int = typer.Option(4, help="Peer processes to start on 127.0.0.1."),
     rounds: int = typer.Option(4, help="Rounds to train."),
     churn: bool = typer.Option(False, "--churn", help="Kill one peer (SIGKILL) midway and restart it."),
-    cheater: str | None = typer.Option(None, help="Make one peer cheat: scaled, random, nan, or a proof "
-                                                  "adversary mode (scaled_delta, fewer_steps, skipped_data, ...)."),
+    cheater: str | None = typer.Option(None, help="Make one peer cheat: scaled, random, nan, or any proof "
+                                                  "adversary mode (scaled_delta, copy_delta, sybil, ...)."),
     workdir: Path | None = typer.Option(None, help="Keep the run's files here (default: a temp dir)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:

@@ -34,7 +34,14 @@ from gpunite.proof.trail import (
     train_with_trail,
 )
 from gpunite.records import Contribution, WorkUnit, sign_record
-from gpunite.train.compression import compress, decompress, payload_hash, payload_to_bytes, slice_payload
+from gpunite.train.compression import (
+    compress,
+    decompress,
+    payload_from_bytes,
+    payload_hash,
+    payload_to_bytes,
+    slice_payload,
+)
 from gpunite.train.weights import flatten, unflatten_into, weights_hash
 
 
@@ -326,8 +333,14 @@ def replay_old(work: RoundWork) -> list[Submission]:
         return honest(work)
     old = earlier[-1]
     record = {k: v for k, v in old.record.items() if k not in ("signer", "signature")}
+    # Slice hashes for this round's slicing (the roster, and so the slices, may have changed since).
+    numel = sum(t.numel() for t in work.base.values())
+    payload = payload_from_bytes(old.delta_bytes, numel, work.train_cfg.compression_chunk,
+                                 method=work.train_cfg.compression)
     record |= {"round": work.round, "base_hash": work.base_hash, "time": work.time,
-               "work_units": [u.model_dump(mode="json") for u in work.units]}
+               "work_units": [u.model_dump(mode="json") for u in work.units],
+               "slice_hashes": [payload_hash(payload_to_bytes(slice_payload(payload, lo, hi)))
+                                for lo, hi in work.slice_bounds]}
     signed = work.identity.sign(record)
     return [Submission(signed, old.delta_bytes, old.recorder, work.round, cheating=True)]
 

@@ -95,6 +95,11 @@ class BanList:
     def is_banned(self, peer_id: str) -> bool:
         return peer_id in self.bans
 
+    def as_of(self, round_index: int) -> BanList:
+        """The bans proven in rounds before round_index: what every peer judges round_index by, however far
+        it has got with settling later rounds."""
+        return BanList({pid: ban for pid, ban in self.bans.items() if ban.round < round_index})
+
 
 @dataclass(frozen=True)
 class MergeDecision:

@@ -5,15 +5,20 @@ One round, after the contributions are committed:
 1. the coordinator signs the audit beacon over the ids it saw in time (`gpunite.proof.selection`) and
    publishes it as an `AuditBeacon`; from then on only those contributions can merge this round.
 2. every peer polls for beacons; where the beacon draws it as a verifier, it fetches the trainer's delta
-   (slices) and trail segments over P2P, replays them (`gpunite.proof.audit.verify_contribution`) and
-   publishes a signed Verdict under `verdict_key(run, round, contribution)`.
+   (slices) and trail segments over P2P, replays them (`gpunite.proof.audit.verify_contribution`: the delta
+   lands on the trail's end, each drawn segment replays within tolerance, the segment's own loss falls, and
+   the loss on a batch of the held-out split does not blow up) and publishes a signed Verdict under
+   `verdict_key(run, round, contribution)`.
 3. the coordinator waits for the drawn verifiers' verdicts (at most `audit_timeout_s`), then closes:
    `check` (a `Peer.contribution_checks` hook) applies `gpunite.proof.policy.merge_decision`, so an audited
    contribution merges only with enough accept verdicts; proven cheats are rejected with cheat=True. The
-   close carries the beacon and the verdict ids relied on, and every peer checking the close re-runs `check`
-   against those verdicts. A verifier that does not answer in time keeps the contribution out of this
+   close carries the beacon and the verdict ids relied on. Every peer checking the close trusts none of it
+   (`adopt_close`): each listed verdict must be signed in the DHT by a verifier the beacon drew, none may
+   reject what the close accepts, every ban must re-derive from the signed records, and `check` is re-run on
+   every accepted contribution. A verifier that does not answer in time keeps the contribution out of this
    round without blaming anyone.
 4. every peer bans the signers of the cheats a followed close proved: their later contributions never merge.
+   Round r is judged by the bans proven before r, so peers that settle at different moments agree.
 
 With too few peers to keep the coordinator out of verifying, it verifies (a two-peer run still audits); a
 contribution nobody but its own trainer could audit merges on the cheap checks alone.
@@ -22,6 +27,7 @@ contribution nobody but its own trainer could audit merges on the cheap checks a
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from gpunite.errors import GpuniteError
-from gpunite.proof.audit import AuditResult, make_verdict, verify_contribution
+from gpunite.proof.audit import AuditResult, held_out_loss, make_verdict, verify_contribution
 from gpunite.proof.policy import AuditAssignment, BanList, MergePolicy, merge_decision, policy_from_manifest
 from gpunite.proof.selection import (
     SelectionError,
@@ -40,7 +46,7 @@ from gpunite.proof.selection import (
     sign_beacon,
 )
 from gpunite.records import Contribution, Verdict, parse_record_as, record_bytes, sign_record
-from gpunite.swarm.checks import ACCEPT, CheckResult, RoundContext, check_slice
+from gpunite.swarm.checks import ACCEPT, CheckResult, RoundContext, check_contribution, check_slice
 from gpunite.swarm.node import SwarmError
 from gpunite.swarm.protocol import (
     HANDLE_TRAIL,
@@ -67,6 +73,10 @@ def parse_verdict(data: bytes) -> Verdict:
     return parse_record_as(data, Verdict)
 
 
+def parse_contribution(data: bytes) -> Contribution:
+    return parse_record_as(data, Contribution)
+
+
 def assign(beacon: bytes, contribution: Contribution, policy: MergePolicy, candidates: Sequence[str],
            coordinator: str) -> AuditAssignment:
     """The beacon's audit decision (as `gpunite.proof.policy.assign_audit`), for swarms of any size.
@@ -89,40 +99,74 @@ def assign(beacon: bytes, contribution: Contribution, policy: MergePolicy, candi
 
 
 class RoundAudits:
-    """One peer's side of the audits: coordinator (beacon, waiting for verdicts), verifier, and merge gate."""
+    """One peer's side of the audits: coordinator (beacon, waiting for verdicts), verifier, and merge gate.
+
+    Safe to call from more than one thread (e.g. one training while another closes a round): every table is
+    read and written under one lock, which is never held across network calls, replays or sleeps.
+    """
 
     def __init__(self, peer: Peer, audit_timeout_s: float) -> None:
         self.peer = peer
         self.policy = policy_from_manifest(peer.manifest.proof)
         self.audit_timeout_s = audit_timeout_s
         self.bans = BanList()
+        self._lock = threading.RLock()
         # round -> (coordinator peer id, beacon bytes) that the close being made or checked follows
         self._in_force: dict[int, tuple[str, bytes]] = {}
-        self._candidates: dict[int, list[str]] = {}
+        self._roster: dict[int, list[str]] = {}
         self._pool: dict[int, list[Verdict]] = {}  # verdicts a close decision may rely on
         self._relied: dict[int, set[str]] = {}  # verdict ids the decisions of the current close relied on
         self._own: dict[int, tuple[AuditBeacon, dict[str, Contribution], float]] = {}  # our beacon, its set, when
-        self._done: set[tuple[str, tuple[int, ...]]] = set()  # (contribution id, segments) audited by us
+        # Contributions we audited. Once each, whichever beacon drew us first: a verifier holds one verdict per
+        # contribution in the DHT (its subkey), and a second audit under a backup coordinator's beacon would
+        # replace the verdict a close already relied on.
+        self._done: dict[int, set[str]] = {}  # round -> contribution ids
         self._emitted: set[str] = set()  # verdict ids already handed to the record hook
         self._beacon_seen: dict[tuple[int, str], float] = {}  # (round, signer) -> when we first saw its beacon
+        self._bases: dict[int, torch.Tensor] = {}  # round -> the flat base weights its replays start from
+        self._held_out: dict[int, tuple[torch.Tensor, float] | None] = {}  # round -> (batch, base loss)
 
     # ----- every peer -----
-    def start_round(self, ctx: RoundContext, roster_ids: Sequence[str]) -> None:
-        # A banned peer judges no one (every peer holds the same bans: they come from the closes it followed).
-        self._candidates[ctx.round] = sorted(pid for pid in roster_ids if not self.bans.is_banned(pid))
-        for table in (self._in_force, self._candidates, self._pool, self._relied, self._own):
-            for old in [r for r in table if r < ctx.round - 1]:
-                del table[old]
-        for key in [k for k in self._beacon_seen if k[0] < ctx.round - 1]:
-            del self._beacon_seen[key]
+    def start_round(self, ctx: RoundContext, roster_ids: Sequence[str], base_weights: torch.Tensor | None = None
+                    ) -> None:
+        """Begin auditing round ctx.round among roster_ids. base_weights: the round's flat global weights
+        (hash ctx.base_hash) that replays start from; by default the peer's state, when it is that round's."""
+        state = self.peer.state
+        if base_weights is None and state.weights_hash == ctx.base_hash:
+            base_weights = state.weights
+        with self._lock:
+            self._roster[ctx.round] = sorted(roster_ids)
+            if base_weights is not None:
+                self._bases[ctx.round] = base_weights
+            for table in (self._in_force, self._roster, self._pool, self._relied, self._own, self._held_out,
+                          self._done):
+                for old in [r for r in table if r < ctx.round - 1]:
+                    del table[old]
+            for old in [r for r in self._bases if r < ctx.round]:  # a model's worth each: only the current one
+                del self._bases[old]
+            for key in [k for k in self._beacon_seen if k[0] < ctx.round - 1]:
+                del self._beacon_seen[key]
+
+    def _bans_for(self, round_index: int) -> BanList:
+        """Bans proven before round_index (every honest peer holds the same: they come from followed closes)."""
+        with self._lock:
+            return self.bans.as_of(round_index)
+
+    def candidates(self, round_index: int) -> list[str]:
+        """Who may verify in a round: its roster, less the peers banned before it (a banned peer judges no one)."""
+        bans = self._bans_for(round_index)
+        with self._lock:
+            roster = list(self._roster.get(round_index, []))
+        return [pid for pid in roster if not bans.is_banned(pid)]
 
     def serve_audits(self, ctx: RoundContext, contributions: dict[str, Contribution]) -> None:
         """Audit whatever a published beacon of this round draws us for (once each)."""
-        candidates = self._candidates.get(ctx.round, [])
+        candidates = self.candidates(ctx.round)
         beacons = self.peer.node.get_records(run_key(self.peer.run_id, "beacon", ctx.round), parse_beacon)
         by_id = {c.record_id: c for c in contributions.values()}
-        for signer in beacons:
-            self._beacon_seen.setdefault((ctx.round, signer), time.time())
+        with self._lock:
+            for signer in beacons:
+                self._beacon_seen.setdefault((ctx.round, signer), time.time())
         for signer, record in beacons.items():
             if signer not in candidates or record.run_id != self.peer.run_id or record.round != ctx.round:
                 continue
@@ -139,42 +183,59 @@ class RoundAudits:
                 if not self._worth_auditing(contribution, ctx):
                     continue
                 assignment = assign(beacon, contribution, self.policy, candidates, signer)
-                key = (cid, assignment.segments)
-                if self.peer.peer_id in assignment.verifiers and key not in self._done:
-                    self._done.add(key)
-                    self.audit(ctx, contribution, assignment.segments)
+                if self.peer.peer_id not in assignment.verifiers:
+                    continue
+                with self._lock:
+                    done = self._done.setdefault(ctx.round, set())
+                    if cid in done:
+                        continue
+                    done.add(cid)
+                self.audit(ctx, contribution, assignment.segments)
 
     def _worth_auditing(self, contribution: Contribution, ctx: RoundContext) -> bool:
         """No replay for what cannot merge anyway: a banned signer's work, or work from another base than ours
         (a verifier holding other weights would misjudge it)."""
-        return (not self.bans.is_banned(contribution.peer_id) and contribution.base_hash == ctx.base_hash
-                and self.peer.round_base(ctx.round) is not None)
+        return (not self._bans_for(ctx.round).is_banned(contribution.peer_id)
+                and contribution.base_hash == ctx.base_hash)
 
-    def audit(self, ctx: RoundContext, contribution: Contribution, segments: Sequence[int]) -> Verdict:
-        """Replay a contribution's drawn segments and publish our signed verdict on it."""
+    def audit(self, ctx: RoundContext, contribution: Contribution, segments: Sequence[int]) -> Verdict | None:
+        """Replay a contribution's drawn segments and publish our signed verdict on it (None: we do not hold
+        the round's base weights, so we judge nothing and the coordinator's wait for us times out)."""
         started = time.perf_counter()
+        base = self._base(ctx)
+        if base is None:
+            log.warning("cannot audit %s's round %d contribution: this peer does not hold the round's base weights",
+                        contribution.peer_id[:12], ctx.round)
+            return None
         try:
-            result = self._replay(ctx, contribution, segments)
+            result = self._replay(ctx, contribution, segments, base)
         except GpuniteError as exc:  # e.g. its data cannot be loaded here: no verdict against the trainer
             result = AuditResult(False, f"could not replay: {exc}", False, -1, None, 0.0)
         verdict = make_verdict(self.peer.identity, contribution, result, time.time())
         self.peer.node.store(verdict_key(self.peer.run_id, ctx.round, contribution.record_id), self.peer.peer_id,
                              record_bytes(verdict), ttl_s=max(600.0, 4 * self.peer.train_cfg.round_deadline_s))
-        self._emitted.add(verdict.record_id)
+        with self._lock:
+            self._emitted.add(verdict.record_id)
         self.peer._emit(verdict)
         log.info("audited %s's round %d contribution (segments %s) in %.1f s: %s, %s", contribution.peer_id[:12],
                  ctx.round, list(segments), time.perf_counter() - started,
                  "accept" if result.accept else "REJECT", result.reason)
         return verdict
 
-    def _replay(self, ctx: RoundContext, contribution: Contribution, segments: Sequence[int]) -> AuditResult:
+    def _base(self, ctx: RoundContext) -> torch.Tensor | None:
+        with self._lock:
+            held = self._bases.get(ctx.round)
+        if held is not None:
+            return held
+        state = self.peer.state
+        return state.weights if state.weights_hash == ctx.base_hash else None
+
+    def _replay(self, ctx: RoundContext, contribution: Contribution, segments: Sequence[int],
+                base_weights: torch.Tensor) -> AuditResult:
         peer = self.peer
         delta = self._fetch_delta(ctx, contribution)
         if isinstance(delta, str):
             return AuditResult(False, delta, False, -1, None, 0.0)
-        base_weights = peer.round_base(ctx.round)
-        if base_weights is None:
-            raise GpuniteError(f"this peer no longer holds round {ctx.round}'s base weights")
         base = {name: t.clone() for name, t in peer.layout.named(base_weights).items()}
         max_bytes = 6 * peer.numel * 4 + (1 << 20)  # start and end: weights and two AdamW moments each
 
@@ -189,14 +250,40 @@ class RoundAudits:
         return verify_contribution(
             contribution, segments, fetch, lambda: fetch("final"), base, delta, peer._load_sequences,
             peer.train_cfg.batch_size, peer.model_config, peer.train_cfg, total_steps=peer.trainer.total_steps,
-            bounds=self.policy.bounds, max_bytes=max_bytes)
+            bounds=self.policy.bounds, held_out=self._held_out_batch(ctx, base), max_bytes=max_bytes)
+
+    def _held_out_batch(self, ctx: RoundContext, base: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float] | None:
+        """One batch of the run's held-out split (the last 1% of every shard) and the base weights' loss on it,
+        once per round: a contribution whose final weights blow that loss up is a proven cheat."""
+        with self._lock:
+            if ctx.round in self._held_out:
+                return self._held_out[ctx.round]
+        from gpunite.data.batches import heldout_units
+
+        wanted = self.peer.train_cfg.batch_size
+        rows: list[torch.Tensor] = []
+        try:
+            for unit in heldout_units(self.peer.index, ctx.seq_len):
+                if len(rows) >= wanted:
+                    break
+                take = min(unit.count, wanted - len(rows))
+                rows.extend(self.peer._load_sequences(unit.shard_sha256, unit.first, take))
+        except GpuniteError as exc:
+            log.warning("no held-out check in round %d audits: %s", ctx.round, exc)
+            rows = []
+        held = None
+        if rows:
+            batch = torch.stack(rows)
+            held = (batch, held_out_loss(self.peer.model_config, self.peer.train_cfg, base, batch)[0])
+        with self._lock:
+            self._held_out[ctx.round] = held
+        return held
 
     def _fetch_delta(self, ctx: RoundContext, contribution: Contribution) -> torch.Tensor | str:
         """The contribution's whole decompressed pseudo-gradient from its slices, or why it is unavailable."""
         from gpunite.swarm.aggregation import slice_bounds
 
         cfg = self.peer.train_cfg
-        method = "none" if cfg.compression == "none" else "int8"
         parts = []
         for index, (start, end) in enumerate(slice_bounds(self.peer.numel, ctx.n_slices, cfg.compression_chunk)):
             if start == end:
@@ -204,7 +291,8 @@ class RoundAudits:
             data = self.peer.fetch_slice(ctx.round, index, contribution.peer_id)
             if data is None:
                 return f"could not get slice {index} of the delta from the trainer"
-            result, values = check_slice(data, contribution, index, end - start, cfg.compression_chunk, method)
+            result, values = check_slice(data, contribution, index, end - start, cfg.compression_chunk,
+                                         cfg.compression)
             if values is None:
                 return f"slice {index} of the delta is unusable: {result.reason}"
             parts.append(values)
@@ -215,8 +303,9 @@ class RoundAudits:
         """Whether a better-ranked live coordinator published its beacon and may still be waiting for verdicts
         (a backup must not close the round then: two closes would split the swarm)."""
         patience = self.audit_timeout_s + 2 * self.peer.config.takeover_s
-        return any(time.time() - self._beacon_seen.get((ctx.round, pid), -float("inf")) < patience
-                   for pid in earlier_alive)
+        with self._lock:
+            seen = {pid: self._beacon_seen.get((ctx.round, pid), -float("inf")) for pid in earlier_alive}
+        return any(time.time() - when < patience for when in seen.values())
 
     def ready_to_close(self, ctx: RoundContext, contributions: dict[str, Contribution], rank: int,
                        prev_block: str) -> dict[str, Contribution] | None:
@@ -224,20 +313,23 @@ class RoundAudits:
 
         The first call publishes our beacon over `contributions`; later arrivals wait for the next round.
         """
-        if ctx.round not in self._own:
+        with self._lock:
+            own = self._own.get(ctx.round)
+        if own is None:
             ids = sorted(c.record_id for c in contributions.values())
             beacon = sign_record(self.peer.identity, AuditBeacon(
                 run_id=ctx.run_id, round=ctx.round, prev_block=prev_block, contributions=ids,
                 beacon=sign_beacon(self.peer.identity, ctx.run_id, ctx.round, prev_block, ids), time=time.time()))
             self.peer.node.store(run_key(ctx.run_id, "beacon", ctx.round), self.peer.peer_id, record_bytes(beacon),
                                  ttl_s=max(600.0, 4 * self.peer.train_cfg.round_deadline_s))
-            self._own[ctx.round] = (beacon, dict(contributions), time.time())
+            with self._lock:
+                self._own[ctx.round] = (beacon, dict(contributions), time.time())
             log.info("published the audit beacon of round %d over %d contributions", ctx.round, len(ids))
             return None
-        record, frozen, published = self._own[ctx.round]
+        record, frozen, published = own
         beacon = beacon_from_signature(record.signer, record.beacon, ctx.run_id, ctx.round, prev_block,
                                        record.contributions)
-        candidates = self._candidates.get(ctx.round, [])
+        candidates = self.candidates(ctx.round)
         pool: list[Verdict] = []
         missing = 0
         for contribution in frozen.values():
@@ -254,20 +346,27 @@ class RoundAudits:
         if missing:
             log.warning("round %d: %d verdicts did not arrive within %.0f s; those contributions wait", ctx.round,
                         missing, self.audit_timeout_s)
-        self._in_force[ctx.round] = (self.peer.peer_id, beacon)
-        self._pool[ctx.round] = pool
-        self._relied[ctx.round] = set()
+        with self._lock:
+            self._in_force[ctx.round] = (self.peer.peer_id, beacon)
+            self._pool[ctx.round] = pool
+            self._relied[ctx.round] = set()
         return frozen
 
     def close_fields(self, round_index: int) -> dict:
         """What our close carries about the audits: the beacon and the verdicts its decisions relied on."""
-        record = self._own[round_index][0]
-        return {"beacon": record.beacon, "beacon_contributions": record.contributions,
-                "verdicts": sorted(self._relied.get(round_index, set()))}
+        with self._lock:
+            record = self._own[round_index][0]
+            relied = sorted(self._relied.get(round_index, set()))
+        return {"beacon": record.beacon, "beacon_contributions": record.contributions, "verdicts": relied}
 
     # ----- a close, made or checked -----
     def adopt_close(self, close: RoundClose, ctx: RoundContext, polls: int = 20) -> CheckResult:
-        """Take a close's beacon and verdicts as the ones `check` judges by; a reason if they do not hold up."""
+        """Take a close's beacon and verdicts as the ones `check` judges by; a reason if they do not hold up.
+
+        Nothing the coordinator lists is taken on trust: every verdict it names must be in the DHT (signed),
+        be by a verifier its beacon drew for that contribution, and not reject a contribution the close
+        accepts; every ban (a rejection with cheat) must follow from the signed records, re-derived here.
+        """
         if not set(close.accepted) <= set(close.beacon_contributions):
             return CheckResult(False, "close accepts contributions its audit beacon does not cover")
         try:
@@ -275,49 +374,90 @@ class RoundAudits:
                                            close.prev_block, close.beacon_contributions)
         except (SelectionError, ValueError) as exc:
             return CheckResult(False, f"close's audit beacon: {exc}")
+        bans = [r for r in close.rejected if r.cheat]
+        decided = set(close.accepted) | {r.contribution for r in close.rejected}
         wanted = set(close.verdicts)
+        contributions: dict[str, Contribution] = {}
         pool: dict[str, Verdict] = {}
-        for _ in range(polls):
-            for cid in close.accepted:
-                for verdict in self._verdicts(ctx.round, cid):
-                    if verdict.record_id in wanted:
-                        pool[verdict.record_id] = verdict
-            if len(pool) == len(wanted) or not wanted:
+        for attempt in range(polls):  # records may still be on their way through the DHT
+            contributions |= self._contributions(ctx.round)
+            for cid in sorted(decided) if len(pool) < len(wanted) else ():
+                pool |= {v.record_id: v for v in self._verdicts(ctx.round, cid) if v.record_id in wanted}
+            needed = {v.contribution for v in pool.values()} | {r.contribution for r in bans}
+            if len(pool) == len(wanted) and needed <= set(contributions):
                 break
-            time.sleep(self.peer.config.poll_s)
-        self._in_force[ctx.round] = (close.peer_id, beacon)
-        self._pool[ctx.round] = list(pool.values())
-        self._relied[ctx.round] = set()
+            if attempt < polls - 1:
+                time.sleep(self.peer.config.poll_s)
+        missing = sorted(wanted - set(pool))
+        if missing:
+            return CheckResult(False, f"close relies on {len(missing)} verdict(s) not found signed in the DHT "
+                                      f"(e.g. {missing[0][:12]})")
+        candidates = self.candidates(ctx.round)
+        for verdict in pool.values():
+            contribution = contributions.get(verdict.contribution)
+            if contribution is None:
+                return CheckResult(False, f"close relies on a verdict on contribution {verdict.contribution[:12]}, "
+                                          "which this peer cannot find")
+            assignment = assign(beacon, contribution, self.policy, candidates, close.peer_id)
+            if verdict.peer_id not in assignment.verifiers:
+                return CheckResult(False, f"close relies on a verdict by {verdict.peer_id[:12]}, whom the beacon did "
+                                          f"not draw to verify {contribution.peer_id[:12]}'s contribution")
+            if verdict.contribution in close.accepted and not verdict.accept:
+                return CheckResult(False, f"close accepts {contribution.peer_id[:12]}'s contribution against a "
+                                          f"reject verdict: {verdict.reason[:200]}")
+        with self._lock:
+            self._in_force[ctx.round] = (close.peer_id, beacon)
+            self._pool[ctx.round] = list(pool.values())
+            self._relied[ctx.round] = set()
+        for rejection in bans:
+            contribution = contributions.get(rejection.contribution)
+            if contribution is None or contribution.peer_id != rejection.trainer:
+                return CheckResult(False, f"close bans {rejection.trainer[:12]} for a contribution this peer cannot "
+                                          "find signed by it")
+            proof = check_contribution(contribution, ctx, median_norm=0.0, extra_checks=[self.check])
+            if not proof.cheat:
+                return CheckResult(False, f"close bans {rejection.trainer[:12]} without proof in the signed records "
+                                          f"(here: {proof.reason[:200]})")
         return ACCEPT
 
     def check(self, contribution: Contribution, ctx: RoundContext) -> CheckResult:
         """The merge gate (a `contribution_checks` hook): bans, then the audit verdicts the policy needs."""
-        in_force = self._in_force.get(ctx.round)
+        with self._lock:
+            in_force = self._in_force.get(ctx.round)
+            pool = list(self._pool.get(ctx.round, []))
         if in_force is None:
             return CheckResult(False, f"no audit beacon in force for round {ctx.round}")
         coordinator, beacon = in_force
-        assignment = assign(beacon, contribution, self.policy, self._candidates.get(ctx.round, []), coordinator)
-        decision = merge_decision(contribution, [], self._pool.get(ctx.round, []), self.policy, assignment,
-                                  self.bans)
+        assignment = assign(beacon, contribution, self.policy, self.candidates(ctx.round), coordinator)
+        decision = merge_decision(contribution, [], pool, self.policy, assignment, self._bans_for(ctx.round))
         cid = contribution.record_id
-        self._relied.setdefault(ctx.round, set()).update(e for e in decision.evidence if e != cid)
+        with self._lock:
+            self._relied.setdefault(ctx.round, set()).update(e for e in decision.evidence if e != cid)
         return CheckResult(decision.merge, decision.reason, decision.cheat)
 
     def settle(self, close: RoundClose) -> None:
         """Ban the signers of the cheats a followed close proved (their later contributions never merge)."""
         for rejection in close.rejected:
-            if rejection.cheat and not self.bans.is_banned(rejection.trainer):
+            with self._lock:
+                if not rejection.cheat or self.bans.is_banned(rejection.trainer):
+                    continue
                 self.bans.ban(rejection.trainer, close.round, rejection.reason, (rejection.contribution,))
-                log.warning("banned %s from the run: %s", rejection.trainer[:12], rejection.reason)
+            log.warning("banned %s from the run: %s", rejection.trainer[:12], rejection.reason)
+
+    def _contributions(self, round_index: int) -> dict[str, Contribution]:
+        """The round's signed contributions in the DHT, by record id."""
+        found = self.peer.node.get_records(run_key(self.peer.run_id, "contrib", round_index), parse_contribution)
+        return {c.record_id: c for c in found.values() if c.round == round_index}
 
     def _verdicts(self, round_index: int, contribution_id: str) -> list[Verdict]:
         found = self.peer.node.get_records(verdict_key(self.peer.run_id, round_index, contribution_id),
                                            parse_verdict)
         verdicts = [v for v in found.values() if v.contribution == contribution_id and v.round == round_index]
-        for verdict in verdicts:
-            if verdict.record_id not in self._emitted:
-                self._emitted.add(verdict.record_id)
-                self.peer._emit(verdict)
+        with self._lock:
+            fresh = [v for v in verdicts if v.record_id not in self._emitted]
+            self._emitted.update(v.record_id for v in fresh)
+        for verdict in fresh:
+            self.peer._emit(verdict)
         return verdicts
 
 

@@ -282,14 +282,31 @@ def _drive(swarm: LocalSwarm, peers: int, rounds: int, churn: bool, cheater: str
         "cheater": cheater,
         "events": events,
         "refused": _refusals(swarm),
-        # The cheater is caught when none of its contributions merged (the audits or cheap checks refused them).
+        # The cheater is caught when none of its cheating contributions merged (audits or cheap checks refused
+        # them); a proof adversary logs which of its contributions cheat (a Sybil's original, say, does not).
         "cheater_merged_rounds": statuses.get(f"peer{peers}", {}).get("contributed_rounds") if cheater else None,
+        **(_adversary_outcome(swarm, f"peer{peers}") if cheater in SWARM_ADVERSARIES else {}),
         "weights_hash": sorted(set(hashes.values())),
         "agreed": len(set(hashes.values())) == 1,
         "per_peer": {name: {k: s.get(k) for k in ("round", "loss", "tokens", "bytes_sent", "bytes_received",
                                                   "weights_hash", "compute_s", "wall_s")}
                      for name, s in statuses.items()},
     }
+
+
+def _adversary_outcome(swarm: LocalSwarm, name: str) -> dict[str, Any]:
+    """How many cheating contributions a proof adversary published, and how many of them the chain merged."""
+    from gpunite.swarm.adversary import read_adversary_log
+
+    peer = swarm.peers.get(name) or next(p for p in swarm.retired if p.name == name)
+    cheats = {entry["record_id"] for entry in read_adversary_log(peer.home) if entry["cheating"]}
+    merged: set[str] = set()
+    for other in swarm.peers.values():
+        if other.name != name:
+            for path in other.home.glob("runs/*/chain.jsonl"):
+                for line in path.read_text().splitlines():
+                    merged |= set(json.loads(line)["accepted"])
+    return {"cheats_published": len(cheats), "cheats_merged": len(cheats & merged)}
 
 
 def _refusals(swarm: LocalSwarm) -> list[str]:
@@ -358,7 +375,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
                   f"on weights {', '.join(h[:12] for h in summary['weights_hash'] if h)}")
     for refusal in summary.get("refused", []):
         console.print(f"refused: {refusal}", markup=False, highlight=False)
-    if summary.get("cheater"):
+    if summary.get("cheater") and "cheats_merged" in summary:
+        published, merged = summary["cheats_published"], summary["cheats_merged"]
+        caught = f"[green]caught: none of its {published} cheating contributions merged[/]" if merged == 0 else (
+            f"[red]NOT caught: {merged} of its {published} cheating contributions merged[/]")
+        if not published:
+            caught = "[yellow]it published no cheating contribution (too few rounds?)[/]"
+        console.print(f"cheater peer{summary['peers']} ({summary['cheater']}): {caught}")
+    elif summary.get("cheater"):
         merged = summary.get("cheater_merged_rounds")
         caught = "[green]caught: none of its contributions merged[/]" if merged == 0 else (
             f"[red]NOT caught: its contributions merged in {merged} rounds[/]")
