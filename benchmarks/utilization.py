@@ -65,8 +65,9 @@ def measure(workdir: Path, peers: int, rounds: int, warmup_rounds: int, inner_st
         per_peer[name] = round(compute / wall, 4)
     values = list(per_peer.values())
     round_s = (logs["peer1"][last_round]["time"] - logs["peer1"][first_round]["time"]) / rounds
+    merged = [logs["peer1"][r]["merged"] for r in range(first_round + 1, last_round + 1)]
     return {"mean": round(sum(values) / len(values), 4), "worst": min(values), "per_peer": per_peer,
-            "round_s": round(round_s, 2), "wall_s": round(time.time() - started, 1)}
+            "round_s": round(round_s, 2), "merged_per_round": merged, "wall_s": round(time.time() - started, 1)}
 
 
 def main() -> None:
@@ -97,6 +98,7 @@ def main() -> None:
         "per_peer": main_result["per_peer"],
         "overlap": modes[0],
         "round_s": main_result["round_s"],
+        "merged_per_round": main_result["merged_per_round"],
         "baseline_utilization": 1.0,
         "peers": args.peers,
         "rounds": args.rounds,
@@ -111,6 +113,7 @@ def main() -> None:
         result["no_overlap_utilization"] = results[False]["mean"]
         result["no_overlap_worst_peer"] = results[False]["worst"]
         result["no_overlap_round_s"] = results[False]["round_s"]
+        result["no_overlap_merged_per_round"] = results[False]["merged_per_round"]
     sys.stdout.write(json.dumps(result) + "\n")
 
 

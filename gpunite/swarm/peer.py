@@ -210,6 +210,7 @@ class Peer:
         self.contributed_rounds = 0  # rounds whose merge included this peer's contribution
         self.first_round = state.round
         self.timing = RoundTiming()
+        self.step_s = 0.0  # moving average of this peer's inner step time (sizes the audit wait)
         self.stopping = threading.Event()
         self.last_close: RoundClose | None = state.close
         # Checks a contribution must pass before it may merge, beyond the cheap ones: each takes
@@ -356,6 +357,7 @@ class Peer:
         log.info("round %d started: %d peers in the roster, weights %s", r, len(roster_ids),
                  self.state.weights_hash[:12])
         self.audits.start_round(ctx, roster_ids)
+        self.audits.audit_timeout_s = self.audit_timeout_s(len(roster_ids))
         bounds = self.slice_bounds(ctx)
         if r not in self._trained and self._base_round(r) == r:
             self._trained[r] = self.train_round(ctx)  # no overlap (or round 0): train now, close after
@@ -368,6 +370,18 @@ class Peer:
             self.merge(ctx, close, accepted, roster_ids, bounds, prev_block, self._trained.pop(r, False))
         finally:
             self._finish_training(job)
+
+    def audit_timeout_s(self, roster_size: int) -> float:
+        """How long a coordinator waits for verdicts: the configured floor plus the replays its verifiers owe.
+
+        A verifier replays segments_per_audit x trail_interval steps per audit, about as fast as this peer
+        trains (same model), on a CPU or GPU it shares with its own next round when overlapping.
+        """
+        proof = self.manifest.proof
+        audits = proof.audit_fraction * roster_size * proof.verifiers_per_audit
+        per_verifier = math.ceil(audits / max(1, roster_size - 1))
+        replay_s = proof.segments_per_audit * proof.trail_interval * self.step_s * (1 + self.lag)
+        return self.config.audit_timeout_s + 3.0 * per_verifier * replay_s
 
     # ----- rounds, bases and assignments -----
     def _base_round(self, round_index: int) -> int:
@@ -548,7 +562,9 @@ class Peer:
                 return False
             step_start = time.perf_counter()
             losses.append(self.trainer.train_step(batch))
-            self.timing.compute_s += time.perf_counter() - step_start
+            step_s = time.perf_counter() - step_start
+            self.timing.compute_s += step_s
+            self.step_s = step_s if not self.step_s else 0.8 * self.step_s + 0.2 * step_s
             self.recorder.record(self.model, self.trainer)
             self.last_loss = losses[-1]
             if len(losses) % max(1, steps // 4) == 0:
@@ -792,11 +808,11 @@ class Peer:
 
     def _checked_aggregate(self, data: bytes | None, numel: int, norm_bound: float) -> torch.Tensor | None:
         """A merged slice's values if the bytes parse (shape, finite, quantizer range) and its norm is in bounds."""
-        from gpunite.train.compression import decompress, payload_from_bytes
+        from gpunite.train.compression import decompress, payload_from_bytes, payload_method
 
         if data is None:
             return None
-        method = "none" if self.train_cfg.compression == "none" else "int8"
+        method = payload_method(self.train_cfg.compression)
         try:
             values = decompress(payload_from_bytes(data, numel, self.train_cfg.compression_chunk,
                                                    max_bytes=self._max_slice_bytes, method=method))
@@ -813,10 +829,10 @@ class Peer:
                         accepted: dict[str, Contribution], factors: dict[str, float]) -> bytes:
         """Pull slice `index` of every accepted contribution, check it, merge robustly, compress the result."""
         from gpunite.swarm.aggregation import robust_aggregate
-        from gpunite.train.compression import compress, payload_to_bytes
+        from gpunite.train.compression import compress, payload_method, payload_to_bytes
 
         start, end = bounds[index]
-        method = "none" if self.train_cfg.compression == "none" else "int8"
+        method = payload_method(self.train_cfg.compression)
         values, used = [], []
         for pid in sorted(accepted):
             data = self.fetch_slice(ctx.round, index, pid)
