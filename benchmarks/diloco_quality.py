@@ -1,6 +1,7 @@
 """DiLoCo's quality check: 4 workers vs one trainer with the same global batch, inner steps and data.
 
-The workers send int8 pseudo-gradients, merged by the robust sharded aggregation and the outer SGD step;
+The workers send compressed (int8 or int4) pseudo-gradients, merged by the robust sharded aggregation (each
+merged slice compressed again, as its owner serves it) and the outer SGD step;
 the single trainer takes the same global batch (4 x the per-worker batch) for the same number of inner
 steps on the same sequences. Held-out loss of both.
 
@@ -42,7 +43,7 @@ from gpunite.model import build_model, config_from_manifest
 from gpunite.swarm.aggregation import clip_factors, contribution_norm, robust_aggregate, slice_bounds
 from gpunite.swarm.assignment import WorkPlan
 from gpunite.train.compression import (
-    compress, decompress, payload_from_bytes, payload_to_bytes, slice_payload,
+    COMPRESSIONS, compress, decompress, payload_from_bytes, payload_to_bytes, slice_payload,
 )
 from gpunite.train.diloco import OuterOptimizer, pseudo_gradient
 from gpunite.train.trainer import InnerTrainer
@@ -62,7 +63,11 @@ def parse_args() -> argparse.Namespace:
     # Tuned at this scale (see the module docstring): DiLoCo's 0.7 / 0.9 overshoot over 8 short rounds.
     parser.add_argument("--outer-lr", type=float, default=1.4)
     parser.add_argument("--outer-momentum", type=float, default=0.0)
-    parser.add_argument("--compression", choices=("int8", "none"), default="int8")
+    parser.add_argument("--compression", choices=COMPRESSIONS, default="int8")
+    parser.add_argument(
+        "--overlap", choices=("none",) + OVERLAP_MODES, default="none",
+        help="also run the workers with a one-round-delayed outer step (see DilocoRun); reports sync_loss too",
+    )
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--aggregation", choices=("trimmed_mean", "median", "mean"), default="trimmed_mean")
     parser.add_argument("--trim-fraction", type=float, default=0.2)
@@ -107,7 +112,7 @@ clip_norm_ratio = {args.clip_ratio}
 
 
 def merge_round(pseudo_grads: list[torch.Tensor], args: argparse.Namespace) -> torch.Tensor:
-    """What the swarm does to a round's pseudo-gradients: compress, send, parse, slice, clip, merge."""
+    """What the swarm does to a round's pseudo-gradients: compress, send, parse, slice, clip, merge, compress."""
     numel = pseudo_grads[0].numel()
     received = []
     for pseudo_grad in pseudo_grads:
@@ -120,8 +125,68 @@ def merge_round(pseudo_grads: list[torch.Tensor], args: argparse.Namespace) -> t
             continue
         slices = [decompress(slice_payload(payload, start, end)) for payload in received]
         factors = clip_factors([contribution_norm(s) for s in slices], args.clip_ratio)
-        merged[start:end] = robust_aggregate(slices, factors, args.aggregation, args.trim_fraction)
+        aggregate = robust_aggregate(slices, factors, args.aggregation, args.trim_fraction)
+        # The slice's owner serves the merged slice compressed with the same method, as the peers do.
+        merged[start:end] = decompress(compress(aggregate, args.compression, args.chunk))
     return merged
+
+
+OVERLAP_MODES = ("delayed", "eager", "eager_full")
+
+
+class DilocoRun:
+    """The workers and global weights of one DiLoCo run; `mode` says where each round's inner steps start.
+
+    sync:    round r starts from the weights of r merges, W_r, and its merge gives W_{r+1} = outer(W_r, merged).
+    delayed: the exchange of round r-1 is still in flight when round r starts, so round r starts from the
+             newest weights available, W_{r-1} (merges of rounds 0..r-2); its pseudo-gradient (base - local)
+             is applied to the newest weights when it arrives: W_{r+1} = outer(W_r, merged_r), as in sync.
+    eager:   as delayed, but each worker starts round r from W_{r-1} - outer_lr * own_{r-1} / n_workers, its
+             own share of round r-1's merge (its own committed round-(r-1) pseudo-gradient): computed only
+             from global weights and the worker's own delta, so any peer can recompute the base exactly.
+    eager_full: as eager with W_{r-1} - outer_lr * own_{r-1}: the worker's own delta standing in for the
+             whole merge it has not seen yet.
+    """
+
+    def __init__(self, mode: str, model_cfg, train_cfg, total_steps: int, args: argparse.Namespace) -> None:
+        self.mode = mode
+        self.args = args
+        self.workers = [
+            InnerTrainer(build_model(model_cfg, seed=args.seed), train_cfg, total_steps=total_steps)
+            for _ in range(args.workers)
+        ]
+        # history[k] = global weights after k merges.
+        self.history = [flatten(trainable_state(self.workers[0].model).values())]
+        self.outer = OuterOptimizer(args.outer_lr, args.outer_momentum, nesterov=True)
+        self.own_pseudo_grads: list[torch.Tensor | None] = [None] * args.workers
+
+    def base_for(self, round_: int, worker: int) -> torch.Tensor:
+        if self.mode == "sync":
+            return self.history[round_]
+        newest = self.history[max(round_ - 1, 0)]
+        own = self.own_pseudo_grads[worker]
+        if self.mode == "delayed" or own is None or round_ == 0:
+            return newest
+        share = 1 if self.mode == "eager_full" else self.args.workers
+        lr = torch.tensor(self.args.outer_lr / share, dtype=torch.float32)
+        return torch.sub(newest, torch.mul(own, lr))
+
+    def train_round(self, round_: int, batches_per_worker: list[list[torch.Tensor]]) -> None:
+        pseudo_grads = []
+        for k, (worker, batches) in enumerate(zip(self.workers, batches_per_worker)):
+            base = self.base_for(round_, k)
+            params = list(trainable_state(worker.model).values())
+            unflatten_into(base, params)
+            for batch in batches:
+                worker.train_step(batch)
+            pseudo_grads.append(pseudo_gradient(base, flatten(params)))
+        self.own_pseudo_grads = pseudo_grads
+        self.history.append(self.outer.step(self.history[round_], merge_round(pseudo_grads, self.args)))
+
+    def evaluate(self, eval_batches: list[torch.Tensor]) -> float:
+        """Held-out loss of the final global weights (every round merged, the last in-flight one included)."""
+        unflatten_into(self.history[-1], list(trainable_state(self.workers[0].model).values()))
+        return self.workers[0].evaluate(eval_batches)
 
 
 def main() -> None:
@@ -138,12 +203,8 @@ def main() -> None:
         seq_len = args.seq_len
 
         baseline = InnerTrainer(build_model(model_cfg, seed=args.seed), train_cfg, total_steps=total_steps)
-        workers = [
-            InnerTrainer(build_model(model_cfg, seed=args.seed), train_cfg, total_steps=total_steps)
-            for _ in range(args.workers)
-        ]
-        global_weights = flatten(trainable_state(workers[0].model).values())
-        outer = OuterOptimizer(args.outer_lr, args.outer_momentum, nesterov=True)
+        modes = ["sync"] + ([] if args.overlap == "none" else [args.overlap])
+        runs = {mode: DilocoRun(mode, model_cfg, train_cfg, total_steps, args) for mode in modes}
         plan = WorkPlan.from_index(index, seq_len, seed=args.seed, sequences_per_unit=args.batch_size)
         roster = [(f"worker-{k}", 1.0) for k in range(args.workers)]
 
@@ -158,23 +219,22 @@ def main() -> None:
                 sys.exit("the prepared corpus is too small for this many steps; raise --corpus-mb")
             for step in range(args.inner_steps):
                 baseline.train_step(torch.cat([batches[p][step] for p in peers]))
-            pseudo_grads = []
-            for peer, worker in zip(peers, workers):
-                params = list(trainable_state(worker.model).values())
-                unflatten_into(global_weights, params)
-                for batch in batches[peer]:
-                    worker.train_step(batch)
-                pseudo_grads.append(pseudo_gradient(global_weights, flatten(params)))
-            global_weights = outer.step(global_weights, merge_round(pseudo_grads, args))
+            for run in runs.values():
+                run.train_round(round_, [batches[p] for p in peers])
             plan.settle(round_, peers)
 
         heldout = heldout_sequences(prepared, index, seq_len, args.eval_sequences)
         eval_batches = list(heldout.split(32))
         baseline_loss = baseline.evaluate(eval_batches)
-        unflatten_into(global_weights, list(trainable_state(workers[0].model).values()))
-        diloco_loss = workers[0].evaluate(eval_batches)
+        losses = {mode: run.evaluate(eval_batches) for mode, run in runs.items()}
 
+    diloco_loss = losses[modes[-1]]
     ratio = diloco_loss / baseline_loss
+    overlap_fields = {} if args.overlap == "none" else {
+        "sync_loss": round(losses["sync"], 4),
+        "sync_loss_ratio": round(losses["sync"] / baseline_loss, 4),
+        "loss_ratio_vs_sync": round(diloco_loss / losses["sync"], 4),
+    }
     print(json.dumps({
         "name": "diloco_quality",
         "value": round(ratio, 4),
@@ -182,6 +242,8 @@ def main() -> None:
         "diloco_loss": round(diloco_loss, 4),
         "baseline_loss": round(baseline_loss, 4),
         "loss_ratio": round(ratio, 4),
+        "overlap": args.overlap,
+        **overlap_fields,
         "inner_steps": total_steps,
         "inner_steps_per_round": args.inner_steps,
         "rounds": args.rounds,
