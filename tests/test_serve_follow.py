@@ -1,6 +1,7 @@
-"""A host that follows a swarm run: a real two-peer swarm on 127.0.0.1 and a real `gpunite host --join` process
-that serves each newly verified round's weights, hot-swapped while requests stream; plus the verification rules
-(majority of a round's signers, chain links, state checks) on signed records, where an unverified hash is refused.
+"""A host that follows a swarm run: a real two-peer swarm on 127.0.0.1 and a real `gpunite host --join`
+process that serves each newly verified round's weights, hot-swapped while requests stream; plus the
+verification rules (majority of a round's signers, chain links, state checks) on signed records, where an
+unverified hash is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import torch
 
 from gpunite.identity import Identity
 from gpunite.records import GENESIS, Block, sign_record
-from gpunite.serve.follow import FollowError, Follower, VerifiedRound, check_state, verified_from_ledger, verify_round
+from gpunite.serve.follow import (
+    Follower,
+    FollowError,
+    VerifiedRound,
+    check_state,
+    verified_from_ledger,
+    verify_round,
+)
 from gpunite.swarm.demo import LocalSwarm
 from gpunite.swarm.state_sync import GlobalState, ParamLayout
 from gpunite.util import free_port
@@ -58,9 +66,10 @@ max_daily_queries = 100000
 """
 
 
-def block(identity: Identity, round_index: int, weights: str, prev: str = GENESIS, run_id: str = RUN_ID) -> Block:
-    return sign_record(identity, Block(run_id=run_id, round=round_index, prev=prev, accepted=[], weights_hash=weights,
-                                       tokens=0, time=time.time()))  # type: ignore[return-value]
+def block(identity: Identity, round_index: int, weights: str, prev: str = GENESIS, run_id: str = RUN_ID
+          ) -> Block:
+    return sign_record(identity, Block(run_id=run_id, round=round_index, prev=prev, accepted=[],
+                                       weights_hash=weights, tokens=0, time=time.time()))  # type: ignore
 
 
 PEERS = [Identity.from_seed(bytes([i])) for i in range(4)]
@@ -79,7 +88,8 @@ def test_a_hash_signed_by_a_majority_of_the_round_signers_is_verified():
     assert verify_round(blocks + noise, RUN_ID, 0, GENESIS) == verified
     # peers past the round whose blocks have not arrived yet count as signers: 2 of 5 is no majority
     with pytest.raises(FollowError, match="best has 2 of 5 signers"):
-        verify_round(blocks, RUN_ID, 0, GENESIS, expected_signers=[PEERS[3].peer_id, PEERS[0].peer_id, "late"])
+        verify_round(blocks, RUN_ID, 0, GENESIS,
+                     expected_signers=[PEERS[3].peer_id, PEERS[0].peer_id, "late"])
 
 
 def test_an_unverified_hash_is_refused():
@@ -133,8 +143,9 @@ class FixedSource:
 
         self.run_id, self.layout, self.state_timeout_s = RUN_ID, layout, 1.0
         self._state, self._blocks = state, blocks
-        self.beat = sign_record(PEERS[3], Heartbeat(run_id=RUN_ID, round=peer_round, weights_hash=state.weights_hash,
-                                                    roles=["trainer"], maddrs=[], p2p_id="x", time=time.time()))
+        self.beat = sign_record(PEERS[3], Heartbeat(
+            run_id=RUN_ID, round=peer_round, weights_hash=state.weights_hash, roles=["trainer"], maddrs=[],
+            p2p_id="x", time=time.time()))
         self.fetched = 0
 
     def live_peers(self):
@@ -152,11 +163,12 @@ class FixedSource:
 
 
 def test_a_follower_refuses_a_state_that_is_not_the_verified_one_and_keeps_serving(tmp_path, caplog):
+    from test_serve_engine import make_model, make_tokenizer
+
     from gpunite.ledger.store import Ledger
     from gpunite.serve.engine import TextCodec
     from gpunite.serve.host import Host, ServedModel
     from gpunite.train.weights import flatten, model_hash, trainable_state
-    from test_serve_engine import make_model, make_tokenizer
 
     tokenizer = make_tokenizer()
     model = make_model(tokenizer, seed=1)
@@ -178,10 +190,12 @@ def test_a_follower_refuses_a_state_that_is_not_the_verified_one_and_keeps_servi
             follower = Follower(host, liar, poll_s=0.1)
             with caplog.at_level(logging.WARNING, logger="gpunite.serve.follow"):
                 assert follower.poll_logged() is False
-            assert "refused the global state of peer" in caplog.text and "not in a verified block" in caplog.text
+            assert "refused the global state of peer" in caplog.text
+            assert "not in a verified block" in caplog.text
             assert host.weights_hash == model_hash(model) and follower.verified is None
             # the honest state of the same round is served, and /health-facing provenance names the round
-            honest = FixedSource(layout, GlobalState(1, new_weights, None, {}, signed[0], None, new_hash), signed, 1)
+            honest_state = GlobalState(1, new_weights, None, {}, signed[0], None, new_hash)
+            honest = FixedSource(layout, honest_state, signed, peer_round=1)
             follower.source = honest
             assert follower.poll_logged() is True
             assert host.weights_hash == new_hash and host.provenance["signers"] == 2
@@ -246,8 +260,10 @@ def test_a_host_follows_the_runs_verified_rounds_without_dropping_requests(tmp_p
             with open(host_log, "ab") as log_file:
                 host_process = subprocess.Popen(
                     [sys.executable, "-m", "gpunite", "host", "--join", address, "--port", str(port),
-                     "--home", str(tmp_path / "host"), "--device", "cpu", "--poll-s", "0.5", "--max-batch", "4"],
-                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                     "--home", str(tmp_path / "host"), "--device", "cpu", "--poll-s", "0.5",
+                     "--max-batch", "4"],
+                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True,
                     env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
             def host_alive():
@@ -264,8 +280,8 @@ def test_a_host_follows_the_runs_verified_rounds_without_dropping_requests(tmp_p
             first = wait_until(lambda: served_round(0), 180, "the host to serve a verified round", host_alive)
             homes = [swarm.peers[name].home for name in ("peer1", "peer2")]
             for home in homes:  # every peer signed these weights for that round
-                assert wait_until(lambda home=home: chain(home).get(first["round"]), 30, "the peers' chains") \
-                    == first["weights_hash"]
+                signed = wait_until(lambda home=home: chain(home).get(first["round"]), 30, "the peer chains")
+                assert signed == first["weights_hash"]
             assert (first["signers"], first["total_signers"]) == (2, 2)
 
             # requests stream back to back from two threads while the host swaps in the next rounds
@@ -279,8 +295,8 @@ def test_a_host_follows_the_runs_verified_rounds_without_dropping_requests(tmp_p
                         before = client.get("/health").json()["weights_hash"]
                         try:
                             answer = client.post("/v1/completions", json={
-                                "model": "follow-test", "prompt": "def ", "max_tokens": 24, "temperature": 0.8,
-                                "seed": seed})
+                                "model": "follow-test", "prompt": "def ", "max_tokens": 24,
+                                "temperature": 0.8, "seed": seed})
                             body = answer.json()
                             if answer.status_code != 200:
                                 problems.append(f"{answer.status_code}: {body}")
@@ -296,20 +312,20 @@ def test_a_host_follows_the_runs_verified_rounds_without_dropping_requests(tmp_p
             for thread in threads:
                 thread.start()
             try:
-                later = wait_until(lambda: served_round(first["round"] + 1, other_than=first["weights_hash"]), 180,
-                                   "a later verified round with new weights", host_alive)
+                later = wait_until(lambda: served_round(first["round"] + 1, other_than=first["weights_hash"]),
+                                   180, "a later verified round with new weights", host_alive)
             finally:
                 stop.set()
                 for thread in threads:
                     thread.join(timeout=60)
             assert not problems, problems[:3]
             assert outcomes and all(reason in ("length", "stop") for _, _, _, reason in outcomes)
-            assert any(before != after for before, after, _, _ in outcomes), "no request was in flight at a swap"
+            assert any(before != after for before, after, _, _ in outcomes), "no request spanned a swap"
             assert later["swaps"] >= 1 and (later["signers"], later["total_signers"]) == (2, 2)
             assert all(chain(home).get(later["round"]) == later["weights_hash"] for home in homes)
             log_text = host_log.read_text(errors="replace")
-            assert f"serving round {later['round']} weights {later['weights_hash'][:12]} (verified by 2 of 2 " \
-                   "signers)" in log_text
+            line = f"serving round {later['round']} weights {later['weights_hash'][:12]} (verified by 2 of 2"
+            assert line in log_text
 
             # its signed host record in the DHT names the weights it serves now
             node = SwarmNode(initial_peers=[address]).start()
@@ -317,11 +333,22 @@ def test_a_host_follows_the_runs_verified_rounds_without_dropping_requests(tmp_p
                 def announced():
                     records = node.get_records(HOSTS_KEY, parse_host)
                     current = health(url)["weights_hash"]
-                    return [r for r in records.values() if isinstance(r, HostRecord) and r.serves_model == current
-                            and r.api_url == url and r.max_batch == 4]
+                    return [r for r in records.values() if isinstance(r, HostRecord)
+                            and r.serves_model == current and r.api_url == url and r.max_batch == 4]
                 assert wait_until(announced, 60, "the host record to name the served weights", host_alive)
             finally:
                 node.close()
+
+            # the whole swarm goes away: the host keeps serving what it has, says so once, and keeps retrying
+            served = health(url)
+            for name in ("peer1", "peer2"):
+                swarm.kill(name)
+            wait_until(lambda: "still serving round" in host_log.read_text(errors="replace"), 120,
+                       "the host to notice the swarm is gone", host_alive)
+            with httpx.Client(base_url=url, timeout=60) as client:
+                answer = client.post("/v1/completions", json={"model": "follow-test", "prompt": "def ",
+                                                              "max_tokens": 4})
+            assert answer.status_code == 200 and health(url)["weights_hash"] == served["weights_hash"]
         finally:
             if host_process is not None:
                 try:

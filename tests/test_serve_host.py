@@ -35,6 +35,15 @@ def test_host_refuses_a_machine_below_the_minimum(report, tmp_path):
     assert isinstance(result.exception, HostError) and "below the run's host minimum" in str(result.exception)
 
 
+def test_host_says_what_to_serve(tmp_path):
+    runner = CliRunner()
+    nothing = runner.invoke(app, ["host", "--home", str(tmp_path / "home")])
+    assert isinstance(nothing.exception, HostError) and "pass WEIGHTS" in str(nothing.exception)
+    both = runner.invoke(app, ["host", str(tmp_path / "ckpt.safetensors"), "--run", "abc",
+                               "--home", str(tmp_path / "home")])
+    assert isinstance(both.exception, HostError) and "--run picks the swarm run" in str(both.exception)
+
+
 def test_loads_a_checkpoint_and_an_hf_folder(tmp_path):
     from transformers import PreTrainedTokenizerFast
 

@@ -22,8 +22,9 @@ def register(app: typer.Typer) -> None:
 
 
 def host(
-    weights: Optional[Path] = typer.Argument(None, help="A gpunite checkpoint file or a Hugging Face model folder; "
-                                             "leave out (with --join) to serve a swarm run's verified weights."),
+    weights: Optional[Path] = typer.Argument(
+        None, help="A gpunite checkpoint file or a Hugging Face model folder; leave out (with --join) to "
+        "serve a swarm run's verified weights."),
     port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
     bind: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
     manifest_path: Optional[Path] = typer.Option(
@@ -35,11 +36,11 @@ def host(
                                             "(default: the manifest's [host] max_batch)."),
     max_tokens_cap: int = typer.Option(1024, "--max-tokens-cap", help="Largest max_tokens a request may ask."),
     as_json: bool = typer.Option(False, "--json", help="Print the host record as JSON before serving."),
-    join: Optional[str] = typer.Option(None, "--join", help="Any swarm peer's multiaddr: announce this host "
-                                       "there so `gpunite ask --join` finds it; without WEIGHTS, also follow the "
-                                       "run: serve its newest verified weights and hot-swap each new round's."),
-    run: Optional[str] = typer.Option(None, "--run", help="With --join and no WEIGHTS: the run id (or a prefix) "
-                                      "to follow; default: the only run listed."),
+    join: Optional[str] = typer.Option(
+        None, "--join", help="Any swarm peer's multiaddr: announce this host there so `gpunite ask --join` "
+        "finds it; without WEIGHTS, also follow the run: serve its newest verified weights, hot-swap newer."),
+    run: Optional[str] = typer.Option(None, "--run", help="With --join and no WEIGHTS: the run id (or a "
+                                      "prefix) to follow; default: the only run listed."),
     poll_s: float = typer.Option(2.0, "--poll-s", help="Seconds between looks for a newer verified round."),
     public_url: Optional[str] = typer.Option(None, "--public-url", help="URL others reach this host at "
                                              "(default: http://HOST:PORT)."),
@@ -128,15 +129,16 @@ def _start_following(server, node, ledger, identity, poll_s: float, report, api_
     from gpunite.serve.follow import Follower, RunSource
     from gpunite.swarm.state_sync import ParamLayout
 
-    source = RunSource(node, server.run_id, ParamLayout.of(server.engine.model), ledger, self_id=identity.peer_id)
+    layout = ParamLayout.of(server.engine.model)
+    source = RunSource(node, server.run_id, layout, ledger, self_id=identity.peer_id)
 
     def reannounce(verified) -> None:
         announcement.update(server.host_record(report, api_url=api_url))
 
     follower = Follower(server, source, poll_s=poll_s, on_swap=reannounce)
     if not follower.poll_logged() and follower.verified is None:
-        console_err.print(f"serving round 0's initial weights {server.weights_hash[:16]} (the run has no verified "
-                          "round newer yet)")
+        console_err.print(f"serving round 0's initial weights {server.weights_hash[:16]} (no round of "
+                          "the run is verified yet)")
     return follower.start()
 
 

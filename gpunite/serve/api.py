@@ -69,7 +69,7 @@ class ServeSettings:
     forward_flops_per_token: float = 0.0
     max_tokens_cap: int = 1024
     max_sequences: int = 64  # prompts x n per request
-    health_extra: Callable[[], dict[str, Any]] = dict  # more /health fields (a following host: the verified round)
+    health_extra: Callable[[], dict[str, Any]] = dict  # more /health fields (a follower's verified round)
     verifier: RequestVerifier = field(default_factory=RequestVerifier)
 
 

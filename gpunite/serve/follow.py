@@ -1,4 +1,4 @@
-"""A host that follows a swarm run: it serves the newest weights a majority of a round's block signers vouch for.
+"""A host that follows a swarm run: it serves the newest weights a majority of a round's signers vouch for.
 
 `gpunite host --join ADDRESS` joins the run's DHT as a follower (no heartbeat, no training, no roster seat),
 fetches the manifest and tokenizer like a joiner does, starts from round 0's weights (every peer builds them
@@ -90,13 +90,13 @@ def verify_round(blocks: Iterable[Block], run_id: str, round_index: int, prev_bl
                           f"of {len(signers)} signers")
     block = by_content[best]
     if prev_block is not None and block.prev != prev_block:
-        raise FollowError(f"round {round_index}'s majority block links to {block.prev[:12]}, not to the verified "
-                          f"block {prev_block[:12]} of round {round_index - 1}")
+        raise FollowError(f"round {round_index}'s majority block links to {block.prev[:12]}, not to the "
+                          f"verified block {prev_block[:12]} of round {round_index - 1}")
     return VerifiedRound(round_index, best, block.weights_hash, support, len(signers))
 
 
 def verified_from_ledger(records: Mapping[str, Any], run_id: str) -> VerifiedRound | None:
-    """The last round of the run's canonical chain (from genesis) whose every block has a majority of signers."""
+    """The last round of the run's canonical chain (from genesis) up to which every block has a majority."""
     from gpunite.ledger.chain import canonical_chain
 
     blocks_by_round: dict[int, list[Block]] = {}
@@ -124,7 +124,8 @@ def check_state(state: GlobalState, verified: VerifiedRound) -> None:
         raise FollowError(f"its weights {state.weights_hash[:12]} are not in a verified block (round "
                           f"{verified.round}'s majority signed {verified.weights_hash[:12]})")
     if state.tip is None or state.tip.block_hash != verified.block_hash:
-        raise FollowError(f"its chain tip is not round {verified.round}'s verified block {verified.block_hash[:12]}")
+        raise FollowError(f"its chain tip is not round {verified.round}'s verified block "
+                          f"{verified.block_hash[:12]}")
 
 
 class RunSource:
@@ -166,8 +167,8 @@ class RunSource:
         for beat in beats:
             try:
                 self._connect(beat)
-                self.node.run(sync_with(self.node._p2p, PeerID.from_base58(beat.p2p_id), self.ledger, timeout=30),
-                              timeout=120)
+                peer = PeerID.from_base58(beat.p2p_id)
+                self.node.run(sync_with(self.node._p2p, peer, self.ledger, timeout=30), timeout=120)
                 break
             except (GpuniteError, ValueError) as exc:
                 log.info("ledger sync with %s failed: %s", beat.peer_id[:12], exc)
@@ -183,7 +184,7 @@ class RunSource:
         return state_from_frame(header, body, self.layout, self.run_id)
 
     def _connect(self, beat: Heartbeat) -> None:
-        """Dial the peer's announced addresses, so the daemon can open a stream to it (as node.request does)."""
+        """Dial the peer's announced addresses so the daemon can reach it (as node.request does)."""
         from hivemind.p2p import PeerID
         from hivemind.utils.multiaddr import Multiaddr
 
@@ -197,7 +198,7 @@ class RunSource:
 
 
 class Follower:
-    """Keeps a Host on the run's newest verified weights: poll, verify, fetch, check, hot swap, re-announce."""
+    """Keeps a Host on the run's newest verified weights: poll, verify, fetch, check, hot-swap, announce."""
 
     def __init__(self, host: Host, source: RunSource, poll_s: float = 2.0, ledger_every_s: float = 30.0,
                  on_swap: Callable[[VerifiedRound], None] | None = None) -> None:
@@ -206,9 +207,9 @@ class Follower:
         self.poll_s = poll_s
         self.ledger_every_s = ledger_every_s
         self.on_swap = on_swap
-        self.verified: VerifiedRound | None = None  # what is served now; None: round 0's weights (manifest seed)
+        self.verified: VerifiedRound | None = None  # served now; None: round 0's weights (from the seed)
         self._ledger_read_at = float("-inf")
-        self._last_problem: str | None = None
+        self._problems_logged: set[str] = set()  # failures already logged since the last good poll
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gpunite-follow", daemon=True)
 
@@ -236,14 +237,15 @@ class Follower:
             swapped = self.poll()
         except GpuniteError as exc:
             message = str(exc)
-            if message != self._last_problem:
-                log.warning("%s; still serving %s, retrying every %g s", message, self._serving_text(), self.poll_s)
-            self._last_problem = message
+            if message not in self._problems_logged:  # polls repeat the same failure: say it once
+                self._problems_logged.add(message)
+                log.warning("%s; still serving %s, retrying every %g s", message, self._serving_text(),
+                            self.poll_s)
             return False
         except Exception:  # a bug in one poll must not stop the host from serving
             log.exception("following the run failed; still serving %s", self._serving_text())
             return False
-        self._last_problem = None
+        self._problems_logged.clear()
         return swapped
 
     def poll(self) -> bool:
@@ -287,7 +289,8 @@ class Follower:
         while next_round <= newest:
             try:
                 past = {beat.peer_id for beat in beats if beat.round > next_round}
-                verified = verify_round(self.source.blocks(next_round), self.source.run_id, next_round, prev, past)
+                blocks = self.source.blocks(next_round)
+                verified = verify_round(blocks, self.source.run_id, next_round, prev, past)
             except FollowError as exc:
                 log.debug("round %d not verified (yet): %s", next_round, exc)
                 break
@@ -295,7 +298,7 @@ class Follower:
         return verified
 
     def _extends(self, verified: VerifiedRound) -> bool:
-        """Whether the DHT still holds blocks of the round after the served one (blocks expire after a while)."""
+        """Whether the DHT still holds blocks of the round after the served one (blocks expire)."""
         return bool(self.source.blocks(verified.round + 1))
 
     def _anchor(self, beats: list[Heartbeat]) -> VerifiedRound | None:
@@ -308,13 +311,14 @@ class Follower:
     def swap(self, state: GlobalState, verified: VerifiedRound) -> None:
         provenance = {"round": verified.round, "block_hash": verified.block_hash, "signers": verified.signers,
                       "total_signers": verified.total_signers}
-        if state.weights_hash == self.host.weights_hash:  # a round that merged nothing: no pause for a no-op swap
+        if state.weights_hash == self.host.weights_hash:  # a round that merged nothing: no pause to swap
             self.host.provenance = provenance
         else:
             self.host.swap_weights(self.source.layout.named(state.weights), state.weights_hash,
                                    provenance=provenance)
         self.verified = verified
-        log.info("serving round %d weights %s (%s)", verified.round, verified.weights_hash[:12], verified.describe())
+        log.info("serving round %d weights %s (%s)", verified.round, verified.weights_hash[:12],
+                 verified.describe())
         if self.on_swap is not None:
             self.on_swap(verified)
 
@@ -351,7 +355,8 @@ def load_run_model(node: SwarmNode, manifest: Manifest, home: Path, device: str 
     tokenizer_path = StateSources(node, manifest.run_id, self_id).fetch_file(
         run_dir / "prepared", "tokenizer", manifest.data.tokenizer_hash or "")
     codec = TextCodec.from_tokenizers(Tokenizer.from_file(str(tokenizer_path)))
-    model = build_model(config_from_manifest(manifest), seed=manifest.run.seed)  # on the CPU: same bits everywhere
+    # built on the CPU, as the peers build it: the same seed gives the same bits there, not on every GPU
+    model = build_model(config_from_manifest(manifest), seed=manifest.run.seed)
     initial_hash = model_hash(model)
     model = model.to(pick_device(device))
     return ServedModel(model.eval(), codec, manifest.run.name, manifest, initial_hash)

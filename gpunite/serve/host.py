@@ -146,7 +146,7 @@ class Host:
             forward_flops_per_token=float(forward_flops_per_token(config, config.max_seq_len)),
             max_tokens_cap=max_tokens_cap,
         )
-        self.provenance: dict[str, Any] = {}  # where the served weights come from (a verified round), for /health
+        self.provenance: dict[str, Any] = {}  # where the served weights come from (shown by /health)
         self.settings.health_extra = lambda: dict(self.provenance)
         self.app = create_app(self.settings)
 
@@ -157,9 +157,8 @@ class Host:
 
     def swap_weights(self, state_dict: Mapping[str, torch.Tensor], weights_hash: str,
                      timeout_s: float | None = None, provenance: Mapping[str, Any] | None = None) -> None:
-        """Serve new verified weights: checks their hash, then swaps once in-flight requests finish (none dropped).
-
-        provenance (say, the verified round and its signers) is shown by /health once the new weights serve."""
+        """Serve new verified weights: checks their hash, then swaps once in-flight requests finish (none
+        dropped). provenance (say, the verified round and its signers) is shown by /health afterwards."""
         from gpunite.train.weights import weights_hash as hash_of
 
         actual = hash_of(state_dict)
@@ -171,8 +170,8 @@ class Host:
 
     def host_record(self, report: HardwareReport, user_name: str = "", team: str = "",
                     api_url: str | None = None) -> HostRecord:
-        """This host's signed record for the DHT: hardware measured by the probe and its capacity (sequences
-        decoded together), the weights it serves and where its API answers (api_url, when it announces itself)."""
+        """This host's signed record for the DHT: hardware measured by the probe, its capacity (sequences
+        decoded together), the weights it serves and where its API answers (api_url, when it announces)."""
         record = HostRecord(
             host_name=socket.gethostname()[:128], user_name=user_name, team=team,
             device=f"{report.device} ({report.device_name})"[:256], memory_gb=report.memory_gb,
@@ -220,7 +219,7 @@ class HostAnnouncement:
 
 
 def announce_host(node: Any, record: HostRecord, ttl_s: float = HOST_TTL_S) -> HostAnnouncement:
-    """Keep a signed host record in the DHT under HOSTS_KEY (republished every ttl/4 until the node closes)."""
+    """Keep a signed host record in the DHT under HOSTS_KEY ; `.update()` replaces it."""
     return HostAnnouncement(node, record, ttl_s)
 
 
