@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from gpunite.train.compression import (
-    ErrorFeedback, Int8Payload, compress, compress_int8, decompress, decompress_int8, payload_from_bytes,
-    payload_hash, payload_to_bytes, slice_payload,
+    COMPRESSIONS, ErrorFeedback, Int4Payload, Int8Payload, compress, compress_int4, compress_int8, decompress,
+    decompress_int4, decompress_int8, payload_from_bytes, payload_hash, payload_method, payload_to_bytes,
+    slice_payload,
 )
 from gpunite.train.weights import TensorPayloadError, to_safetensors_bytes
 
@@ -74,7 +75,7 @@ def test_hostile_bytes_are_rejected_with_one_line_errors():
 def test_slices_are_payloads_of_their_own():
     torch.manual_seed(1)
     vector = torch.randn(1000)
-    for method in ("int8", "none"):
+    for method in COMPRESSIONS:
         payload = compress(vector, method, 64)
         whole = decompress(payload)
         pieces = [(0, 384), (384, 960), (960, 1000)]
@@ -119,3 +120,111 @@ def test_empty_trailing_slice_is_allowed():
     empty = slice_payload(payload, 10, 10)
     assert empty.numel == 0 and empty.scales.numel() == 0
     assert decompress(payload_from_bytes(payload_to_bytes(empty), 0, 64)).numel() == 0
+
+
+def test_int4_round_trip_error_is_at_most_half_a_step_per_chunk():
+    torch.manual_seed(3)
+    vector = torch.randn(1001) * torch.linspace(0.01, 10, 1001)  # odd: the last byte holds one value
+    payload = compress_int4(vector, chunk=64)
+    assert payload.packed.dtype == torch.uint8 and payload.packed.numel() == 501
+    assert payload.scales.numel() == 16
+    restored = decompress_int4(payload)
+    step = payload.scales.repeat_interleave(64)[:1001]
+    assert bool(((restored - vector).abs() <= step / 2 + 1e-6).all())
+    # Each chunk's largest value maps to +-7, so its step is absmax / 7.
+    assert torch.equal(payload.scales * 7, torch.stack([c.abs().max() for c in vector.split(64)]))
+    # int4 is coarser than int8 and about half its size on the wire.
+    int8_error = (decompress_int8(compress_int8(vector, 64)) - vector).norm()
+    assert int8_error < (restored - vector).norm()
+    assert len(payload_to_bytes(payload)) < 0.6 * len(payload_to_bytes(compress_int8(vector, 64)))
+
+
+def test_int4_packing_is_the_documented_format():
+    vector = torch.tensor([7.0, -7.0, 0.0, 1.0, -3.0], dtype=torch.float32)
+    payload = compress_int4(vector, chunk=6)
+    assert float(payload.scales[0]) == 1.0
+    # q + 8: (15, 1), (8, 9), (5, padding 8); element 2i in the low nibble.
+    assert payload.packed.tolist() == [15 | 1 << 4, 8 | 9 << 4, 5 | 8 << 4]
+    assert torch.equal(decompress_int4(payload), vector)
+    zeros = compress_int4(torch.zeros(4), 4)
+    assert zeros.scales.tolist() == [0.0] and torch.equal(decompress_int4(zeros), torch.zeros(4))
+
+
+def test_int4_bytes_are_deterministic_across_processes_and_parse_back():
+    vector = torch.arange(-500, 501, dtype=torch.float32) / 7
+    data = payload_to_bytes(compress_int4(vector, 64))
+    code = (
+        "import torch; from gpunite.train.compression import *;"
+        "v = torch.arange(-500, 501, dtype=torch.float32) / 7;"
+        "print(payload_hash(payload_to_bytes(compress_int4(v, 64))))"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == payload_hash(data)
+    parsed = payload_from_bytes(data, expected_numel=1001, chunk=64, max_bytes=len(data), method="int4")
+    assert isinstance(parsed, Int4Payload)
+    assert torch.equal(decompress(parsed), decompress_int4(compress_int4(vector, 64)))
+    assert payload_hash(payload_to_bytes(parsed)) == payload_hash(data)
+
+
+def test_hostile_int4_bytes_are_rejected_with_one_line_errors():
+    good = payload_to_bytes(compress_int4(torch.randn(255), 64))  # 128 bytes, 4 scales
+    with pytest.raises(TensorPayloadError, match="expected"):
+        payload_from_bytes(good, expected_numel=257, chunk=64, method="int4")
+    with pytest.raises(TensorPayloadError, match="names differ"):  # an int4 payload is not an int8 one
+        payload_from_bytes(good, expected_numel=255, chunk=64, method="int8")
+    with pytest.raises(TensorPayloadError, match="more than"):
+        payload_from_bytes(good, expected_numel=255, chunk=64, max_bytes=100, method="int4")
+    with pytest.raises(TensorPayloadError, match="not valid"):
+        payload_from_bytes(good[:60], expected_numel=255, chunk=64, method="int4")
+    packed = torch.full((128,), 8 | 8 << 4, dtype=torch.uint8)
+    ones = torch.ones(4)
+
+    def parse(packed: torch.Tensor, scales: torch.Tensor, numel: int = 255, chunk: int = 64):
+        data = to_safetensors_bytes({"packed": packed, "scales": scales})
+        return payload_from_bytes(data, expected_numel=numel, chunk=chunk, method="int4")
+
+    assert torch.equal(decompress(parse(packed, ones)), torch.zeros(255))
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(TensorPayloadError, match="non-finite"):
+            parse(packed, torch.tensor([1.0, bad, 1.0, 1.0]))
+    with pytest.raises(TensorPayloadError, match="negative"):
+        parse(packed, torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    for low_or_high in (0x80, 0x08):  # a nibble 0 stands for -8, which the quantizer never writes
+        hostile = packed.clone()
+        hostile[5] = low_or_high
+        with pytest.raises(TensorPayloadError, match="nibble 0"):
+            parse(hostile, ones)
+    padding = packed.clone()
+    padding[-1] = 8 | 9 << 4
+    with pytest.raises(TensorPayloadError, match="padding"):
+        parse(padding, ones)
+    assert parse(padding, ones, numel=256).numel == 256  # with an even numel that nibble is a value
+    with pytest.raises(TensorPayloadError, match="expected"):
+        parse(packed.to(torch.int16), ones)
+    with pytest.raises(TensorPayloadError, match="expected"):
+        parse(packed[:127], ones)
+    with pytest.raises(TensorPayloadError, match="even chunk"):
+        compress_int4(torch.ones(10), 5)
+    with pytest.raises(TensorPayloadError, match="even chunk"):
+        parse(packed, torch.ones(3), chunk=85)
+
+
+def test_int4_slices_repack_their_last_byte():
+    torch.manual_seed(4)
+    vector = torch.randn(1000)
+    payload = compress_int4(vector, 64)
+    whole = decompress_int4(payload)
+    # A slice ending on an odd element gets a canonical padding nibble, so it parses back.
+    piece = slice_payload(compress_int4(vector[:999], 64), 64, 999)
+    assert piece.packed.numel() == 468 and int(piece.packed[-1]) >> 4 == 8
+    parsed = payload_from_bytes(payload_to_bytes(piece), 935, 64, method="int4")
+    assert torch.equal(decompress(parsed), decompress_int4(compress_int4(vector[:999], 64))[64:])
+    assert torch.equal(decompress(slice_payload(payload, 128, 256)), whole[128:256])
+
+
+def test_payload_method_names_every_compression_and_refuses_others():
+    assert [payload_method(name) for name in COMPRESSIONS] == ["int8", "int4", "none"]
+    with pytest.raises(TensorPayloadError, match="unknown compression 'int2'"):
+        payload_method("int2")
+    with pytest.raises(TensorPayloadError, match="unknown compression"):
+        payload_from_bytes(b"", 0, 64, method="top-k")
