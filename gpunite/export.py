@@ -1,4 +1,9 @@
-"""Hugging Face export of a checkpoint, and text generation from a checkpoint or an exported folder."""
+"""Hugging Face export of a checkpoint, and text generation from a checkpoint or an exported folder.
+
+A LoRA fine-tune checkpoint exports either as its adapter (peft's format: adapter_config.json and
+adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained onto the base) or, with merge, as a
+full model whose weights are base + alpha / r x B A, which any transformers user or `gpunite host` loads.
+"""
 
 from __future__ import annotations
 
@@ -34,14 +39,22 @@ def _eos_token(tokenizer) -> tuple[str, int] | None:
     return None
 
 
-def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a folder that transformers' AutoModelForCausalLM and AutoTokenizer load (safetensors weights)."""
+def export_hf(checkpoint_path: str | Path, out_dir: str | Path, merge: bool = False) -> Path:
+    """Write a folder that transformers' AutoModelForCausalLM and AutoTokenizer load (safetensors weights).
+
+    A LoRA fine-tune checkpoint gives its adapter folder (peft format, with the tokenizer), or with merge a
+    full model folder with the adapters merged into the base's weights.
+    """
     from tokenizers import Tokenizer
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
+    from transformers import GenerationConfig
 
     from gpunite.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
+    spec = checkpoint.model_config.finetune
+    has_adapters = spec is not None and spec.lora_rank > 0
+    if merge and not has_adapters:
+        raise ExportError(f"{checkpoint_path} has no LoRA adapters to merge; export it without --merge")
     if checkpoint.tokenizer_json is None:
         raise ExportError(
             f"{checkpoint_path} holds no tokenizer; export a checkpoint written by `gpunite train`"
@@ -57,20 +70,39 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model = model_from_checkpoint(checkpoint)
+    if has_adapters and merge:
+        from gpunite.train.lora import merged_model
+
+        model = merged_model(model)
+    elif has_adapters:
+        # peft records where the base lives; the adapter applies to exactly that base (its hash is checked
+        # when gpunite builds it, and noted here for other tools).
+        adapter_config = model.peft_config["default"]
+        adapter_config.base_model_name_or_path = spec.base
+        adapter_config.revision = spec.base_hash
+        # The embeddings never train under LoRA: nothing of them belongs in the adapter.
+        model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
+        _save_tokenizer(tokenizer, eos_token, checkpoint.model_config.max_seq_len, out_dir)
+        return out_dir
     # Documents are separated (not opened) by <|endoftext|>, so it serves as bos, eos and pad alike.
     model.config.bos_token_id = model.config.eos_token_id = model.config.pad_token_id = eos_id
     model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     model.save_pretrained(out_dir, safe_serialization=True)
+    _save_tokenizer(tokenizer, eos_token, checkpoint.model_config.max_seq_len, out_dir)
+    return out_dir
+
+
+def _save_tokenizer(tokenizer, eos_token: str, max_seq_len: int, out_dir: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
 
     hf_tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=eos_token,
         eos_token=eos_token,
         pad_token=eos_token,
-        model_max_length=checkpoint.model_config.max_seq_len,
+        model_max_length=max_seq_len,
     )
     hf_tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def load_for_generation(source: str | Path, device: str = "cpu") -> LoadedModel:
@@ -90,6 +122,10 @@ def load_for_generation(source: str | Path, device: str = "cpu") -> LoadedModel:
     tokenizer = Tokenizer.from_str(checkpoint.tokenizer_json)
     eos = _eos_token(tokenizer)
     model = model_from_checkpoint(checkpoint, device=device).eval()
+    from gpunite.train.lora import is_lora_model, merged_model
+
+    if is_lora_model(model):
+        model = merged_model(model)  # the same function, one matmul per layer fewer per token
     return LoadedModel(model, tokenizer, eos[1] if eos else None, checkpoint.model_config.max_seq_len)
 
 

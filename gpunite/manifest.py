@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpunite.errors import GpuniteError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,7 +33,8 @@ class RunSection(_Section):
 
 
 class ModelSection(_Section):
-    preset: str | None = Field("tiny", description="A preset name (tiny, small, 125m, 350m, 1b, 7b) or null.")
+    preset: str | None = Field(
+        "tiny", description="A preset name (tiny, small, 125m, 350m, 1b, 7b) or null; none for finetune runs.")
     hidden_size: int | None = Field(None, gt=0, description="Overrides the preset's width.")
     n_layers: int | None = Field(None, gt=0, description="Overrides the preset's depth.")
     n_heads: int | None = Field(None, gt=0)
@@ -41,7 +42,13 @@ class ModelSection(_Section):
     intermediate_size: int | None = Field(None, gt=0)
     max_seq_len: int | None = Field(None, gt=0)
     tie_embeddings: bool | None = None
-    base: str | None = Field(None, description="finetune: a gpunite checkpoint or Hugging Face folder.")
+    base: str | None = Field(
+        None, description="finetune: the base model, a gpunite checkpoint file or a Hugging Face (Llama) folder; "
+        "every peer needs it at this path (relative paths are from the manifest's folder). The preset and "
+        "the overrides above do not apply: the base decides the architecture.")
+    base_hash: str | None = Field(
+        None, description="finetune: weights hash of the base, filled in by `gpunite run init`; a peer whose "
+        "base differs refuses to start.")
 
 
 class DataSection(_Section):
@@ -119,14 +126,47 @@ class HostSection(_Section):
     max_batch: int = Field(8, gt=0)
 
 
+class LoraSection(_Section):
+    rank: int = Field(
+        8, ge=0, le=4096,
+        description="finetune: LoRA rank r; only the adapters train and travel. 0 trains every base weight "
+        "(full fine-tuning: the whole model travels each round).")
+    alpha: float = Field(16.0, gt=0, description="finetune: LoRA scale numerator (the update is alpha / rank x B A).")
+    dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="finetune: dropout on the adapter input; must stay 0 when proof.audit_fraction > 0, since "
+        "audit replays cannot reproduce dropout's random masks.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="finetune: Llama linear layers that get adapters (q_proj, k_proj, v_proj, o_proj, "
+        "gate_proj, up_proj, down_proj).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_targets(cls, targets: list[str]) -> list[str]:
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ValueError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(LORA_TARGETS)}")
+        if not targets or len(set(targets)) != len(targets):
+            raise ValueError("target_modules must list each layer once, at least one")
+        return targets
+
+
+# The linear layers of a Llama decoder block, by their transformers names.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ARCHITECTURE_KEYS = ("hidden_size", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "max_seq_len",
+                      "tie_embeddings")
+
+
 class Manifest(_Section):
     run: RunSection = Field(default_factory=RunSection)
-    model: ModelSection = Field(default_factory=ModelSection)
-    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection, validate_default=True)  # finetune checks
+    data: DataSection = Field(default_factory=DataSection, validate_default=True)  # finetune checks
     train: TrainSection = Field(default_factory=TrainSection)
     proof: ProofSection = Field(default_factory=ProofSection)
     credit: CreditSection = Field(default_factory=CreditSection)
     host: HostSection = Field(default_factory=HostSection)
+    lora: LoraSection = Field(default_factory=LoraSection, validate_default=True)  # finetune checks
 
     # Where the manifest was read from; not part of the run's identity.
     _path: Path | None = None
@@ -148,6 +188,43 @@ class Manifest(_Section):
     @property
     def base_dir(self) -> Path:
         return self._path.parent if self._path else Path.cwd()
+
+    @field_validator("model")
+    @classmethod
+    def _check_finetune_model(cls, model: ModelSection, info: ValidationInfo) -> ModelSection:
+        run = info.data.get("run")
+        kind = run.kind if run is not None else "pretrain"
+        if kind == "finetune":
+            if not model.base:
+                raise ValueError('a finetune run needs base = a gpunite checkpoint or Hugging Face folder '
+                                 '(`gpunite run init --kind finetune --base PATH` fills it in)')
+            overridden = [key for key in _ARCHITECTURE_KEYS if getattr(model, key) is not None]
+            if model.preset is not None and "preset" in model.model_fields_set:
+                overridden.insert(0, "preset")
+            if overridden:
+                raise ValueError(f"{overridden[0]} does not apply to a finetune run (the base decides the "
+                                 "architecture); remove it")
+            model.preset = None  # the default preset names no model here
+        elif model.base or model.base_hash:
+            raise ValueError(f'base is for finetune runs; set run.kind = "finetune" or remove it (kind is {kind})')
+        return model
+
+    @field_validator("data")
+    @classmethod
+    def _check_finetune_data(cls, data: DataSection, info: ValidationInfo) -> DataSection:
+        run = info.data.get("run")
+        if run is not None and run.kind == "finetune" and data.tokenizer:
+            raise ValueError("a finetune run uses its base's tokenizer; leave tokenizer empty")
+        return data
+
+    @field_validator("lora")
+    @classmethod
+    def _check_lora(cls, lora: LoraSection, info: ValidationInfo) -> LoraSection:
+        proof = info.data.get("proof")
+        if lora.dropout > 0 and proof is not None and proof.audit_fraction > 0:
+            raise ValueError(f"dropout must be 0 when proof.audit_fraction > 0 (audit replays cannot reproduce "
+                             f"dropout masks), got {lora.dropout}")
+        return lora
 
     @property
     def prepared_path(self) -> Path:
@@ -212,7 +289,7 @@ def _describe(err: dict[str, Any]) -> str:
         return "missing key"
     msg = err.get("msg", "invalid value")
     msg = msg.removeprefix("Value error, ")
-    if got is not None and not isinstance(got, (dict, list)):
+    if got is not None and not isinstance(got, (dict, list, BaseModel)):
         return f"{msg}, got {got!r}"
     return msg
 

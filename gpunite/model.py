@@ -1,4 +1,10 @@
-"""Model presets, building a Llama-architecture decoder from a manifest, exact parameter and FLOP counts."""
+"""Model presets, building a Llama-architecture decoder from a manifest, exact parameter and FLOP counts.
+
+A fine-tuning run's ModelConfig is its base's architecture plus a `FinetuneSpec` (the base, its hash, the LoRA
+settings): `build_model` then loads the base and wraps it with LoRA adapters (gpunite.train.lora), so every
+place that builds the run's model from its config (the peer, local training, audit replays, checkpoint
+loading) builds the same trainable model, and only its trainable parameters travel.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,18 @@ class ModelError(GpuniteError, ValueError):
 
 
 @dataclass(frozen=True)
+class FinetuneSpec:
+    """What a fine-tuning run adds to its base's architecture (lora_rank 0: every base weight trains)."""
+
+    base: str  # absolute path of a gpunite checkpoint file or a Hugging Face folder
+    base_hash: str | None  # weights hash the base must have (None: not checked)
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -30,6 +48,7 @@ class ModelConfig:
     tie_embeddings: bool
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    finetune: FinetuneSpec | None = None
 
     @property
     def head_dim(self) -> int:
@@ -57,6 +76,8 @@ PRESETS: dict[str, ModelConfig] = {
 
 def config_from_manifest(manifest: Manifest) -> ModelConfig:
     """The model a manifest describes: its preset, its explicit overrides, and the data's vocab size."""
+    if manifest.run.kind == "finetune":
+        return _finetune_config(manifest)
     section = manifest.model
     if section.preset is not None and section.preset not in PRESETS:
         raise ModelError(f"unknown model preset {section.preset!r}; choose one of {', '.join(PRESETS)}")
@@ -76,8 +97,29 @@ def config_from_manifest(manifest: Manifest) -> ModelConfig:
     return config
 
 
-def param_count(config: ModelConfig) -> int:
-    """Exact number of parameters of the built model."""
+def _finetune_config(manifest: Manifest) -> ModelConfig:
+    from gpunite.train.lora import base_model_config, resolve_base
+
+    base = resolve_base(manifest)
+    config = base_model_config(base)
+    lora = manifest.lora
+    spec = FinetuneSpec(str(base), manifest.model.base_hash, lora.rank, lora.alpha, lora.dropout,
+                        tuple(lora.target_modules))
+    if config.max_seq_len < manifest.data.seq_len:
+        raise ModelError(f"data.seq_len {manifest.data.seq_len} is longer than the base's context "
+                         f"({config.max_seq_len} tokens); lower data.seq_len")
+    return replace(config, finetune=spec)
+
+
+def _linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of one decoder block, by its transformers name."""
+    d, kv, inner = config.hidden_size, config.n_kv_heads * config.head_dim, config.intermediate_size
+    return {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+            "gate_proj": (d, inner), "up_proj": (d, inner), "down_proj": (inner, d)}
+
+
+def base_param_count(config: ModelConfig) -> int:
+    """Exact number of parameters of the plain decoder (a fine-tuning run's base, without adapters)."""
     d, kv = config.hidden_size, config.n_kv_heads * config.head_dim
     attention = d * d * 2 + d * kv * 2  # q, o and k, v projections (no biases)
     mlp = 3 * d * config.intermediate_size
@@ -86,21 +128,52 @@ def param_count(config: ModelConfig) -> int:
     return config.n_layers * (attention + mlp + norms) + d + embeddings
 
 
+def adapter_param_count(config: ModelConfig) -> int:
+    """Parameters the LoRA adapters add: r x (in + out) per adapted linear layer (0 without adapters)."""
+    spec = config.finetune
+    if spec is None or spec.lora_rank == 0:
+        return 0
+    shapes = _linear_shapes(config)
+    per_block = sum(spec.lora_rank * (shapes[name][0] + shapes[name][1]) for name in spec.lora_targets)
+    return config.n_layers * per_block
+
+
+def param_count(config: ModelConfig) -> int:
+    """Exact number of parameters of the built model (a LoRA model counts its base and its adapters)."""
+    return base_param_count(config) + adapter_param_count(config)
+
+
+def trainable_param_count(config: ModelConfig) -> int:
+    """Parameters that train and travel each round: the adapters of a LoRA run, else every weight."""
+    if config.finetune is not None and config.finetune.lora_rank > 0:
+        return adapter_param_count(config)
+    return param_count(config)
+
+
 def matmul_param_count(config: ModelConfig) -> int:
     """Parameters that take part in a matrix multiply per token (the input embedding lookup does not)."""
     d = config.hidden_size
     untied_input_embedding = 0 if config.tie_embeddings else config.vocab_size * d
-    return param_count(config) - untied_input_embedding
+    return base_param_count(config) - untied_input_embedding
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token: 6 N for the weights plus 12 L d T for attention scores and values."""
-    return 6 * matmul_param_count(config) + 12 * config.n_layers * config.hidden_size * seq_len
+    """Training FLOPs per token: 6 N for the weights plus 12 L d T for attention scores and values.
+
+    With LoRA adapters the frozen weights cost 4 N (forward, and the backward pass's activation gradients;
+    they get no weight gradients) and the adapters 6 N_adapter.
+    """
+    attention = 12 * config.n_layers * config.hidden_size * seq_len
+    adapters = adapter_param_count(config)
+    if adapters:
+        return 4 * matmul_param_count(config) + 6 * adapters + attention
+    return 6 * matmul_param_count(config) + attention
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> int:
-    """Inference (forward only) FLOPs per token: one third of training."""
-    return flops_per_token(config, seq_len) // 3
+    """Inference (forward only) FLOPs per token: 2 per matmul weight (adapters included) plus attention."""
+    weights = matmul_param_count(config) + adapter_param_count(config)
+    return 2 * weights + 4 * config.n_layers * config.hidden_size * seq_len
 
 
 def hf_config(config: ModelConfig):
@@ -131,6 +204,10 @@ def build_model(config: ModelConfig, seed: int = 0, device: str | torch.device =
     from transformers import LlamaForCausalLM
 
     config.validate()
+    if config.finetune is not None:
+        from gpunite.train.lora import build_finetune_model
+
+        return build_finetune_model(config, seed=seed, device=device)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -146,4 +223,8 @@ def config_to_dict(config: ModelConfig) -> dict:
 
 
 def config_from_dict(data: dict) -> ModelConfig:
-    return ModelConfig(**data)
+    data = dict(data)
+    spec = data.pop("finetune", None)
+    if spec is not None:
+        spec = FinetuneSpec(**{**spec, "lora_targets": tuple(spec["lora_targets"])})
+    return ModelConfig(**data, finetune=spec)

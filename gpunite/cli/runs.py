@@ -21,12 +21,16 @@ def init(
     output: Path = typer.Option(Path("run.toml"), "-o", "--output", help="Where to write the manifest."),
     name: Optional[str] = typer.Option(None, help="Run name (default: from the output file name)."),
     kind: str = typer.Option("pretrain", help="pretrain, finetune or serve."),
-    base: Optional[str] = typer.Option(None, help="finetune: base checkpoint or Hugging Face folder."),
+    base: Optional[Path] = typer.Option(
+        None, help="finetune: the base model, a gpunite checkpoint file or a Hugging Face (Llama) folder; "
+        "its architecture, tokenizer and weights hash go into the manifest."),
+    lora_rank: Optional[int] = typer.Option(
+        None, "--lora-rank", help="finetune: LoRA rank (default 8); 0 fine-tunes every weight."),
     seed: int = typer.Option(1234, help="Seed for weights, data order and work units."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing manifest."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Write a complete run manifest with documented defaults."""
+    """Write a complete run manifest with documented defaults (--kind finetune: its [lora] section too)."""
     from gpunite.manifest import ManifestError, load_manifest, parse_manifest
 
     if output.exists() and not force:
@@ -36,7 +40,10 @@ def init(
     manifest.run.kind = kind  # validated on assignment
     manifest.run.seed = seed
     manifest.model.preset = preset
-    manifest.model.base = base
+    if kind == "finetune":
+        _set_finetune_base(manifest, base, lora_rank)
+    elif base is not None or lora_rank is not None:
+        raise ManifestError("--base and --lora-rank are for --kind finetune")
     if data:
         out_dir = output.resolve().parent
         manifest.data.sources = [_relative_to(Path(d).resolve(), out_dir) for d in data]
@@ -45,14 +52,38 @@ def init(
         raise ManifestError("internal: rendered manifest does not read back identically")
     manifest.save(output)
     manifest = load_manifest(output)
-    from gpunite.model import config_from_manifest, param_count
+    from gpunite.model import config_from_manifest, param_count, trainable_param_count
 
-    params = param_count(config_from_manifest(manifest))
+    config = config_from_manifest(manifest)
+    params, trainable = param_count(config), trainable_param_count(config)
     if as_json:
-        print_json({"path": str(output), "run_id": manifest.run_id, "params": params})
+        print_json({"path": str(output), "run_id": manifest.run_id, "params": params,
+                    "trainable_params": trainable})
     else:
-        console.print(f"wrote [bold]{output}[/] (run id {manifest.run_id[:16]}, {params / 1e6:.1f}M parameters)")
+        trains = f", {trainable / 1e6:.2f}M of them train" if trainable != params else ""
+        console.print(f"wrote [bold]{output}[/] (run id {manifest.run_id[:16]}, "
+                      f"{params / 1e6:.1f}M parameters{trains})")
         console.print(f"next: [bold]gpunite data prepare {output}[/]")
+
+
+def _set_finetune_base(manifest, base: Path | None, lora_rank: int | None) -> None:
+    """Point a finetune manifest at its base: absolute path, weights hash, the base's vocabulary size."""
+    from gpunite.manifest import ManifestError
+    from gpunite.train.lora import base_model_config, base_weights_hash
+
+    if base is None:
+        raise ManifestError("--kind finetune needs --base PATH (a gpunite checkpoint or Hugging Face folder)")
+    base = base.expanduser().resolve()
+    if not base.exists():
+        raise ManifestError(f"--base {base}: no such file or folder")
+    config = base_model_config(base)
+    manifest.model.preset = None
+    manifest.model.base = str(base)  # absolute: a joiner reads the manifest from its own run folder
+    manifest.model.base_hash = base_weights_hash(base)
+    manifest.data.vocab_size = config.vocab_size
+    manifest.data.seq_len = min(manifest.data.seq_len, config.max_seq_len)
+    if lora_rank is not None:
+        manifest.lora.rank = lora_rank
 
 
 @run_app.command("show")
@@ -62,7 +93,7 @@ def show(
 ) -> None:
     """Validate a manifest and print its run id and model size."""
     from gpunite.manifest import load_manifest
-    from gpunite.model import config_from_manifest, flops_per_token, param_count
+    from gpunite.model import config_from_manifest, flops_per_token, param_count, trainable_param_count
 
     manifest = load_manifest(manifest_path)
     config = config_from_manifest(manifest)
@@ -71,6 +102,7 @@ def show(
         "name": manifest.run.name,
         "kind": manifest.run.kind,
         "params": param_count(config),
+        "trainable_params": trainable_param_count(config),
         "flops_per_token": flops_per_token(config, manifest.data.seq_len),
         "sources": manifest.data.sources,
     }

@@ -117,18 +117,28 @@ def doctor(
 
 
 def export(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `gpunite train`."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `gpunite train` or a swarm peer."),
     hf: Path = typer.Option(..., "--hf", help="Output folder in Hugging Face format."),
+    merge: bool = typer.Option(
+        False, "--merge", help="LoRA fine-tunes: write the full model with the adapters merged in "
+        "(default: the adapter alone, in peft's format)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Export a checkpoint as a Hugging Face model folder (config, safetensors weights, tokenizer)."""
+    """Export a checkpoint as a Hugging Face folder (config, safetensors weights, tokenizer) or adapter."""
     from gpunite.export import export_hf
 
-    folder = export_hf(checkpoint, hf)
+    folder = export_hf(checkpoint, hf, merge=merge)
+    adapter = (folder / "adapter_config.json").is_file()
     if as_json:
-        print_json({"path": str(folder), "files": sorted(p.name for p in folder.iterdir())})
+        print_json({"path": str(folder), "kind": "adapter" if adapter else "model",
+                    "files": sorted(p.name for p in folder.iterdir())})
         return
-    console.print(f"wrote [bold]{folder}[/]: load it with transformers' AutoModelForCausalLM.from_pretrained")
+    if adapter:
+        console.print(f"wrote the LoRA adapter to [bold]{folder}[/]: load it onto its base with "
+                      "peft.PeftModel.from_pretrained, or export with --merge for a full model")
+    else:
+        console.print(f"wrote [bold]{folder}[/]: load it with transformers' "
+                      f"AutoModelForCausalLM.from_pretrained or serve it with `gpunite host {folder}`")
 
 
 def generate(

@@ -86,8 +86,15 @@ class PrepareResult:
 
 
 def build_tokenizer(manifest: Manifest, skip_bad_lines: bool = False) -> RunTokenizer:
-    """The run's tokenizer: data.tokenizer if set, else a byte-level BPE trained on a sample of the data."""
+    """The run's tokenizer: a finetune run's base's, else data.tokenizer if set, else a byte-level BPE trained
+    on a sample of the data."""
     data = manifest.data
+    if manifest.run.kind == "finetune" and manifest.model.base:
+        from gpunite.data.finetune import base_path, base_tokenizer_bytes
+        from gpunite.data.tokenizer import tokenizer_from_bytes
+
+        base = base_path(manifest.model.base, manifest.base_dir)
+        return tokenizer_from_bytes(base_tokenizer_bytes(base), f"the tokenizer of {base}")
     if data.tokenizer:
         return load_tokenizer_file(resolve_source(manifest, data.tokenizer))
     sources = [resolve_source(manifest, source) for source in data.sources]
@@ -133,7 +140,13 @@ def prepare_dataset(
     dtype = token_dtype(data.vocab_size)
     writer = ShardWriter(prepared_dir, data.shard_tokens, dtype)
     documents = iter_sources(
-        sources, data.text_field, data.pile_subsets, skip_bad_lines, stats, data.max_builtin_mb
+        sources,
+        data.text_field,
+        data.pile_subsets,
+        skip_bad_lines,
+        stats,
+        data.max_builtin_mb,
+        finetune=manifest.run.kind == "finetune",
     )
     # closing(): on an error here the reader thread stops now, not when the traceback is collected.
     with closing(encode_documents(run_tokenizer, documents)) as encoded:

@@ -14,6 +14,9 @@ Formats:
 - a folder: every ``.jsonl.zst``, ``.jsonl`` and ``.txt`` file below it (hidden ones skipped), sorted by path.
 - ``builtin:python-docs``: see :mod:`gpunite.data.builtin`.
 
+With ``finetune`` (a run of kind finetune), a JSON line may also be a prompt/completion or chat record; see
+:mod:`gpunite.data.finetune` for how it becomes a document.
+
 The pile subset filter applies to every JSON record: with ``pile_subsets`` set, only records whose
 ``meta.pile_set_name`` is listed are kept (others are counted as filtered).
 """
@@ -95,10 +98,13 @@ def iter_sources(
     skip_bad_lines: bool = False,
     stats: ReadStats | None = None,
     max_builtin_mb: float = 8.0,
+    finetune: bool = False,
 ) -> Iterator[str]:
     """Documents of several sources, one source after the other."""
     for source in sources:
-        yield from iter_documents(source, text_field, pile_subsets, skip_bad_lines, stats, max_builtin_mb)
+        yield from iter_documents(
+            source, text_field, pile_subsets, skip_bad_lines, stats, max_builtin_mb, finetune
+        )
 
 
 def iter_documents(
@@ -108,6 +114,7 @@ def iter_documents(
     skip_bad_lines: bool = False,
     stats: ReadStats | None = None,
     max_builtin_mb: float = 8.0,
+    finetune: bool = False,
 ) -> Iterator[str]:
     """Yield the non-empty document texts of one source: a corpus file, a folder of them, or a builtin corpus.
 
@@ -138,11 +145,16 @@ def iter_documents(
         raise DataError(f"{path}: no such file or folder; fix data.sources in the manifest")
     for file in files:
         stats.files += 1
-        yield from _iter_file(file, text_field, subsets, skip_bad_lines, stats)
+        yield from _iter_file(file, text_field, subsets, skip_bad_lines, stats, finetune)
 
 
 def _iter_file(
-    path: Path, text_field: str, subsets: frozenset[str], skip_bad_lines: bool, stats: ReadStats
+    path: Path,
+    text_field: str,
+    subsets: frozenset[str],
+    skip_bad_lines: bool,
+    stats: ReadStats,
+    finetune: bool = False,
 ) -> Iterator[str]:
     kind = source_kind(path)
     if kind == ".txt":
@@ -152,7 +164,9 @@ def _iter_file(
     lines = _LineSplitter(chunks)
     try:
         for line_number, line in lines:
-            text = _record_text(path, line_number, line, text_field, subsets, skip_bad_lines, stats)
+            text = _record_text(
+                path, line_number, line, text_field, subsets, skip_bad_lines, stats, finetune
+            )
             if text:
                 stats.documents += 1
                 yield text
@@ -258,12 +272,13 @@ def _record_text(
     subsets: frozenset[str],
     skip_bad_lines: bool,
     stats: ReadStats,
+    finetune: bool = False,
 ) -> str | None:
     """The text of one JSON line, None for a blank, filtered or skipped line; DataError for a bad one."""
     if not line.strip():
         return None
     try:
-        record, text, n_bytes = _parse_record(line, text_field)
+        record, text, n_bytes = _parse_record(line, text_field, finetune)
     except _BadLine as bad:
         where = f"{path}:{line_number}"
         if skip_bad_lines:
@@ -280,7 +295,7 @@ def _record_text(
     return text
 
 
-def _parse_record(line: bytes, text_field: str) -> tuple[dict, str, int]:
+def _parse_record(line: bytes, text_field: str, finetune: bool = False) -> tuple[dict, str, int]:
     """(record, its text, the text's UTF-8 size) of a JSON line; _BadLine says what is wrong with it."""
     try:
         decoded = line.decode("utf-8")
@@ -292,11 +307,19 @@ def _parse_record(line: bytes, text_field: str) -> tuple[dict, str, int]:
         raise _BadLine(f"bad JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(record, dict):
         raise _BadLine(f"expected a JSON object, got {type(record).__name__}")
-    if text_field not in record:
+    if finetune:
+        from gpunite.data.finetune import FinetuneRecordError, finetune_text
+
+        try:
+            text = finetune_text(record, text_field)
+        except FinetuneRecordError as exc:
+            raise _BadLine(str(exc)) from None
+    elif text_field not in record:
         raise _BadLine(f"no {text_field!r} field")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise _BadLine(f"field {text_field!r} must be a string, got {type(text).__name__}")
+    else:
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise _BadLine(f"field {text_field!r} must be a string, got {type(text).__name__}")
     try:
         n_bytes = len(text.encode("utf-8"))
     except UnicodeEncodeError:

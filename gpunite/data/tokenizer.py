@@ -73,6 +73,18 @@ def load_tokenizer_file(path: str | Path) -> RunTokenizer:
     return _run_tokenizer(tokenizer, json_bytes, str(path))
 
 
+def tokenizer_from_bytes(json_bytes: bytes, name: str) -> RunTokenizer:
+    """A tokenizer from tokenizer.json bytes (a fine-tuning base's), kept byte for byte."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_str(json_bytes.decode("utf-8"))
+    except Exception as exc:  # the library raises a bare Exception for a malformed file
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{name} is not a valid tokenizer.json ({first_line})") from None
+    return _run_tokenizer(tokenizer, json_bytes, name)
+
+
 def _run_tokenizer(tokenizer, json_bytes: bytes, name: str) -> RunTokenizer:
     for token in EOS_CANDIDATES:
         token_id = tokenizer.token_to_id(token)

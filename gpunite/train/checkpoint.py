@@ -45,8 +45,19 @@ class Checkpoint:
 
 
 def model_config_of(model: torch.nn.Module) -> ModelConfig:
-    """Our ModelConfig for a built Llama model (the inverse of gpunite.model.hf_config)."""
-    hf = model.config
+    """Our ModelConfig for a built Llama model (the inverse of gpunite.model.hf_config).
+
+    A fine-tuning model carries the config it was built from (its base and LoRA settings are not in the
+    transformers config).
+    """
+    built_from = getattr(model, "gpunite_config", None)
+    if isinstance(built_from, ModelConfig):
+        return built_from
+    return model_config_from_hf(model.config)
+
+
+def model_config_from_hf(hf: Any) -> ModelConfig:
+    """Our ModelConfig for a transformers LlamaConfig."""
     return ModelConfig(
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
