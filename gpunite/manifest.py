@@ -85,8 +85,9 @@ class TrainSection(_Section):
         "1.4 without momentum measured best (benchmarks/diloco_quality.py).")
     outer_momentum: float = Field(0.0, ge=0, lt=1, description="Outer Nesterov momentum (DiLoCo: 0.9).")
     nesterov: bool = True
-    compression: Literal["int8", "none"] = "int8"
-    compression_chunk: int = Field(4096, ge=64, description="Elements per absmax chunk.")
+    compression: Literal["int8", "int4", "none"] = Field(
+        "int8", description="Pseudo-gradient payloads: int8 or int4 (packed) per-chunk absmax, or fp32.")
+    compression_chunk: int = Field(4096, ge=64, description="Elements per absmax chunk (even for int4).")
     error_feedback: bool = Field(
         False, description="Carry quantization error into the next round (off: audits check base - delta "
         "against the trail).")
@@ -97,6 +98,13 @@ class TrainSection(_Section):
     overlap: bool = Field(
         True, description="Train round r + 1 while round r's exchange runs: its steps start from the newest "
         "global weights and its pseudo-gradient lands one round late (a one-round-delayed outer step).")
+
+    @field_validator("compression_chunk")
+    @classmethod
+    def _check_chunk(cls, chunk: int, info: ValidationInfo) -> int:
+        if info.data.get("compression") == "int4" and chunk % 2:
+            raise ValueError("int4 packs two values per byte, so compression_chunk must be even")
+        return chunk
 
 
 class ProofSection(_Section):
