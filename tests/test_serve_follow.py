@@ -193,6 +193,15 @@ def test_a_follower_refuses_a_state_that_is_not_the_verified_one_and_keeps_servi
             assert "refused the global state of peer" in caplog.text
             assert "not in a verified block" in caplog.text
             assert host.weights_hash == model_hash(model) and follower.verified is None
+            # a peer already past the newest verified round is not lying: nothing is swapped, nothing warned
+            ahead_tip = block(PEERS[0], 1, new_hash, prev=signed[0].block_hash)
+            ahead = FixedSource(layout, GlobalState(2, new_weights, None, {}, ahead_tip, None, new_hash), signed,
+                                peer_round=1)
+            follower.source = ahead
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="gpunite.serve.follow"):
+                assert follower.poll_logged() is False
+            assert ahead.fetched == 1 and not caplog.text and host.weights_hash == model_hash(model)
             # the honest state of the same round is served, and /health-facing provenance names the round
             honest_state = GlobalState(1, new_weights, None, {}, signed[0], None, new_hash)
             honest = FixedSource(layout, honest_state, signed, peer_round=1)

@@ -1,11 +1,13 @@
 """A host that follows a swarm run: it serves the newest weights a majority of a round's signers vouch for.
 
 `gpunite host --join ADDRESS` joins the run's DHT as a follower (no heartbeat, no training, no roster seat),
-fetches the manifest and tokenizer like a joiner does, starts from round 0's weights (every peer builds them
-from the manifest seed, so the host checks them itself), then polls. A round's weights are accepted only when:
+fetches the manifest and tokenizer like a joiner does, starts from round 0's weights (built from the manifest
+seed, as every peer builds them: no one needs to be trusted for those), then polls. A round's weights are
+accepted only when:
 
-1. a block of that round, for this run, is signed by more than half of the distinct peers that signed any
-   block of that round (a peer that signed two contents counts for neither), and
+1. a block of that round, for this run, is signed by more than half of the round's signers: the distinct
+   peers that signed any block of it, plus live peers whose heartbeat says they are past it (their blocks
+   may still be on the way); a peer that signed two contents counts for neither, and
 2. that block links (its `prev`) to the block the host verified for the round before, so one peer that
    claims a far-off round with a block it signed alone cannot take the host over. The first link comes
    from the ledger: the host syncs its ledger with a live peer (anti-entropy, as peers do) and walks the
@@ -16,7 +18,8 @@ Then it fetches the global state from a peer (hash-checked by `state_from_frame`
 weights hash and chain tip are the verified block's; otherwise the state is refused and logged, and the
 next peer is tried. The swap goes through `Host.swap_weights`: requests in flight finish on the old weights,
 none is dropped. After each swap the signed host record in the DHT names the new weights. When no peer
-answers, the host keeps serving what it has and retries at the next poll.
+answers, the host keeps serving what it has and retries at the next poll. A peer that claims to be past a
+round it never signed (rule 1 counts it) can delay verification, never make the host serve other weights.
 """
 
 from __future__ import annotations
@@ -223,8 +226,9 @@ class Follower:
         return self
 
     def stop(self) -> None:
+        """Stop polling; a fetch under way is abandoned (a daemon thread; the node closes next)."""
         self._stop.set()
-        self._thread.join(timeout=self.source.state_timeout_s + 30)
+        self._thread.join(timeout=5)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -267,6 +271,9 @@ class Follower:
                 state = self.source.fetch_state(beat)
                 if state.round - 1 > target.round:  # it moved on since its heartbeat: verify its round too
                     target = self.verify_up_to(state.round - 1, beats) or target
+                    if state.round - 1 > target.round:  # its newest block is not verified yet: not a lie
+                        log.debug("peer %s is past the verified round %d", beat.peer_id[:12], target.round)
+                        continue
                 check_state(state, target)
             except GpuniteError as exc:
                 log.warning("refused the global state of peer %s: %s", beat.peer_id[:12], exc)
@@ -274,8 +281,10 @@ class Follower:
                 continue
             self.swap(state, target)
             return True
+        if not problems:
+            return False  # the peers that hold round target.round moved on; the next poll verifies theirs
         raise FollowError(f"no peer served the verified weights of round {target.round} "
-                          f"({'; '.join(problems)[:300] or 'none is that far yet'})")
+                          f"({'; '.join(problems)[:300]})")
 
     def verify_up_to(self, newest: int, beats: list[Heartbeat]) -> VerifiedRound | None:
         """The newest verified round up to `newest`, walking block by block from the served one."""
