@@ -193,10 +193,10 @@ def test_a_follower_refuses_a_state_that_is_not_the_verified_one_and_keeps_servi
             assert "refused the global state of peer" in caplog.text
             assert "not in a verified block" in caplog.text
             assert host.weights_hash == model_hash(model) and follower.verified is None
-            # a peer already past the newest verified round is not lying: nothing is swapped, nothing warned
+            # a peer past the newest verified round is not lying: nothing is swapped, nothing warned
             ahead_tip = block(PEERS[0], 1, new_hash, prev=signed[0].block_hash)
-            ahead = FixedSource(layout, GlobalState(2, new_weights, None, {}, ahead_tip, None, new_hash), signed,
-                                peer_round=1)
+            ahead_state = GlobalState(2, new_weights, None, {}, ahead_tip, None, new_hash)
+            ahead = FixedSource(layout, ahead_state, signed, peer_round=1)
             follower.source = ahead
             caplog.clear()
             with caplog.at_level(logging.WARNING, logger="gpunite.serve.follow"):
