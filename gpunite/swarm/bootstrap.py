@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gpunite.errors import GpuniteError
 from gpunite.identity import Identity, RecordError
@@ -37,6 +37,7 @@ from gpunite.swarm.state_sync import StateSyncError, fetch_file, max_state_bytes
 
 log = logging.getLogger("gpunite.swarm.bootstrap")
 ANNOUNCE_TTL_S = 3600.0
+T = TypeVar("T")
 
 
 def manifest_from_announcement(announcement: RunAnnouncement) -> Manifest:
@@ -103,6 +104,7 @@ def start_run(manifest_path: Path, config: PeerConfig, host: str = "127.0.0.1", 
     node = SwarmNode(host=host, port=port).start()
     try:
         peer = Peer(manifest, manifest.prepared_path, identity, node, config, on_record=on_record)
+        link_prepared(peer.run_dir, manifest.prepared_path)
         keep_announcing(node, identity, manifest)
         peer.serve()
         log.info("started run %s (%s) as peer %s; join with: gpunite join %s", manifest.run_id[:12],
@@ -120,6 +122,21 @@ def start_run(manifest_path: Path, config: PeerConfig, host: str = "127.0.0.1", 
     except BaseException:
         node.close()
         raise
+
+
+def link_prepared(run_dir: Path, prepared_path: Path) -> None:
+    """Point HOME/runs/<run>/prepared (where a joiner keeps the run's data) at the starter's prepared data.
+
+    The first peer holds every shard; if it crashes and comes back through `gpunite join` with the same home,
+    it must still serve them all, not only the ones it fetches again: other peers fetch theirs lazily.
+    """
+    link = run_dir / "prepared"
+    if link.exists() or link.is_symlink() or link.resolve() == prepared_path.resolve():
+        return
+    try:
+        link.symlink_to(prepared_path.resolve(), target_is_directory=True)
+    except OSError as exc:  # no symlinks here: a restart then fetches the data again, as any joiner does
+        log.warning("could not link %s to the prepared data %s: %s", link, prepared_path, exc)
 
 
 def wait_for_peers(peer: Peer, wait_peers: int, wait_peers_s: float) -> list[RosterEntry]:
@@ -193,10 +210,11 @@ def join_run(address: str, config: PeerConfig, run_id: str | None = None, host: 
 class StateSources:
     """Live peers of a run to fetch files and global state from, best (latest round) first."""
 
-    def __init__(self, node: SwarmNode, run_id: str, self_id: str) -> None:
+    def __init__(self, node: SwarmNode, run_id: str, self_id: str, patience_s: float = 90.0) -> None:
         from gpunite.swarm.membership import parse_heartbeat
 
         self.node, self.run_id, self.self_id = node, run_id, self_id
+        self.patience_s = patience_s
         self._parse = parse_heartbeat
         self._cached: tuple[float, list[Any]] = (0.0, [])
 
@@ -209,7 +227,9 @@ class StateSources:
             live = [hb for pid, hb in beats.items()
                     if pid != self.self_id and hb.run_id == self.run_id and now - hb.time < 30]
             if live:
-                self._cached = (now, sorted(live, key=lambda hb: (-hb.round, hb.peer_id)))
+                # Latest round first; among equals the one heard from most recently (a peer that just
+                # froze or lost its link still has a live heartbeat for a few seconds).
+                self._cached = (now, sorted(live, key=lambda hb: (-hb.round, -hb.time, hb.peer_id)))
                 return self._cached[1]
             time.sleep(0.5)
             now = time.time()
@@ -218,21 +238,19 @@ class StateSources:
     def fetch_file(self, prepared_dir: Path, kind: str, sha: str) -> Path:
         if len(sha) != 64:
             raise StateSyncError(f"the manifest has no {kind} hash; the run's starter must prepare its data first")
-        errors = []
-        for beat in self.peers():
-            def request(header: dict, max_bytes: int, beat=beat) -> tuple[dict, bytes]:
+
+        def attempt(beat: Any) -> Path:
+            def request(header: dict, max_bytes: int) -> tuple[dict, bytes]:
                 return self.node.request(beat.p2p_id, HANDLE_FILE, header, max_reply_bytes=max_bytes,
                                          maddrs=list(beat.maddrs))
-            try:
-                return fetch_file(request, prepared_dir, kind, sha, max_bytes=1 << 31)
-            except (SwarmError, ProtocolError, StateSyncError) as exc:
-                errors.append(f"{beat.peer_id[:12]}: {exc}")
-        raise PeerError(f"no peer served {kind} {sha[:12]}: {'; '.join(errors)[:500]}")
+            return fetch_file(request, prepared_dir, kind, sha, max_bytes=1 << 31)
+
+        return self._first_served(f"{kind} {sha[:12]}", attempt)
 
     def fetch_state(self, peer: Peer):
         """The latest global state from a live peer, cross-checked with the blocks other peers signed."""
-        errors = []
-        for beat in self.peers():
+
+        def attempt(beat: Any):
             try:
                 header, body = self.node.request(
                     beat.p2p_id, HANDLE_STATE, {"run": self.run_id}, max_reply_bytes=max_state_bytes(peer.numel),
@@ -240,12 +258,37 @@ class StateSources:
                 state = state_from_frame(header, body, peer.layout, self.run_id)
                 if state.round > 0:
                     self._check_against_blocks(state)
-                log.info("fetched global state of round %d from %s", state.round, beat.peer_id[:12])
-                return state
             except (SwarmError, ProtocolError, StateSyncError, RecordError) as exc:
-                errors.append(f"{beat.peer_id[:12]}: {exc}")
                 log.warning("state from %s refused: %s", beat.peer_id[:12], exc)
-        raise PeerError(f"no peer served a valid global state: {'; '.join(errors)[:500]}")
+                raise
+            log.info("fetched global state of round %d from %s", state.round, beat.peer_id[:12])
+            return state
+
+        return self._first_served("a valid global state", attempt)
+
+    def _first_served(self, what: str, attempt: Callable[[Any], T]) -> T:
+        """attempt(heartbeat) on each live peer in turn until one serves; when none does, look again.
+
+        Peers that were there a moment ago may have crashed or lost their link, and others come back or
+        join: the list of live peers is read afresh and tried again, for up to `patience_s`.
+        """
+        errors: list[str] = []
+        give_up = time.time() + self.patience_s
+        while True:
+            try:
+                sources = self.peers()
+            except PeerError as exc:
+                sources, errors = [], [*errors, str(exc)]
+            for beat in sources:
+                try:
+                    return attempt(beat)
+                except (SwarmError, ProtocolError, StateSyncError, RecordError) as exc:
+                    errors.append(f"{beat.peer_id[:12]}: {exc}")
+            if time.time() >= give_up:
+                raise PeerError(f"no peer served {what} within {self.patience_s:.0f} s: "
+                                f"{'; '.join(errors[-4:])[:500]}")
+            self._cached = (0.0, [])
+            time.sleep(2.0)
 
     def _check_against_blocks(self, state) -> None:
         blocks = self.node.get_records(run_key(self.run_id, "block", state.round - 1), parse_block)
