@@ -29,6 +29,9 @@ def test_run_id_changes_with_content():
         ("[nosuch]\nx = 1\n", "[nosuch] unknown key (m.toml line 1)"),
         ("[model\n", "not valid TOML"),
         ("[proof]\nverifiers_per_audit = 1\naccepts_required = 2\n", "accepts_required (2) must be <="),
+        ("[train]\ncompression = 'int4'\ncompression_chunk = 4097\n",
+         "[train.compression_chunk] int4 packs two values per byte, so compression_chunk must be even, got 4097"),
+        ("[train]\ncompression = 'int2'\n", "[train.compression]"),
     ],
 )
 def test_bad_manifests_give_one_line_errors(text, expected):
@@ -37,6 +40,14 @@ def test_bad_manifests_give_one_line_errors(text, expected):
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_every_compression_method_is_a_manifest_choice():
+    from gpunite.train.compression import COMPRESSIONS, payload_method
+
+    for name in COMPRESSIONS:
+        assert payload_method(parse_manifest(f"[train]\ncompression = '{name}'\n").train.compression) == name
+    assert parse_manifest("[train]\ncompression_chunk = 4097\n").train.compression_chunk == 4097  # int8: any
 
 
 def test_missing_data_file_is_named(tmp_path):
