@@ -1,4 +1,5 @@
-"""The simulator: repeatable, conserves bytes and work, matches closed forms, scales to 1e5 peers quickly."""
+"""The simulator: repeatable, conserves bytes and work, matches closed forms (exchange, audits, overlap), wire
+sizes match the real serializers, calibration recovers its costs, scales to 1e5 peers quickly."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from gpunite.sim.calibration import (
@@ -17,7 +19,20 @@ from gpunite.sim.calibration import (
     compare,
     parse_peer_log,
 )
-from gpunite.sim.model import GPUS, LINKS, ProtocolCosts, SimConfig, SimError, parse_mix, simulate
+from gpunite.sim.model import (
+    GPUS,
+    LINKS,
+    ProtocolCosts,
+    SimConfig,
+    SimError,
+    audit_round,
+    draw_verifiers,
+    exchange_round,
+    parse_mix,
+    simulate,
+    verdict_wait_s,
+)
+from gpunite.sim.traffic import WireSizes, measure_wire_sizes
 
 SMALL = SimConfig(
     peers=200,
@@ -52,31 +67,46 @@ def test_bytes_and_work_are_conserved(overlap):
     assert 0 < result.compute_utilization < 1 and 0 < result.availability <= 1
 
 
-def _homogeneous(overlap: bool, n: int = 16) -> tuple[SimConfig, float, float]:
+def _homogeneous(overlap: bool, n: int = 16, audit_fraction: float = 0.0) -> tuple[SimConfig, float, float]:
+    """A swarm of equal peers, its communication time per round and its bytes per peer per round, by hand.
+    The coordinator's own contribution is always audited (as gpunite.proof.selection.is_audited does), so
+    with audit_fraction 0 there is exactly one audit per round, and with 1 there are n."""
     config = SimConfig(
         peers=n,
         gpu_mix={"a100": 1.0},
         link_mix={"home": 1.0},
-        params=20_000_000,
+        params=2_000_000,
         rounds=4,
         round_compute_s=100.0,
+        inner_steps=100,
+        trail_interval=10,
         speed_jitter=0.0,
-        audit_fraction=0.0,
+        audit_fraction=audit_fraction,
+        audit_timeout_s=1e9,
         overlap=overlap,
     )
-    costs, home = config.costs, LINKS["home"]
-    param_bytes = config.params * costs.exchange_bytes_per_param
+    costs, home, wire = config.costs, LINKS["home"], config.costs.wire
+    param_bytes = config.params * wire.slice_bytes_per_param
     up, down = home.up_mbit * 1e6 / 8, home.down_mbit * 1e6 / 8
+    rtt = 2 * home.one_way_ms / 1e3
     # scatter and gather each move (n - 1)/n of the vector through the slower direction of every peer's link
     transfer_s = 2 * param_bytes * (n - 1) / n / min(up, down)
     messages = 4 * n  # send n slices, receive n, serve n, fetch n
+    audits = 1 if audit_fraction == 0 else n
+    audit_bytes = wire.audit_bytes(config.params, n, config.segments_per_audit)
+    # one audit: download at the trainer's uplink, one RTT per request, replay of 2 segments x 10 of 100 steps
+    one_audit_s = audit_bytes / up + (n + 3) * rtt + 0.2 * costs.audit_compute_scale * 100.0
+    busiest_s = one_audit_s  # exact only with one audit; with n of them the busiest verifier is a draw
     comm_s = (
         costs.round_overhead_s
         + transfer_s
-        + costs.round_overhead_rtts * 2 * home.one_way_ms / 1e3
+        + costs.round_overhead_rtts * rtt
         + messages * costs.message_overhead_s
+        + busiest_s
     )
-    return config, comm_s, 2 * param_bytes * (n - 1) / n
+    # framing: n (n - 1) slice pulls and n (n - 1) aggregate fetches, each counted at both ends
+    exchange_bytes = 2 * param_bytes * (n - 1) / n + 2 * (n - 1) * wire.request_bytes
+    return config, comm_s, exchange_bytes + audits * audit_bytes / n
 
 
 def test_closed_form_without_overlap_compute_over_compute_plus_exchange():
@@ -85,15 +115,112 @@ def test_closed_form_without_overlap_compute_over_compute_plus_exchange():
     assert result.compute_utilization == pytest.approx(100.0 / (100.0 + comm_s), rel=1e-6)
     assert result.mean_round_s == pytest.approx(100.0 + comm_s, rel=1e-6)
     assert result.bytes_sent_per_peer_round == pytest.approx(bytes_per_round, rel=1e-9)
+    assert result.audits == config.rounds and result.late_verdicts == 0
     assert result.availability == 1.0 and result.rounds_completed_ratio == 1.0
 
 
 def test_closed_form_with_overlap_compute_over_max():
     config, comm_s, _ = _homogeneous(overlap=True)
     result = simulate(config)
-    assert result.compute_utilization == pytest.approx(100.0 / max(100.0, comm_s), rel=1e-6)
-    slow = simulate(replace(config, round_compute_s=comm_s / 2))
-    assert slow.compute_utilization == pytest.approx(0.5, rel=1e-6)
+    # transfers hide behind the next round's steps; the audit's replay needs the same device as training
+    replay_s = 0.2 * config.costs.audit_compute_scale * 100.0
+    assert result.compute_utilization == pytest.approx(100.0 / max(100.0 + replay_s, comm_s), rel=1e-6)
+    assert result.mean_round_s == pytest.approx(max(100.0 + replay_s, comm_s), rel=1e-6)
+    # a round with a short compute phase lasts as long as its communication, replay included
+    slow = simulate(replace(config, round_compute_s=10.0))
+    assert slow.mean_round_s < simulate(replace(config, round_compute_s=10.0, overlap=False)).mean_round_s
+
+
+def test_audit_bytes_are_the_wire_formats_times_the_audits():
+    config, _, _ = _homogeneous(overlap=False, audit_fraction=1.0)
+    result = simulate(config)
+    wire, n = config.costs.wire, config.peers
+    one_audit = config.params * (wire.slice_bytes_per_param + 2 * 24.0 + 4.0) + (n + 3) * wire.request_bytes
+    assert wire.audit_bytes(config.params, n, 2) == pytest.approx(one_audit)
+    assert result.audits == n * config.rounds
+    assert result.audit_bytes_per_peer_round == pytest.approx(one_audit, rel=1e-9)  # n audits over n peers
+    # one segment per audit: 24 bytes per parameter and one request fewer
+    fewer = simulate(replace(config, segments_per_audit=1))
+    assert result.audit_bytes_per_peer_round - fewer.audit_bytes_per_peer_round == pytest.approx(
+        24.0 * config.params + wire.request_bytes, rel=1e-9
+    )
+    # a sampled fraction: the coordinator's own plus f of the others, in expectation
+    sampled = simulate(replace(config, audit_fraction=0.5, rounds=400))
+    assert sampled.audits / 400 == pytest.approx(1 + 0.5 * (n - 1), rel=0.05)
+
+
+def test_late_verdicts_keep_their_contributions_out():
+    config, _, _ = _homogeneous(overlap=False, audit_fraction=1.0)
+    on_time = simulate(config)
+    # the coordinator's wait covers the replays, not the trail's download: 10x the parameters do not fit
+    assert verdict_wait_s(config, config.peers) == pytest.approx(1e9 + 3 * 2 * (2 * 10 * 1.0))
+    late = simulate(replace(config, audit_timeout_s=1.0, params=10 * config.params))
+    assert verdict_wait_s(replace(config, audit_timeout_s=1.0), 16) == pytest.approx(121.0)
+    assert on_time.late_verdicts == 0 and late.late_verdicts == late.audits > 0
+    assert late.work_merged_flops == 0 and late.compute_utilization == 0
+    # the merge then carries no contribution: only the audits' bytes move
+    assert late.exchange_bytes_per_peer_round < 0.01 * on_time.exchange_bytes_per_peer_round
+
+
+def test_verifiers_are_never_the_trainer_nor_the_coordinator_and_spread_evenly():
+    rng = np.random.default_rng(0)
+    n, coordinator = 10, 3
+    trainers = np.repeat(np.arange(n), 2000)
+    verifiers = draw_verifiers(trainers, coordinator, n, rng)
+    assert not np.any(verifiers == trainers)
+    assert not np.any((verifiers == coordinator) & (trainers != coordinator))
+    counts = np.bincount(verifiers[trainers == 0], minlength=n)
+    assert counts[0] == counts[coordinator] == 0
+    assert counts[[1, 2, 4, 5, 6, 7, 8, 9]] == pytest.approx(2000 / 8, rel=0.2)
+    # the coordinator's own contribution: anyone but the coordinator
+    assert set(np.unique(verifiers[trainers == coordinator])) == set(range(n)) - {coordinator}
+    assert list(draw_verifiers(np.array([0, 1]), 0, 2, rng)) == [1, 0]  # two peers verify each other
+
+
+def test_a_verifier_runs_its_audits_one_after_another():
+    n = 4
+    audited = np.array([True, True, True, False])
+    up = down = np.full(n, 1e6)
+    replay_flops = np.array([2.0, 4.0, 6.0, 0.0])
+    audits = audit_round(
+        audited, 3, 1e6, replay_flops, np.ones(n), up, down, 0.0, 0.0, np.random.default_rng(1)
+    )
+    duration = 1.0 + replay_flops[audits.trainer]  # 1 s download each, replay at 1 FLOP/s
+    for verifier in np.unique(audits.verifier):
+        mine = audits.verifier == verifier
+        assert np.isclose(audits.verdict_s[mine].max(), duration[mine].sum())
+    assert audits.busy_s == pytest.approx(max(duration[audits.verifier == v].sum() for v in range(n)))
+    assert audits.replay_busy_s <= audits.busy_s
+
+
+def test_wire_sizes_match_the_real_serializers():
+    from gpunite.model import ModelConfig
+
+    def config(width: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=128,
+            hidden_size=width,
+            n_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            intermediate_size=2 * width,
+            max_seq_len=32,
+            tie_embeddings=True,
+        )
+
+    (small, small_real), (large, large_real) = measure_wire_sizes(config(32)), measure_wire_sizes(config(64))
+    params = large_real["params"] - small_real["params"]
+    # the per-parameter parts are the dtypes: int8 + a scale per chunk, 2 x (weights + 2 AdamW moments), weights
+    assert large_real["segment"] - small_real["segment"] == pytest.approx(24.0 * params, rel=1e-3)
+    assert large_real["final"] - small_real["final"] == pytest.approx(4.0 * params, rel=1e-3)
+    assert large_real["slice"] - small_real["slice"] == pytest.approx(
+        small.slice_bytes_per_param * params, rel=1e-2
+    )
+    # and the fixed parts make the formula exact for the measured model
+    assert large_real["segment"] == pytest.approx(
+        24.0 * large_real["params"] + large.segment_header_bytes, abs=1
+    )
+    assert 200 < large.request_bytes < 1000  # two frame prefixes and headers, and a safetensors header
 
 
 def test_useful_tflops_is_peak_times_mfu_times_utilization():
@@ -118,23 +245,30 @@ def test_time_to_detect_a_cheater_is_geometric():
     assert result.cheaters_caught >= 0.95 * result.cheaters > 100
     assert result.detect_rounds_expected == pytest.approx(4.0)
     assert result.detect_rounds_mean == pytest.approx(4.0, rel=0.2)
-    assert simulate(replace(config, audit_fraction=0.0)).cheaters_caught == 0
+    # without sampled audits only a cheating coordinator's own contribution is audited (always)
+    unsampled = simulate(replace(config, audit_fraction=0.0))
+    assert unsampled.cheaters_caught < 0.05 * unsampled.cheaters
 
 
-def test_adaptive_links_keep_one_slow_peer_from_stalling_the_round():
-    config = SimConfig(
-        peers=8,
-        link_mix={"bad": 1.0},
-        params=20_000_000,
-        rounds=5,
-        round_compute_s=100.0,
-        audit_fraction=0.0,
-        overlap=False,
-    )
-    adaptive, blocking = simulate(config), simulate(replace(config, adaptive=False))
-    assert blocking.mean_round_s > 2 * adaptive.mean_round_s
-    assert adaptive.mean_contributors == 7  # the 1 Mbit peer skips
-    assert adaptive.useful_tflops > blocking.useful_tflops
+def test_adaptive_links_keep_one_slow_peer_from_stalling_the_exchange():
+    config = SimConfig(peers=8, link_mix={"bad": 1.0}, params=20_000_000, audit_fraction=0.0, overlap=False)
+    bad = LINKS["bad"]
+    up = np.array([bad.for_peer(i)[1] for i in range(8)]) * 1e6 / 8
+    down = np.array([bad.for_peer(i)[0] for i in range(8)]) * 1e6 / 8
+    everyone = np.ones(8, dtype=bool)
+    param_bytes = config.params * config.costs.wire.slice_bytes_per_param
+    group = np.zeros(8, dtype=np.int64)
+    blocking = exchange_round(param_bytes, everyone, everyone, up, down, group, config.costs, 0.3, False)
+    # what the round does with `adaptive`: the 1 Mbit peer (index 7) neither owns a slice nor contributes
+    fast = everyone.copy()
+    fast[7] = False
+    adaptive = exchange_round(param_bytes, fast, fast, up, down, group, config.costs, 0.3, True)
+    assert blocking.seconds > 4 * adaptive.seconds
+    # it still fetches the 7 merged slices: only their requests' framing goes up its link
+    assert adaptive.sent[7] == pytest.approx(7 * config.costs.wire.request_bytes / 2)
+    assert adaptive.received[7] == pytest.approx(param_bytes + 7 * config.costs.wire.request_bytes / 2)
+    result = simulate(replace(config, rounds=3))
+    assert result.mean_contributors == 7  # the 1 Mbit peer skips contributing
 
 
 def test_churn_with_few_peers_stalls_and_no_churn_does_not():
@@ -161,34 +295,46 @@ def test_hundred_thousand_peers_completes():
     assert result.rounds_attempted == 3 and result.mean_contributors > 10_000
 
 
+WIRE = WireSizes(request_bytes=300.0, segment_header_bytes=4000.0, final_header_bytes=700.0)
+
+
 def _measured_by_simulation(
     testbed: str, peers: int, compute_s: float, costs: ProtocolCosts
 ) -> SwarmMeasurement:
     """What measure_swarm would report for a swarm that behaves exactly like the simulator with `costs`."""
-    shell = SwarmMeasurement(testbed, peers, 5, 3_000_000, 0.0, compute_s, 0.0, 0.0, 0.0, 24.0)
-    run = simulate(_config_for(shell, costs))
+    from gpunite.sim.calibration import audit_transfer_s
+
+    shell = SwarmMeasurement(
+        testbed, peers, 5, 300_000, 0.0, compute_s, 0.0, 0.0, 0.0, 4, False, float(peers), 0.0, 1.0, WIRE
+    )
+    run = simulate(_config_for(shell, replace(costs, wire=WIRE)))
+    # every contribution is audited (the calibration manifest's setting); replay covers all 4 steps
+    audit_s = audit_transfer_s(shell) + costs.audit_compute_scale * compute_s
     return replace(
         shell,
         round_s=run.mean_round_s,
         bytes_sent_per_peer_round=run.bytes_sent_per_peer_round,
         bytes_received_per_peer_round=run.bytes_received_per_peer_round,
+        audit_s=audit_s,
+        merged_fraction=run.compute_utilization * run.mean_round_s / compute_s,
     )
 
 
-def test_calibration_recovers_the_costs_it_was_measured_with():
-    truth = ProtocolCosts(exchange_bytes_per_param=1.5, round_overhead_s=2.0, background_Bps=5000.0)
+def test_calibration_recovers_the_costs_it_was_measured_with_and_predicts_another_run():
+    truth = ProtocolCosts(audit_compute_scale=0.4, round_overhead_s=2.0)
     loopback = _measured_by_simulation("loopback", 8, 10.0, truth)
     # on the test bed the CPU is twice as busy: inner steps and protocol overhead both take twice as long
     testbed = _measured_by_simulation("netbed:home", 8, 20.0, replace(truth, round_overhead_s=4.0))
     assert testbed.round_s > 2 * loopback.round_s
-    calibration = calibrate(loopback, testbed)
-    assert calibration.costs.exchange_bytes_per_param == pytest.approx(1.5, rel=1e-6)
-    assert calibration.costs.background_Bps == pytest.approx(5000.0, rel=1e-6)
+    calibration = calibrate([loopback])
+    assert calibration.costs.audit_compute_scale == pytest.approx(0.4, rel=1e-6)
     assert calibration.costs.round_overhead_s == pytest.approx(2.0, rel=1e-6)
-    assert compare(testbed, calibration)["max_abs_error"] < 1e-6
-    # from the loopback run alone the background traffic is folded into the bytes per parameter
-    alone = calibrate(loopback)
-    assert alone.costs.background_Bps == 0 and alone.costs.exchange_bytes_per_param > 1.5
+    held_out = compare(testbed, calibration)
+    assert held_out["held_out"] and held_out["max_abs_error"] < 1e-6
+    assert not compare(loopback, calibration)["held_out"]
+    # bytes are not calibrated: they follow from the wire sizes, whatever the costs measured
+    other = compare(testbed, calibrate([replace(loopback, audit_s=2 * loopback.audit_s)]))
+    assert [r["simulated"] for r in other["rows"][2:]] == [r["simulated"] for r in held_out["rows"][2:]]
 
 
 def test_bad_settings_are_one_line_errors():
@@ -241,25 +387,33 @@ def test_cli_prints_json_and_one_line_errors():
 
 def test_peer_log_figures_between_first_and_last_merge():
     lines = []
-    for round_index, (stamp, sent, received) in enumerate(
+    for round_index, (stamp, sent, received, merged) in enumerate(
         [
-            ("23:59:40", 9_000_000, 9_500_000),
-            ("23:59:58", 10_000_000, 10_600_000),
-            ("00:00:16", 11_000_000, 11_700_000),
+            ("23:59:40", 9_000_000, 9_500_000, 2),
+            ("23:59:58", 10_000_000, 10_600_000, 2),
+            ("00:00:16", 11_000_000, 11_700_000, 1),
         ]
     ):
         lines.append(
             f"{stamp} INFO [join] gpunite.swarm.peer: round {round_index}: trained 4 steps in 12.5 s, loss 5"
         )
         lines.append(
-            f"{stamp} INFO [join] gpunite.swarm.peer: round {round_index} merged 8 contributions (8192 tokens): "
-            f"new weights abc; sent {sent} B, received {received} B so far"
+            f"{stamp} INFO [join] gpunite.swarm.audits: audited 5102ed55d0a2's round {round_index} contribution "
+            f"(segments [0, 1]) in {round_index + 1}.5 s: accept, segments [0, 1] replayed within 0"
         )
-    merges, trained = parse_peer_log("\n".join(lines))
-    assert [m[0] for m in merges] == [86380.0, 86398.0, 86416.0] and trained[2] == 12.5
-    measured = _figures(["\n".join(lines)] * 2, "loopback", 2, 1000, 24.0)
+        lines.append(
+            f"{stamp} INFO [join] gpunite.swarm.peer: round {round_index} merged {merged} contributions "
+            f"(8192 tokens): new weights abc; sent {sent} B, received {received} B so far"
+        )
+    log = parse_peer_log("\n".join(lines))
+    assert [m[0] for m in log.merges] == [86380.0, 86398.0, 86416.0] and log.trained[2] == 12.5
+    assert log.audits == [(0, 1.5), (1, 2.5), (2, 3.5)] and log.merged == {0: 2, 1: 2, 2: 1}
+    measured = _figures(["\n".join(lines)] * 2, "loopback", 2, 1000, 4, WIRE, True)
     assert measured.round_s == 18.0 and measured.compute_s == 12.5 and measured.rounds == 2
     assert (
         measured.bytes_sent_per_peer_round == 1_000_000
         and measured.bytes_received_per_peer_round == 1_100_000
     )
+    # rounds 1 and 2 are in the window: two peers' audits of them, 2 per round, of 3 s on average
+    assert measured.audits_per_round == 2.0 and measured.audit_s == 3.0
+    assert measured.merged_fraction == 0.75 and measured.utilization == pytest.approx(12.5 / 18.0 * 0.75)

@@ -26,7 +26,10 @@ def sim(
     rounds: int = typer.Option(30, help="Rounds to simulate."),
     round_compute: float = typer.Option(600.0, "--round-compute", help="Seconds of inner steps per round."),
     overlap: bool = typer.Option(
-        True, "--overlap/--no-overlap", help="Exchange during the next round's steps."
+        False,
+        "--overlap/--no-overlap",
+        help="Exchange and audit during the next round's steps (one-round-delayed outer step); shows the "
+        "run without overlap beside it.",
     ),
     adaptive: bool = typer.Option(
         True, "--adaptive/--no-adaptive", help="Skip peers whose link would stall all."
@@ -35,6 +38,12 @@ def sim(
         0, "--group-size", help="Aggregate in groups of this size (0: one flat group)."
     ),
     audit_fraction: float = typer.Option(0.25, "--audit-fraction", help="Share of contributions audited."),
+    segments_per_audit: int = typer.Option(
+        2, "--segments-per-audit", help="Trail segments an audit fetches and replays (24 bytes/param each)."
+    ),
+    audit_timeout: float = typer.Option(
+        30.0, "--audit-timeout", help="Seconds after the beacon a verdict may take before its work waits."
+    ),
     cheaters: float = typer.Option(0.0, help="Share of peers that cheat."),
     mfu: float = typer.Option(0.4, help="Model FLOPs utilization of a training step (assumption)."),
     calibration: Path | None = typer.Option(
@@ -45,6 +54,8 @@ def sim(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Simulate the swarm: useful TFLOPS, utilization, availability, bytes per peer, cheat detection."""
+    from dataclasses import replace
+
     from gpunite.sim.calibration import load_costs
     from gpunite.sim.model import GPUS, LINKS, SimConfig, parse_mix, simulate
 
@@ -63,6 +74,8 @@ def sim(
         adaptive=adaptive,
         group_size=group_size,
         audit_fraction=audit_fraction,
+        segments_per_audit=segments_per_audit,
+        audit_timeout_s=audit_timeout,
         cheater_fraction=cheaters,
         session_hours=churn,
         offline_hours=offline,
@@ -70,15 +83,28 @@ def sim(
         **({"costs": load_costs(calibration)} if calibration else {}),
     )
     result = simulate(config)
+    # with --overlap, the same swarm without it, so the answer says what overlapping changes
+    baseline = simulate(replace(config, overlap=False)) if overlap else None
     if as_json:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), **({"without_overlap": baseline.to_dict()} if baseline else {})})
         return
     from rich.table import Table
 
     table = Table(
-        title=f"{peers:,} peers, {gpu_mix}, link {link}, churn {churn or 'none'} h", show_header=False
+        title=f"{peers:,} peers, {gpu_mix}, link {link}, churn {churn or 'none'} h",
+        show_header=baseline is not None,
     )
-    rows = [
+    table.add_column("")
+    if baseline is not None:
+        table.add_column("without overlap")
+    table.add_column("with overlap" if overlap else "")
+    for (name, value), (_, before) in zip(_rows(result), _rows(baseline) if baseline else _rows(result)):
+        table.add_row(name, *((before, value) if baseline is not None else (value,)))
+    console.print(table)
+
+
+def _rows(result) -> list[tuple[str, str]]:
+    return [
         ("useful (verified, merged) TFLOPS", f"{result.useful_tflops:,.1f}"),
         ("peak TFLOPS online", f"{result.online_peak_tflops:,.1f}"),
         ("compute utilization", f"{result.compute_utilization:.3f}"),
@@ -93,6 +119,11 @@ def sim(
             "bytes per peer per round (sent / received)",
             f"{result.bytes_sent_per_peer_round / 1e6:,.1f} / {result.bytes_received_per_peer_round / 1e6:,.1f} MB",
         ),
+        (
+            "  of which audits / exchange",
+            f"{result.audit_bytes_per_peer_round / 1e6:,.1f} / {result.exchange_bytes_per_peer_round / 1e6:,.1f} MB",
+        ),
+        ("audits / verdicts too late", f"{result.audits:,} / {result.late_verdicts:,}"),
         ("cheaters caught", f"{result.cheaters_caught}/{result.cheaters}"),
         (
             "rounds to detect a cheater (simulated / expected)",
@@ -100,9 +131,6 @@ def sim(
         ),
         ("simulation wall time", f"{result.wall_seconds:.2f} s"),
     ]
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
 
 
 def _fmt(value: float | None) -> str:
@@ -184,7 +212,7 @@ def netbed_run(
     """Run a real swarm (tiny model) on the bed and measure round time, compute and bytes per round."""
     from gpunite.sim.calibration import calibrate, compare, load_measurement, measure_swarm, save_measurement
 
-    reference = calibrate(load_measurement(calibration)) if calibration else None
+    reference = calibrate([load_measurement(calibration)]) if calibration else None
     measured = measure_swarm(
         peers=peers, profile=None if profile == "loopback" else profile, rounds=rounds, workdir=workdir
     )

@@ -3,10 +3,15 @@ side-by-side comparison of simulated and measured round time, utilization and by
 
 `measure_swarm` starts real peers with the CLI (`gpunite run start`, `gpunite join`) and reads their INFO
 logs: each merge line carries the exact byte counters at that merge (timestamps to the second), each round's
-"trained" line its inner-step time. Figures are per round between a peer's first and last merge (so the
-joiners' first download of data and weights is not counted as round traffic). `calibrate` turns a loopback
-run (and optionally a test-bed run) into `ProtocolCosts` (wire bytes per parameter, background traffic,
-per-round overhead); `compare` simulates another measured run with them and reports the relative errors.
+"trained" line its inner-step time, each "audited" line one audit's duration. Figures are per round between
+a peer's first and last merge (so the joiners' first download of data and weights is not counted as round
+traffic).
+
+Bytes are not calibrated: the simulator derives them from the wire formats (gpunite.sim.traffic, with the
+fixed parts measured by serializing the run's own model). `calibrate` measures only what a formula cannot
+know, from one set of runs: the audit's CPU time per replayed step and the per-round protocol overhead,
+both relative to the run's inner-step time (on a shared CPU they slow down together). `compare` then
+simulates a different run (other peer count or link profile) with those costs and reports the errors.
 """
 
 from __future__ import annotations
@@ -26,22 +31,35 @@ from types import FrameType
 
 from gpunite.errors import GpuniteError
 from gpunite.sim.model import LINKS, ProtocolCosts, SimConfig, simulate
+from gpunite.sim.traffic import WireSizes
 
 MANIFEST = """[run]
 name = "gpunite-sim-calibration"
 seed = 7
-[model]
-preset = "tiny"
 [data]
 sources = ["builtin:python-docs"]
 vocab_size = 512
 seq_len = 64
 max_builtin_mb = 0.5
+[model]
+preset = "tiny"
+hidden_size = 128
+n_layers = 1
+intermediate_size = 344
 [train]
 batch_size = 4
 inner_steps = {inner_steps}
 round_deadline_s = 600
+overlap = {overlap}
+[proof]
+audit_fraction = {audit_fraction}
 """
+# Every contribution audited: a 4-round measurement then holds the same number of audits as the simulated
+# expectation, instead of a binomial draw that alone would move the bytes by ~7% (the simulator's audit
+# sampling is unit-tested). A 1-layer, 128-wide model keeps a round's audits within the default 30 s verdict
+# timeout on the home profile's 20 Mbit uplink (a trail segment is 24 bytes per parameter).
+AUDIT_FRACTION = 1.0
+TRAIL_INTERVAL, SEGMENTS_PER_AUDIT, AUDIT_TIMEOUT_S = 2, 2, 30.0  # manifest and PeerConfig defaults
 _MADDR = re.compile(r"(/ip4/\S+/tcp/\d+/p2p/\w+)")
 
 
@@ -60,11 +78,17 @@ class SwarmMeasurement:
     compute_spread: float  # standard deviation of log(compute per round) across peers
     bytes_sent_per_peer_round: float
     bytes_received_per_peer_round: float
-    audit_bytes_per_param: float  # size of a real trail segment (gpunite.proof.trail) per parameter
+    inner_steps: int  # H of the run
+    overlap: bool  # train.overlap: round r + 1 trained while round r's audits and exchange run
+    audits_per_round: float  # audits done per round in the window (every peer's "audited" lines)
+    audit_s: float  # mean wall time of one audit (fetch + replay), as the verifier logs it
+    merged_fraction: float  # merged contributions / peers, per round
+    wire: WireSizes  # fixed parts measured by serializing this run's model (gpunite.sim.traffic)
 
     @property
     def utilization(self) -> float:
-        return self.compute_s / self.round_s
+        """Inner-step time of merged work / wall time: what the simulator's compute_utilization means."""
+        return self.compute_s / self.round_s * self.merged_fraction
 
     def to_dict(self) -> dict:
         return {**asdict(self), "utilization": self.utilization}
@@ -79,7 +103,9 @@ def save_measurement(path: Path, measured: SwarmMeasurement) -> None:
 def load_measurement(path: Path) -> SwarmMeasurement:
     try:
         data = json.loads(Path(path).read_text())
-        return SwarmMeasurement(**{f.name: data[f.name] for f in fields(SwarmMeasurement)})
+        values = {f.name: data[f.name] for f in fields(SwarmMeasurement)}
+        values["wire"] = WireSizes(**values["wire"])
+        return SwarmMeasurement(**values)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CalibrationError(
             f"cannot read calibration file {path}: {exc}; create one with "
@@ -88,58 +114,81 @@ def load_measurement(path: Path) -> SwarmMeasurement:
 
 
 def load_costs(path: Path) -> ProtocolCosts:
-    """ProtocolCosts from a calibration file (a loopback measurement)."""
-    return calibrate(load_measurement(path)).costs
+    """ProtocolCosts from a calibration file (a measured run, e.g. a loopback one)."""
+    return calibrate([load_measurement(path)]).costs
 
 
 @dataclass(frozen=True)
 class Calibration:
+    """Costs measured on some runs. The audit replay and the per-round protocol overhead are CPU work
+    (hashing, signing, (de)serializing, replay, robust merge, DHT polling); on a shared CPU they slow by
+    the same factor as the inner steps, so another run gets the overhead scaled by its compute time per
+    round over the reference's (the audit's scale is already relative to the inner steps)."""
+
     costs: ProtocolCosts
-    # The per-round protocol overhead is CPU work (hashing, signing, (de)compression, robust merge, outer
-    # step, DHT polling); on a shared CPU it slows by the same factor as the inner steps, so a run with a
-    # different compute time per round gets the overhead scaled by compute_s / reference_compute_s.
     reference_compute_s: float
+    runs: tuple[str, ...] = ()  # the runs it was measured on, e.g. ("loopback, 8 peers",)
 
     def costs_for(self, measured: SwarmMeasurement) -> ProtocolCosts:
         scale = measured.compute_s / self.reference_compute_s
-        return replace(self.costs, round_overhead_s=self.costs.round_overhead_s * scale)
+        return replace(self.costs, round_overhead_s=self.costs.round_overhead_s * scale, wire=measured.wire)
 
 
-def _wire_factor(peers: int) -> float:
-    # each peer sends (n - 1)/n of its pseudo-gradient and serves its merged slice to n - 1 peers
-    return 2.0 * (peers - 1) / peers
+def _replay_share(measured: SwarmMeasurement) -> float:
+    """Replayed steps of an audit / steps of the round (the simulator's rule)."""
+    segments = min(SEGMENTS_PER_AUDIT, max(measured.inner_steps // TRAIL_INTERVAL, 1))
+    return min(segments * TRAIL_INTERVAL, measured.inner_steps) / measured.inner_steps
 
 
-def _bytes_per_round(measured: SwarmMeasurement) -> float:
-    return (measured.bytes_sent_per_peer_round + measured.bytes_received_per_peer_round) / 2.0
+def audit_transfer_s(measured: SwarmMeasurement) -> float:
+    """Mean time one audit's download takes on the run's links (trainer's uplink, verifier's downlink,
+    one round trip per sequential request), from the wire sizes alone."""
+    profile = LINKS.get(measured.testbed.removeprefix("netbed:"), LINKS["datacenter"])
+    links = [profile.for_peer(i) for i in range(measured.peers)]
+    segments = min(SEGMENTS_PER_AUDIT, max(measured.inner_steps // TRAIL_INTERVAL, 1))
+    audit_bytes = measured.wire.audit_bytes(measured.params, measured.peers, segments)
+    pairs = [
+        audit_bytes / (min(links[t][1], links[v][0]) * 1e6 / 8)
+        for t in range(measured.peers)
+        for v in range(measured.peers)
+        if t != v
+    ]
+    rtts = (
+        0.0
+        if measured.testbed == "loopback"
+        else (measured.peers + segments + 1) * 2 * profile.one_way_ms / 1e3
+    )
+    return sum(pairs) / max(len(pairs), 1) + rtts
 
 
-def calibrate(
-    loopback: SwarmMeasurement, wan: SwarmMeasurement | None = None, base: ProtocolCosts | None = None
-) -> Calibration:
-    """Protocol costs from real runs. Loopback moves bytes about as fast as memory, so its round time that is
-    neither compute nor transfer is the protocol's overhead. Bytes per round = exchange + background traffic
-    (heartbeats, DHT polling) x round time: one run gives the exchange's bytes per parameter; a second run
-    with longer rounds (`wan`, e.g. the test bed) separates the two."""
-    base = replace(base or ProtocolCosts(), audit_bytes_per_param=loopback.audit_bytes_per_param)
-    bytes_per_param = _bytes_per_round(loopback) / (_wire_factor(loopback.peers) * loopback.params)
-    background_Bps = 0.0
-    if wan is not None:
-        import numpy as np
-
-        system = np.array([[_wire_factor(run.peers) * run.params, run.round_s] for run in (loopback, wan)])
-        fitted = np.linalg.solve(system, [_bytes_per_round(loopback), _bytes_per_round(wan)])
-        if fitted.min() > 0:  # otherwise the two runs disagree beyond this model: keep the one-run figure
-            bytes_per_param, background_Bps = float(fitted[0]), float(fitted[1])
-    costs = replace(base, exchange_bytes_per_param=bytes_per_param, background_Bps=background_Bps)
-    probe = simulate(_config_for(loopback, replace(costs, round_overhead_s=0.0)))
-    overhead_s = max(loopback.round_s - probe.mean_round_s, 0.0)
-    return Calibration(replace(costs, round_overhead_s=overhead_s), loopback.compute_s)
+def calibrate(runs: list[SwarmMeasurement], base: ProtocolCosts | None = None) -> Calibration:
+    """Audit CPU scale and per-round overhead from real runs (each relative to its inner-step time, then
+    averaged over the runs). An audit's time is its download at the links' rate plus replay CPU; the round
+    time that is neither compute, nor audits, nor the exchange is the protocol's overhead."""
+    if not runs:
+        raise CalibrationError("calibrate needs at least one measured run")
+    base = base or ProtocolCosts()
+    scales, overhead_ratios = [], []
+    for run in runs:
+        replay_s = max(run.audit_s - audit_transfer_s(run), 0.0)
+        scale = replay_s / (_replay_share(run) * run.compute_s) if run.audits_per_round > 0 else None
+        scales.append(base.audit_compute_scale if scale is None else scale)
+        probe_costs = replace(base, wire=run.wire, audit_compute_scale=scales[-1], round_overhead_s=0.0)
+        probe = simulate(_config_for(run, probe_costs))
+        overhead_ratios.append(max(run.round_s - probe.mean_round_s, 0.0) / run.compute_s)
+    reference = runs[0].compute_s
+    costs = replace(
+        base,
+        wire=runs[0].wire,
+        audit_compute_scale=sum(scales) / len(scales),
+        round_overhead_s=sum(overhead_ratios) / len(overhead_ratios) * reference,
+    )
+    return Calibration(costs, reference, tuple(f"{run.testbed}, {run.peers} peers" for run in runs))
 
 
 def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
-    """The simulation of a measured run: same peers, model size, compute per round and links; the real peer
-    runs its exchange after its steps and (so far) audits nothing inline, so no overlap and no audits."""
+    """The simulation of a measured run: same peers, model size, compute per round, links, audit settings
+    and overlap."""
     profile = measured.testbed.removeprefix("netbed:")
     link_mix = {profile: 1.0} if profile in LINKS else {"datacenter": 1.0}
     if measured.testbed == "loopback":
@@ -149,21 +198,28 @@ def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
         gpu_mix={"cpu": 1.0},
         link_mix=link_mix,
         params=measured.params,
-        rounds=max(measured.rounds, 5),
+        rounds=200,  # the expectation, not one draw of a few rounds
         round_compute_s=measured.compute_s,
+        inner_steps=measured.inner_steps,
+        trail_interval=TRAIL_INTERVAL,
+        segments_per_audit=SEGMENTS_PER_AUDIT,
+        audit_timeout_s=AUDIT_TIMEOUT_S,
         speed_jitter=measured.compute_spread,
         deadline_slack=10.0,
-        overlap=False,
+        overlap=measured.overlap,
         adaptive=False,
-        audit_fraction=0.0,
+        audit_fraction=AUDIT_FRACTION,
         seed=0,
         costs=costs,
     )
 
 
-def compare(measured: SwarmMeasurement, calibration: Calibration | None = None) -> dict:
+FIGURES = ("round_s", "compute_utilization", "bytes_sent_per_peer_round", "bytes_received_per_peer_round")
+
+
+def compare(measured: SwarmMeasurement, calibration: Calibration) -> dict:
     """Simulated vs measured round time, utilization and bytes per peer per round, with relative errors."""
-    costs = (calibration or calibrate(measured)).costs_for(measured)
+    costs = calibration.costs_for(measured)
     simulated = simulate(_config_for(measured, costs))
     rows = []
     for figure, real, model in (
@@ -191,8 +247,14 @@ def compare(measured: SwarmMeasurement, calibration: Calibration | None = None) 
     return {
         "testbed": measured.testbed,
         "peers": measured.peers,
+        "held_out": f"{measured.testbed}, {measured.peers} peers" not in calibration.runs,
         "rows": rows,
         "max_abs_error": max(abs(r["relative_error"]) for r in rows),
+        "simulated_bytes_split": {
+            "exchange": simulated.exchange_bytes_per_peer_round,
+            "audits": simulated.audit_bytes_per_peer_round,
+        },
+        "simulated_late_verdicts_per_round": simulated.late_verdicts / max(simulated.rounds_attempted, 1),
         "costs": asdict(costs),
     }
 
@@ -204,17 +266,23 @@ def measure_swarm(
     workdir: Path | None = None,
     inner_steps: int = 4,
     timeout_s: float = 1800.0,
+    overlap: bool = True,
 ) -> SwarmMeasurement:
-    """Run a real swarm of `peers` peers (tiny model) on loopback (`profile` None) or the WAN test bed."""
+    """Run a real swarm of `peers` peers (a small model) on loopback (`profile` None) or the WAN test bed."""
     from gpunite.manifest import load_manifest
     from gpunite.model import config_from_manifest, param_count
+    from gpunite.sim.traffic import measure_wire_sizes
 
     own_dir = workdir is None
     root = Path(tempfile.mkdtemp(prefix="gpunite-calib-")) if workdir is None else Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / "run.toml"
-    manifest_path.write_text(MANIFEST.format(inner_steps=inner_steps))
-    params = param_count(config_from_manifest(load_manifest(manifest_path)))
+    manifest_path.write_text(
+        MANIFEST.format(inner_steps=inner_steps, audit_fraction=AUDIT_FRACTION, overlap=str(overlap).lower())
+    )
+    model_config = config_from_manifest(load_manifest(manifest_path))
+    params = param_count(model_config)
+    wire, _ = measure_wire_sizes(model_config)
     bed = None
     # SIGTERM stops the peers and the bed like Ctrl-C does, instead of orphaning them
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -232,38 +300,12 @@ def measure_swarm(
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)
     return _figures(
-        logs,
-        "loopback" if profile is None else f"netbed:{profile}",
-        peers,
-        params,
-        measure_audit_bytes_per_param(),
+        logs, "loopback" if profile is None else f"netbed:{profile}", peers, params, inner_steps, wire
     )
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
-
-
-def measure_audit_bytes_per_param(preset: str = "tiny") -> float:
-    """Serialize a real audit segment (the full training state at two trail entries) after one real AdamW
-    step of the preset, and divide its size by the parameter count."""
-    import torch
-
-    from gpunite.manifest import TrainSection
-    from gpunite.model import PRESETS, build_model, param_count
-    from gpunite.proof.trail import Segment, capture_state, segment_to_bytes
-    from gpunite.train.trainer import InnerTrainer
-
-    config = PRESETS[preset]
-    model = build_model(config, seed=0)
-    trainer = InnerTrainer(model, TrainSection(), device="cpu")
-    tokens = torch.randint(0, config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
-    trainer.train_step(tokens)
-    start = capture_state(model, trainer)
-    trainer.train_step(tokens)
-    end = capture_state(model, trainer)
-    segment = Segment(index=0, start=start, end=end, first_optimizer_hash=start.optimizer_hash, first_step=1)
-    return len(segment_to_bytes(segment)) / param_count(config)
 
 
 def _run_peers(
@@ -284,10 +326,10 @@ def _run_peers(
         "INFO",
     ]
 
-    def launch(index: int, argv: list[str]) -> subprocess.Popen:
+    def launch(index: int, argv: list[str], mode: str = "w") -> subprocess.Popen:
         host = bed.peers[index].address if bed is not None else "127.0.0.1"
         argv = [*argv, "--home", str(root / f"peer{index}"), "--host", host, *common]
-        with open(root / f"peer{index}.log", "w") as log:  # the child keeps its own copy of the handle
+        with open(root / f"peer{index}.log", mode) as log:  # the child keeps its own copy of the handle
             if bed is not None:
                 return bed.popen(index, argv, stdout=log, stderr=subprocess.STDOUT)
             return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -303,14 +345,23 @@ def _run_peers(
             found = _MADDR.search((root / "peer0.log").read_text(errors="replace"))
             maddr = found.group(1) if found else None
             time.sleep(0.2)
+        join = [*gpunite, "join", maddr]
         for index in range(1, peers):
-            processes.append(launch(index, [*gpunite, "join", maddr]))
+            processes.append(launch(index, join))
             time.sleep(join_stagger_s)  # many daemons starting at once on a small shared CPU time out
+        retries = dict.fromkeys(range(1, peers), 2)
         while any(p.poll() is None for p in processes):
             if time.time() > deadline:
                 raise CalibrationError(
                     f"the swarm did not finish {rounds} rounds in {timeout_s:.0f} s; see {root}"
                 )
+            # on an overloaded machine a joiner's daemon can time out while starting; while the first peer
+            # still waits for the whole swarm, start it again (same home, same identity)
+            if "round 0 started" not in (root / "peer0.log").read_text(errors="replace"):
+                for index in range(1, peers):
+                    if processes[index].poll() not in (None, 0) and retries[index] > 0:
+                        retries[index] -= 1
+                        processes[index] = launch(index, join, mode="a")
             time.sleep(0.5)
     finally:
         for process in processes:
@@ -329,44 +380,60 @@ def _run_peers(
     return [(root / f"peer{index}.log").read_text(errors="replace") for index in range(peers)]
 
 
-# What gpunite.swarm.peer logs at INFO after each round's steps and after each merge (counters are exact)
+# What gpunite.swarm.peer and gpunite.swarm.audits log at INFO after each round's steps, each audit and each
+# merge (the byte counters are exact)
 _TRAINED = re.compile(r"round (\d+): trained \d+ steps in ([\d.]+) s")
+_AUDITED = re.compile(r"audited \w+'s round (\d+) contribution .*? in ([\d.]+) s:")
 _MERGED = re.compile(
-    r"^(\d\d):(\d\d):(\d\d) .*round (\d+) merged .* sent (\d+) B, received (\d+) B so far", re.MULTILINE
+    r"^(\d\d):(\d\d):(\d\d) .*round (\d+) merged (\d+) contributions.* sent (\d+) B, received (\d+) B so far",
+    re.MULTILINE,
 )
 
 
-def parse_peer_log(text: str) -> tuple[list[tuple[float, int, int, int]], dict[int, float]]:
-    """(merges as (seconds of day, round, bytes sent, bytes received), {round: seconds of inner steps})."""
-    merges, offset, previous = [], 0.0, -1.0
+@dataclass
+class PeerLog:
+    merges: list[tuple[float, int, int, int]]  # (seconds of day, round, bytes sent, bytes received)
+    merged: dict[int, int]  # round -> contributions merged
+    trained: dict[int, float]  # round -> seconds of inner steps
+    audits: list[tuple[int, float]]  # (round audited, seconds the audit took)
+
+
+def parse_peer_log(text: str) -> PeerLog:
+    merges, merged, offset, previous = [], {}, 0.0, -1.0
     for match in _MERGED.finditer(text):
-        hours, minutes, seconds, round_index, sent, received = (int(g) for g in match.groups())
+        hours, minutes, seconds, round_index, count, sent, received = (int(g) for g in match.groups())
         stamp = hours * 3600 + minutes * 60 + seconds + offset
         if stamp < previous:  # the log's clock passed midnight
             offset += 86400.0
             stamp += 86400.0
         previous = stamp
         merges.append((stamp, round_index, sent, received))
+        merged[round_index] = count
     trained = {int(m.group(1)): float(m.group(2)) for m in _TRAINED.finditer(text)}
-    return merges, trained
+    audits = [(int(m.group(1)), float(m.group(2))) for m in _AUDITED.finditer(text)]
+    return PeerLog(merges, merged, trained, audits)
 
 
 def _figures(
-    logs: list[str], testbed: str, peers: int, params: int, audit_bytes_per_param: float
+    logs: list[str], testbed: str, peers: int, params: int, inner_steps: int, wire: WireSizes, overlap: bool
 ) -> SwarmMeasurement:
     """Per-round figures between each peer's first and last merge (the join download is before the first)."""
     import numpy as np
 
-    per_peer = []
+    per_peer, audit_times, audits_done = [], [], 0
     for text in logs:
-        merges, trained = parse_peer_log(text)
-        if len(merges) < 2:
+        log = parse_peer_log(text)
+        if len(log.merges) < 2:
             continue
-        (t0, r0, sent0, received0), (t1, r1, sent1, received1) = merges[0], merges[-1]
+        (t0, r0, sent0, received0), (t1, r1, sent1, received1) = log.merges[0], log.merges[-1]
         done = r1 - r0
-        compute = [trained[r] for r in range(r0 + 1, r1 + 1) if r in trained]
+        window = range(r0 + 1, r1 + 1)
+        compute = [log.trained[r] for r in window if r in log.trained]
         if done <= 0 or not compute:
             continue
+        mine = [seconds for r, seconds in log.audits if r in window]
+        audit_times += mine
+        audits_done += len(mine)
         per_peer.append(
             (
                 done,
@@ -374,6 +441,7 @@ def _figures(
                 float(np.mean(compute)),
                 (sent1 - sent0) / done,
                 (received1 - received0) / done,
+                float(np.mean([log.merged[r] / peers for r in window if r in log.merged])),
             )
         )
     if len(per_peer) < max(2, peers // 2):
@@ -391,5 +459,10 @@ def _figures(
         compute_spread=float(np.std(np.log(rows[:, 2]))),
         bytes_sent_per_peer_round=float(rows[:, 3].mean()),
         bytes_received_per_peer_round=float(rows[:, 4].mean()),
-        audit_bytes_per_param=audit_bytes_per_param,
+        inner_steps=inner_steps,
+        overlap=overlap,
+        audits_per_round=audits_done / float(rows[:, 0].mean()),
+        audit_s=float(np.mean(audit_times)) if audit_times else 0.0,
+        merged_fraction=float(rows[:, 5].mean()),
+        wire=wire,
     )

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gpunite.errors import GpuniteError
+from gpunite.sim.traffic import WireSizes
 
 
 class SimError(GpuniteError, ValueError):
@@ -96,19 +97,20 @@ LINKS: dict[str, LinkProfile] = {
 
 @dataclass(frozen=True)
 class ProtocolCosts:
-    """Per-round costs of the real protocol that the simulator cannot derive; see gpunite.sim.calibration."""
+    """Per-round costs of the real protocol. Bytes follow from the wire formats (`wire`, see
+    gpunite.sim.traffic); the CPU and waiting costs only a real swarm can tell are measured by
+    gpunite.sim.calibration on one set of runs and checked on others."""
 
-    exchange_bytes_per_param: float = 1.0 + 4.0 / 4096  # int8 values + one fp32 absmax scale per 4096-chunk
-    state_bytes_per_param: float = 8.0  # a joiner downloads fp32 weights + fp32 outer momentum
-    audit_bytes_per_param: float = 12.0  # a trail segment: fp32 weights + AdamW m and v
-    audit_compute_scale: float = 1.0  # replay time per step / training time per step
-    round_overhead_s: float = 1.0  # fixed per-round time: signing, hashing, DHT records, outer step
+    wire: WireSizes = field(default_factory=WireSizes)
+    # audit CPU time per replayed step / training time per step: parsing and hashing the fetched trail,
+    # the replay itself and the held-out loss
+    audit_compute_scale: float = 1.5
+    round_overhead_s: float = 1.0  # fixed per-round time: signing, hashing, DHT polling, outer step
     round_overhead_rtts: float = (
         6.0  # sequential request rounds per round (commit, close, slices, aggregates)
     )
     message_overhead_s: float = 2e-4  # CPU time per request sent or served (stream set-up, framing)
     failover_s: float = 10.0  # time to notice a vanished slice owner or coordinator and take over
-    background_Bps: float = 0.0  # per roster peer, each way: heartbeats, DHT records and polling
     compute_scale: float = 1.0  # measured compute time / ideal (FLOPs / (peak x mfu)) time
 
 
@@ -125,7 +127,9 @@ class SimConfig:
         600.0  # nominal wall time of a round's inner steps on every peer (speed-weighted work)
     )
     inner_steps: int = 500  # H
-    trail_interval: int = 10  # k: an audit replays k of the H steps
+    trail_interval: int = 10  # k: inner steps per trail segment
+    segments_per_audit: int = 2  # an audit fetches and replays this many segments (proof.segments_per_audit)
+    audit_timeout_s: float = 30.0  # the floor of the coordinator's wait for verdicts (see verdict_wait_s)
     deadline_slack: float = 0.25
     speed_jitter: float = 0.05  # sigma of the log-normal per-round speed noise
     overlap: bool = True
@@ -162,6 +166,8 @@ class SimConfig:
             raise SimError(f"--churn (mean session hours) must be > 0, got {self.session_hours}")
         if not 0 <= self.audit_fraction <= 1 or not 0 <= self.cheater_fraction <= 1:
             raise SimError("audit_fraction and cheater_fraction must be between 0 and 1")
+        if min(self.inner_steps, self.trail_interval, self.segments_per_audit) < 1:
+            raise SimError("inner_steps, trail_interval and segments_per_audit must be >= 1")
 
     def param_count(self) -> int:
         if self.params is not None:
@@ -193,7 +199,12 @@ class SimResult:
     work_cheat_merged_flops: float
     bytes_sent_total: float
     bytes_received_total: float
+    # where the bytes per peer per round go (each counted once, as sent)
+    exchange_bytes_per_peer_round: float  # slices to their owners, merged slices back, framing
+    audit_bytes_per_peer_round: float  # deltas, trail segments and final weights fetched by verifiers
+    state_bytes_per_peer_round: float  # global state downloaded by (re)joining peers
     audits: int
+    late_verdicts: int  # audits whose verdict missed the close (their contributions did not merge)
     cheaters: int
     cheaters_caught: int
     detect_rounds_mean: float | None  # rounds from a cheater's first contribution to its ban
@@ -331,10 +342,12 @@ def exchange_round(
 ) -> _Exchange:
     """Bytes and time of one round's sharded aggregation over the roster (arrays over roster peers).
 
-    Inside each group, owner j holds a share f_j of the parameter vector: it receives f_j of every
-    contributor's pseudo-gradient and sends the merged f_j to every other group member; each contributor
-    sends all the slices it does not own and every member fetches all of them. Across groups (if there are
-    several), owners of the same share reduce their merged slices: about 2 f_j of the vector each way."""
+    `contributor` marks the accepted contributions. Inside each group, owner j holds a share f_j of the
+    parameter vector: it pulls f_j of every other contributor's pseudo-gradient (one request each) and
+    serves the merged f_j to every other group member, who each fetch it (one request each); so each
+    contributor sends all the slices it does not own and every member receives all of them. Across groups
+    (if there are several), owners of the same share reduce their merged slices: about 2 f_j each way.
+    Every request and its reply add `costs.wire.request_bytes` of framing, shared by both ends."""
     n = len(contributor)
     n_groups = int(group.max()) + 1 if n else 0
     bandwidth = np.minimum(up_Bps, down_Bps) if adaptive else np.ones(n)
@@ -357,6 +370,13 @@ def exchange_round(
     if n_groups > 1:
         cross_sent = cross_received = np.where(owner & any_contribution, 2.0 * share * vector, 0.0)
         cross_s = float(np.max(cross_sent / np.minimum(up_Bps, down_Bps), initial=0.0))
+    # requests each peer makes or serves: slice pulls (owner -> other contributors), aggregate fetches
+    # (member -> other owners)
+    pulls_made = np.where(owner, contributors - contributor, 0.0)
+    pulls_served = np.where(contributor, owners - owner, 0.0)
+    fetches_made = np.where(any_contribution, owners - owner, 0.0)
+    fetches_served = np.where(owner & any_contribution, members - 1.0, 0.0)
+    framing = 0.5 * costs.wire.request_bytes * (pulls_made + pulls_served + fetches_made + fetches_served)
     messages = np.where(contributor, owners, 0) + np.where(owner, contributors + members, 0) + owners
     if n_groups > 1:
         messages = messages + np.where(owner, 2 * (n_groups - 1), 0)
@@ -369,10 +389,82 @@ def exchange_round(
     ready_s = merged_at + np.maximum(gather_received / down_Bps, serve_s)
     return _Exchange(
         seconds=merged_at + serve_s,
-        sent=scatter_sent + gather_sent + cross_sent,
-        received=scatter_received + gather_received + cross_received,
+        sent=scatter_sent + gather_sent + cross_sent + framing,
+        received=scatter_received + gather_received + cross_received + framing,
         ready_s=ready_s,
     )
+
+
+def draw_verifiers(trainer: np.ndarray, coordinator: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """One verifier per audited contribution, uniform over the roster without its trainer and (with three
+    peers or more) without the coordinator, as gpunite.swarm.audits.assign draws them from the beacon."""
+    if n < 2:
+        raise SimError("an audit needs a verifier other than the trainer: at least 2 peers")
+    if n == 2:
+        return 1 - trainer
+    same = trainer == coordinator
+    low, high = np.minimum(trainer, coordinator), np.maximum(trainer, coordinator)
+    pick = np.floor(rng.random(trainer.size) * np.where(same, n - 1, n - 2)).astype(np.int64)
+    pick = pick + (pick >= low)
+    return pick + ((pick >= high) & ~same)
+
+
+def verdict_wait_s(cfg: SimConfig, roster: int) -> float:
+    """How long a coordinator waits for verdicts after its beacon (gpunite.swarm.peer.Peer.audit_timeout_s):
+    the floor plus 3 x the replays the busiest verifier owes in expectation, at the trainer's step time
+    (doubled with overlap, when the verifier's next round shares its device). The trail's download time is
+    not in it."""
+    per_verifier = math.ceil(cfg.audit_fraction * roster / max(1, roster - 1))
+    step_s = cfg.round_compute_s / cfg.inner_steps
+    replay_s = cfg.segments_per_audit * cfg.trail_interval * step_s * (2 if cfg.overlap else 1)
+    return cfg.audit_timeout_s + 3.0 * per_verifier * replay_s
+
+
+@dataclass
+class _Audits:
+    trainer: np.ndarray  # roster indices of the audited contributions' trainers
+    verifier: np.ndarray
+    verdict_s: np.ndarray  # seconds after the beacon at which each verdict is published
+    busy_s: float  # the longest any verifier is busy auditing (it serves its slice only after that)
+    replay_busy_s: float  # the longest any verifier spends on replay compute (the device, not the link)
+
+
+def audit_round(
+    audited: np.ndarray,
+    coordinator: int,
+    audit_bytes: float,
+    replay_flops: np.ndarray,
+    train_flops: np.ndarray,
+    up_Bps: np.ndarray,
+    down_Bps: np.ndarray,
+    request_rtts: float,
+    rtt_s: float,
+    rng: np.random.Generator,
+) -> _Audits:
+    """When the verdicts of a round's audits come in (arrays over roster peers; `audited` marks trainers).
+
+    A verifier runs its audits one after another, in the beacon's (random) order: each downloads
+    `audit_bytes` from the trainer at the slower of the two links, in `request_rtts` sequential requests,
+    then replays `replay_flops[trainer]` at its own `train_flops`."""
+    n = audited.size
+    trainer = np.flatnonzero(audited)
+    if trainer.size == 0:
+        empty = np.zeros(0)
+        return _Audits(trainer, trainer.copy(), empty, 0.0, 0.0)
+    verifier = draw_verifiers(trainer, coordinator, n, rng)
+    transfer_s = audit_bytes / np.minimum(up_Bps[trainer], down_Bps[verifier]) + request_rtts * rtt_s
+    replay = replay_flops[trainer] / train_flops[verifier]
+    duration = transfer_s + replay
+    order = np.lexsort((rng.random(trainer.size), verifier))
+    sorted_duration, sorted_verifier = duration[order], verifier[order]
+    running = np.cumsum(sorted_duration)
+    first = np.r_[True, sorted_verifier[1:] != sorted_verifier[:-1]]
+    before_group = (running - sorted_duration)[first][np.cumsum(first) - 1]
+    verdict_s = np.empty(trainer.size)
+    verdict_s[order] = running - before_group
+    busy = np.bincount(verifier, weights=duration, minlength=n)
+    replay_busy = np.bincount(verifier, weights=replay, minlength=n)
+    return _Audits(trainer, verifier, verdict_s, float(busy.max()), float(replay_busy.max()))
 
 
 class _Run:
@@ -382,12 +474,15 @@ class _Run:
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.peers = _build_peers(cfg, self.rng)
-        n_params = cfg.param_count()
-        costs = cfg.costs
-        self.param_bytes = n_params * costs.exchange_bytes_per_param
-        self.state_bytes = n_params * costs.state_bytes_per_param
-        self.audit_bytes = n_params * costs.audit_bytes_per_param
-        self.audit_ratio = cfg.trail_interval / cfg.inner_steps * costs.audit_compute_scale
+        self.n_params = n_params = cfg.param_count()
+        wire = cfg.costs.wire
+        self.param_bytes = n_params * wire.slice_bytes_per_param
+        self.state_bytes = n_params * wire.state_bytes_per_param
+        # an audit replays min(segments_per_audit, H / k) segments of k steps each
+        self.audit_segments = min(cfg.segments_per_audit, max(cfg.inner_steps // cfg.trail_interval, 1))
+        self.audit_ratio = (
+            min(self.audit_segments * cfg.trail_interval, cfg.inner_steps) / cfg.inner_steps
+        ) * cfg.costs.audit_compute_scale
         self.deadline_s = cfg.round_compute_s * (1.0 + cfg.deadline_slack)
         self.churn_means = _churn_means(cfg) if cfg.session_hours is not None else (math.inf, math.inf)
         self.t = 0.0
@@ -410,6 +505,10 @@ class _Run:
                 "online",
                 "peak",
                 "audits",
+                "late_verdicts",
+                "exchange_bytes",
+                "audit_bytes",
+                "state_bytes",
             ),
             0.0,
         )
@@ -437,6 +536,7 @@ class _Run:
             peers.lag_s[coming] = 0.0
             totals["received"] += self.state_bytes * coming.size
             totals["sent"] += self.state_bytes * coming.size
+            totals["state_bytes"] += self.state_bytes * coming.size
             durations = np.where(
                 peers.online[due],
                 _weibull(self.rng, on_mean, self.cfg.session_shape, due.size),
@@ -488,42 +588,60 @@ class _Run:
         committed = (finish_s <= close_s) & owner
         group = rng.permutation(n) // cfg.group_size if cfg.group_size > 0 else np.zeros(n, dtype=np.int64)
         rtt_s = 2.0 * float(np.median(peers.one_way_s[roster]))
-        exchange = exchange_round(
-            self.param_bytes, committed, owner, up, down, group, costs, rtt_s, cfg.adaptive
+
+        # audits: the coordinator's own contribution and a sampled fraction of the others; a random verifier
+        # per audit fetches the delta, the drawn trail segments and the final weights, then replays
+        coordinator = int(rng.integers(n))
+        audited = committed & (rng.random(n) < cfg.audit_fraction)
+        audited[coordinator] = committed[coordinator]
+        if n < 2:
+            audited[:] = False  # nobody but its trainer could verify it: it merges on the cheap checks
+        # the delta comes in one request per slice of the trainer's aggregation group
+        slices = min(cfg.group_size, n) if cfg.group_size > 0 else n
+        audit_bytes = cfg.costs.wire.audit_bytes(self.n_params, slices, self.audit_segments)
+        audits = audit_round(
+            audited,
+            coordinator,
+            audit_bytes,
+            self.audit_ratio * work,
+            train_flops,
+            up,
+            down,
+            slices + self.audit_segments + 1,
+            rtt_s,
+            rng,
         )
+        on_time = audits.verdict_s <= verdict_wait_s(cfg, n)
+        detected = cheater[audits.trainer] & (rng.random(audits.trainer.size) < cfg.detect_probability)
+        # a verdict that misses the close keeps its contribution out without blaming anyone (its work is lost)
+        caught = audits.trainer[detected & on_time]
+        accepted = committed.copy()
+        accepted[audits.trainer[~on_time]] = False
+        accepted[caught] = False
+        audit_bytes_round = audit_bytes * audits.trainer.size
 
-        # audits: a random roster peer fetches a trail segment and replays k of the contribution's H steps
-        committed_idx = np.flatnonzero(committed)
-        audited = committed_idx[rng.random(committed_idx.size) < cfg.audit_fraction]
-        audit_s = 0.0
-        audit_sent = audit_received = 0.0
-        if audited.size:
-            # verifiers come from hashes, so the audits of a round spread evenly over the roster
-            verifier = rng.permutation(n)[np.arange(audited.size) % n]
-            replay_s = (
-                self.audit_ratio * work[audited] / train_flops[verifier] + self.audit_bytes / down[verifier]
-            )
-            audit_s = float(np.max(np.bincount(verifier, weights=replay_s, minlength=n)))
-            audit_sent = audit_received = self.audit_bytes * audited.size
-        caught = audited[cheater[audited] & (rng.random(audited.size) < cfg.detect_probability)]
-
-        comm_s = costs.round_overhead_s + exchange.seconds + audit_s
+        exchange = exchange_round(
+            self.param_bytes, accepted, owner, up, down, group, costs, rtt_s, cfg.adaptive
+        )
+        comm_s = costs.round_overhead_s + audits.busy_s + exchange.seconds
         # a slice owner (the coordinator is one) that vanishes before the merge is in costs a failover wait
         if np.any(owner & (leave_s <= close_s + comm_s)):
             comm_s += costs.failover_s
-        # with overlap the exchange of round r runs during round r + 1's steps (one-round-delayed outer step)
-        round_s = max(close_s, comm_s) if cfg.overlap else close_s + comm_s
+        # with overlap the exchange of round r runs during round r + 1's steps (one-round-delayed outer step);
+        # replaying audits needs the same device as training, so that part of the audits cannot hide
+        round_s = max(close_s + audits.replay_busy_s, comm_s) if cfg.overlap else close_s + comm_s
 
-        merged = committed.copy()
-        merged[caught] = False
+        merged = accepted
         totals["assigned"] += float(work.sum())
         totals["merged"] += float(work[merged & ~cheater].sum())
         totals["cheat"] += float(work[merged & cheater].sum())
         totals["lost"] += float(work[~merged].sum())
-        background = costs.background_Bps * round_s * n
-        totals["sent"] += float(exchange.sent.sum()) + audit_sent + background
-        totals["received"] += float(exchange.received.sum()) + audit_received + background
-        totals["audits"] += audited.size
+        totals["sent"] += float(exchange.sent.sum()) + audit_bytes_round
+        totals["received"] += float(exchange.received.sum()) + audit_bytes_round
+        totals["exchange_bytes"] += float(exchange.sent.sum())
+        totals["audit_bytes"] += audit_bytes_round
+        totals["audits"] += audits.trainer.size
+        totals["late_verdicts"] += float(np.sum(~on_time))
         totals["peer_rounds"] += n
         totals["contributors"] += float(committed.sum())
         totals["online"] += float(peers.online.sum())
@@ -542,7 +660,7 @@ class _Run:
 
         # a peer that receives the merged update after it needs it starts the next round's steps late
         needed_by = round_s + (cfg.round_compute_s if cfg.overlap else 0.0)
-        lag = np.maximum(close_s + costs.round_overhead_s + exchange.ready_s - needed_by, 0.0)
+        lag = np.maximum(close_s + costs.round_overhead_s + audits.busy_s + exchange.ready_s - needed_by, 0.0)
         self.advance(self.t + round_s)
         peers.lag_s[roster] = np.where(peers.online[roster], lag, 0.0)
 
@@ -550,6 +668,7 @@ class _Run:
         cfg, totals = self.cfg, self.totals
         sim_s = self.t
         n_rounds = max(self.rounds_attempted, 1)
+        peer_rounds = max(totals["peer_rounds"], 1.0)
         detect = np.concatenate(self.detect_rounds) if self.detect_rounds else np.zeros(0)
         expected = (
             1.0 / (cfg.audit_fraction * cfg.detect_probability)
@@ -569,15 +688,19 @@ class _Run:
             mean_round_s=(sim_s - totals["stalled_s"]) / n_rounds,
             mean_online_peers=totals["online"] / n_rounds,
             mean_contributors=totals["contributors"] / n_rounds,
-            bytes_sent_per_peer_round=totals["sent"] / max(totals["peer_rounds"], 1.0),
-            bytes_received_per_peer_round=totals["received"] / max(totals["peer_rounds"], 1.0),
+            bytes_sent_per_peer_round=totals["sent"] / peer_rounds,
+            bytes_received_per_peer_round=totals["received"] / peer_rounds,
             work_assigned_flops=totals["assigned"],
             work_merged_flops=totals["merged"],
             work_lost_flops=totals["lost"],
             work_cheat_merged_flops=totals["cheat"],
             bytes_sent_total=totals["sent"],
             bytes_received_total=totals["received"],
+            exchange_bytes_per_peer_round=totals["exchange_bytes"] / peer_rounds,
+            audit_bytes_per_peer_round=totals["audit_bytes"] / peer_rounds,
+            state_bytes_per_peer_round=totals["state_bytes"] / peer_rounds,
             audits=int(totals["audits"]),
+            late_verdicts=int(totals["late_verdicts"]),
             cheaters=int(self.peers.cheater.sum()),
             cheaters_caught=int(detect.size),
             detect_rounds_mean=float(detect.mean()) if detect.size else None,

@@ -1,0 +1,119 @@
+"""Bytes that each kind of swarm message puts on the wire, from the formats the protocol really sends.
+
+Every P2P request in gpunite is one frame each way (gpunite.swarm.protocol.write_frame: a 4-byte header
+length, the JSON header, an 8-byte body length, the body), and the byte counters every peer logs count
+exactly those frames. The bodies are safetensors: a JSON header naming the tensors, then the raw data, so
+their size is (bytes per parameter of the dtypes) x parameters + a header that depends only on the tensor
+names. Per round (gpunite.swarm.peer, gpunite.swarm.audits):
+
+- a slice owner pulls its slice of every other accepted contribution: int8 values + one fp32 absmax scale
+  per chunk (1 + 4 / chunk bytes per parameter);
+- every peer fetches every other owner's merged slice: the same format;
+- a verifier fetches the whole delta from the trainer (one request per slice), the drawn trail segments
+  (the full training state at both ends: fp32 weights and AdamW's two moments, 24 bytes per parameter)
+  and the trail's final weights (4 bytes per parameter);
+- a joiner (or a peer that re-syncs) downloads the global state: fp32 weights, the outer momentum and the
+  serving peer's AdamW moments (16 bytes per parameter).
+
+DHT traffic (heartbeats, records) goes through hivemind, not these frames, and is not in the counters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+FRAME_PREFIX_BYTES = 12  # 4-byte header length + 8-byte body length
+INT8_BYTES, FP32_BYTES = 1, 4
+ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32 like the weights
+RUN_ID_CHARS = 64  # a run id is a sha256 in hex; every request header carries it
+
+
+@dataclass(frozen=True)
+class WireSizes:
+    """Per-message wire bytes: a per-parameter part fixed by the dtypes, and a fixed part per message."""
+
+    chunk: int = 4096
+    request_bytes: float = 250.0  # one request and its reply: frame prefixes, both JSON headers, body header
+    segment_header_bytes: float = 0.0  # safetensors header of one trail segment (grows with tensor count)
+    final_header_bytes: float = 0.0
+
+    @property
+    def slice_bytes_per_param(self) -> float:
+        return INT8_BYTES + FP32_BYTES / self.chunk
+
+    @property
+    def segment_bytes_per_param(self) -> float:
+        return 2 * FP32_BYTES * (1 + ADAM_MOMENTS)  # the state at both ends of the segment
+
+    @property
+    def final_bytes_per_param(self) -> float:
+        return FP32_BYTES
+
+    @property
+    def state_bytes_per_param(self) -> float:
+        return FP32_BYTES * (2 + ADAM_MOMENTS)  # weights, outer momentum, the server's AdamW moments
+
+    def audit_bytes(self, params: int, n_slices: int, segments: int) -> float:
+        """One audit's download: the delta in `n_slices` requests, `segments` segments, the final weights."""
+        return (
+            params * (self.slice_bytes_per_param + segments * self.segment_bytes_per_param)
+            + params * self.final_bytes_per_param
+            + (n_slices + segments + 1) * self.request_bytes
+            + segments * self.segment_header_bytes
+            + self.final_header_bytes
+        )
+
+
+def frame_bytes(header: dict, body_bytes: int = 0) -> int:
+    """Bytes of one frame as write_frame sends it (compact, sorted JSON header)."""
+    return FRAME_PREFIX_BYTES + len(json.dumps(header, sort_keys=True, separators=(",", ":"))) + body_bytes
+
+
+def request_overhead_bytes(kind: str = "slice", round_index: int = 100, index: int = 10) -> int:
+    """Framing of one slice/aggregate/trail request and its reply, without the body's own bytes."""
+    run = "0" * RUN_ID_CHARS
+    key = "segment" if kind == "trail" else "slice"
+    request = frame_bytes({"run": run, "round": round_index, key: index})
+    reply = frame_bytes({"round": round_index, key: index})
+    return request + reply
+
+
+def measure_wire_sizes(model_config=None, chunk: int = 4096) -> tuple[WireSizes, dict[str, int]]:
+    """WireSizes with the fixed parts measured by serializing real payloads of `model_config` (default: the
+    tiny preset), and the real sizes themselves ({"slice": ..., "segment": ..., "final": ..., "params": ...})
+    so a caller can check the per-parameter model against them."""
+    import torch
+
+    from gpunite.manifest import TrainSection
+    from gpunite.model import PRESETS, build_model, param_count
+    from gpunite.proof.trail import Segment, capture_state, final_to_bytes, segment_to_bytes
+    from gpunite.train.compression import compress, payload_to_bytes
+    from gpunite.train.trainer import InnerTrainer
+
+    config = model_config or PRESETS["tiny"]
+    params = param_count(config)
+    model = build_model(config, seed=0)
+    trainer = InnerTrainer(model, TrainSection(), device="cpu")
+    # AdamW's real state (names, shapes, dtypes) after two steps; the gradients' values do not change sizes
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 1e-3)
+    trainer.optimizer.step()
+    start = capture_state(model, trainer)
+    trainer.optimizer.step()
+    end = capture_state(model, trainer)
+    segment = len(
+        segment_to_bytes(Segment(0, start, end, first_optimizer_hash=start.optimizer_hash, first_step=1))
+    )
+    final = len(final_to_bytes(end))
+    vector = torch.randn(params, generator=torch.Generator().manual_seed(1))
+    whole = len(payload_to_bytes(compress(vector, "int8", chunk)))
+    body_header = whole - (params * INT8_BYTES + FP32_BYTES * -(-params // chunk))
+    sizes_per_param = WireSizes(chunk=chunk)
+    sizes = WireSizes(
+        chunk=chunk,
+        request_bytes=float(request_overhead_bytes() + body_header),
+        segment_header_bytes=float(segment - params * sizes_per_param.segment_bytes_per_param),
+        final_header_bytes=float(final - params * FP32_BYTES),
+    )
+    return sizes, {"params": params, "slice": whole, "segment": segment, "final": final}
