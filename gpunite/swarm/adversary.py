@@ -242,19 +242,34 @@ def _foreign_units(ctx: RoundContext, own_id: str, units: list[WorkUnit], memory
 
 
 def _sybils(peer: Peer, ctx: RoundContext, memory: _Memory) -> list[tuple[Identity, list[WorkUnit]]]:
-    """Keep the Sybil identities heartbeating as trainers of this round; those the roster gave units to."""
-    from gpunite.swarm.membership import Membership
-
+    """Start the Sybil identities heartbeating as trainers (once); those the roster gave units this round."""
     if not memory.sybils:
+        membership_type = _mirror_membership_type()
         for index in range(SYBIL_IDENTITIES):
             identity = sybil_identity(peer.identity, index)
-            membership = Membership(peer.node, identity, peer.run_id, ["trainer"], peer.config.heartbeat_s,
-                                    ctx.round, ctx.base_hash)
+            membership = membership_type(peer.node, identity, peer.run_id, ["trainer"], peer.config.heartbeat_s,
+                                          host=peer.membership)
             membership.start()
             memory.sybils[identity.peer_id] = membership
             memory.sybil_identities[identity.peer_id] = identity
             log.info("sybil identity %s heartbeats on this peer's node", identity.peer_id[:12])
-    for membership in memory.sybils.values():
-        membership.update(ctx.round, ctx.base_hash)  # fresh for this round's close: it stays in the roster
     return [(memory.sybil_identities[pid], list(ctx.assigned[pid])) for pid in sorted(memory.sybils)
             if ctx.assigned.get(pid)]
+
+
+def _mirror_membership_type() -> type[Membership]:
+    """Membership whose heartbeat copies its host peer's round and weights (imported late: it loads hivemind)."""
+    from gpunite.swarm.membership import Membership
+
+    @dataclass
+    class MirrorMembership(Membership):
+        """A Sybil's heartbeat: its host peer's round, weights and node, so closes put it in the roster too."""
+
+        host: Membership | None = None
+
+        def heartbeat(self):
+            if self.host is not None:
+                self.round, self.weights_hash = self.host.round, self.host.weights_hash
+            return super().heartbeat()
+
+    return MirrorMembership

@@ -123,27 +123,17 @@ class RoundAudits:
         self._done: dict[int, set[str]] = {}  # round -> contribution ids
         self._emitted: set[str] = set()  # verdict ids already handed to the record hook
         self._beacon_seen: dict[tuple[int, str], float] = {}  # (round, signer) -> when we first saw its beacon
-        self._bases: dict[int, torch.Tensor] = {}  # round -> the flat base weights its replays start from
         self._held_out: dict[int, tuple[torch.Tensor, float] | None] = {}  # round -> (batch, base loss)
 
     # ----- every peer -----
-    def start_round(self, ctx: RoundContext, roster_ids: Sequence[str], base_weights: torch.Tensor | None = None
-                    ) -> None:
-        """Begin auditing round ctx.round among roster_ids. base_weights: the round's flat global weights
-        (hash ctx.base_hash) that replays start from; by default the peer's state, when it is that round's."""
-        state = self.peer.state
-        if base_weights is None and state.weights_hash == ctx.base_hash:
-            base_weights = state.weights
+    def start_round(self, ctx: RoundContext, roster_ids: Sequence[str]) -> None:
+        """Begin auditing round ctx.round among roster_ids (replays start from `Peer.round_base`)."""
         with self._lock:
             self._roster[ctx.round] = sorted(roster_ids)
-            if base_weights is not None:
-                self._bases[ctx.round] = base_weights
             for table in (self._in_force, self._roster, self._pool, self._relied, self._own, self._held_out,
                           self._done):
                 for old in [r for r in table if r < ctx.round - 1]:
                     del table[old]
-            for old in [r for r in self._bases if r < ctx.round]:  # a model's worth each: only the current one
-                del self._bases[old]
             for key in [k for k in self._beacon_seen if k[0] < ctx.round - 1]:
                 del self._beacon_seen[key]
 
@@ -196,13 +186,13 @@ class RoundAudits:
         """No replay for what cannot merge anyway: a banned signer's work, or work from another base than ours
         (a verifier holding other weights would misjudge it)."""
         return (not self._bans_for(ctx.round).is_banned(contribution.peer_id)
-                and contribution.base_hash == ctx.base_hash)
+                and contribution.base_hash == ctx.base_hash and self.peer.round_base(ctx.round) is not None)
 
     def audit(self, ctx: RoundContext, contribution: Contribution, segments: Sequence[int]) -> Verdict | None:
         """Replay a contribution's drawn segments and publish our signed verdict on it (None: we do not hold
         the round's base weights, so we judge nothing and the coordinator's wait for us times out)."""
         started = time.perf_counter()
-        base = self._base(ctx)
+        base = self.peer.round_base(ctx.round)
         if base is None:
             log.warning("cannot audit %s's round %d contribution: this peer does not hold the round's base weights",
                         contribution.peer_id[:12], ctx.round)
@@ -221,14 +211,6 @@ class RoundAudits:
                  ctx.round, list(segments), time.perf_counter() - started,
                  "accept" if result.accept else "REJECT", result.reason)
         return verdict
-
-    def _base(self, ctx: RoundContext) -> torch.Tensor | None:
-        with self._lock:
-            held = self._bases.get(ctx.round)
-        if held is not None:
-            return held
-        state = self.peer.state
-        return state.weights if state.weights_hash == ctx.base_hash else None
 
     def _replay(self, ctx: RoundContext, contribution: Contribution, segments: Sequence[int],
                 base_weights: torch.Tensor) -> AuditResult:
@@ -472,7 +454,8 @@ async def serve_trail(peer: Peer, header: dict, body: bytes, caller: str) -> tup
     round_index, what = header.get("round"), header.get("segment")
     if not isinstance(round_index, int) or not (what == "final" or isinstance(what, int)):
         raise ValueError("trail request needs an integer round and segment (or \"final\")")
-    if not peer.state.round - 1 <= round_index <= peer.state.round:
+    # Round state.round + 1 too: a peer that trains the next round while this one closes (train.overlap).
+    if not peer.state.round - 1 <= round_index <= peer.state.round + 1:
         raise ValueError(f"round {round_index}'s trail is not kept here")
 
     def read() -> bytes:
