@@ -206,11 +206,12 @@ def test_local_finetune_lowers_heldout_loss_then_exports_merged_and_adapter(base
     from transformers import AutoModelForCausalLM
 
     from gpunite.data.batches import heldout_sequences
-    from gpunite.data.prepare import prepare_dataset
+    from gpunite.data.prepare import build_tokenizer, prepare_dataset
     from gpunite.data.shards import ShardIndex
-    from gpunite.export import export_hf
+    from gpunite.export import ExportError, export_hf, generate_text, load_for_generation
+    from gpunite.model import build_model, config_from_manifest
     from gpunite.serve.host import load_served_model
-    from gpunite.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from gpunite.train.checkpoint import load_checkpoint, load_model_state, model_from_checkpoint
     from gpunite.train.local import train_local
     from gpunite.train.trainer import InnerTrainer
 
@@ -248,6 +249,11 @@ def test_local_finetune_lowers_heldout_loss_then_exports_merged_and_adapter(base
     with torch.no_grad():
         assert torch.allclose(served.model(input_ids=tokens).logits, expected, atol=1e-4)
     assert "twice:" in served.codec.decode(served.codec.encode("word: kalo\ntwice:"))
+    # `gpunite generate` on the checkpoint (merged on load) and on the merged folder: the same greedy text.
+    prompt = "word: kalo\ntwice:"
+    texts = [generate_text(load_for_generation(source), prompt, max_tokens=6, temperature=0)
+             for source in (trained.checkpoint, merged_dir)]
+    assert texts[0] == texts[1]
 
     adapter_dir = export_hf(trained.checkpoint, tmp_path / "adapter")
     assert (adapter_dir / "adapter_model.safetensors").is_file()
@@ -259,10 +265,26 @@ def test_local_finetune_lowers_heldout_loss_then_exports_merged_and_adapter(base
     with torch.no_grad():
         assert torch.allclose(onto_base(input_ids=tokens).logits, expected, atol=1e-4)
 
-    with pytest.raises(Exception, match="no LoRA adapters to merge"):
+    with pytest.raises(ExportError, match="no LoRA adapters to merge"):
         export_hf(base, tmp_path / "nothing", merge=True)
 
+    # The same base as a Hugging Face folder: same weights hash, same tokens, and the adapter fits it.
+    hf_dir = tmp_path / "from-hf"
+    hf_dir.mkdir()
+    hf_manifest = load_manifest(finetune_manifest(hf_dir, base_export, tmp_path / "train.jsonl",
+                                                  lora__target_modules=every_linear))
+    assert hf_manifest.model.base == str(base_export.resolve())
+    assert hf_manifest.model.base_hash == manifest.model.base_hash
+    text = "word: kalo\ntwice: kalo kalo"
+    assert (build_tokenizer(hf_manifest).tokenizer.encode(text).ids
+            == build_tokenizer(manifest).tokenizer.encode(text).ids)
+    on_hf_base = build_model(config_from_manifest(hf_manifest))
+    load_model_state(on_hf_base, checkpoint.model_state)
+    with torch.no_grad():
+        assert torch.allclose(on_hf_base.eval()(input_ids=tokens).logits, expected, atol=1e-5)
 
+
+@pytest.mark.timeout(480)  # peer start-up alone takes minutes on a loaded 2-core machine
 def test_two_peer_swarm_finetune_agrees_on_adapter_weights(base, tmp_path):
     from gpunite.data.prepare import prepare_dataset
     from gpunite.swarm.demo import LocalSwarm, round_log
@@ -273,9 +295,9 @@ def test_two_peer_swarm_finetune_agrees_on_adapter_weights(base, tmp_path):
     prepare_dataset(load_manifest(path))
     rounds = 2
     with LocalSwarm(tmp_path, path, heartbeat_s=1.0) as swarm:
-        swarm.start_first("peer1", wait_peers=2, rounds=rounds, extra=["--speed", "1"])
-        swarm.join("peer2", swarm.address(), rounds=rounds, extra=["--speed", "1"])
-        swarm.wait_exit(240)
+        swarm.start_first("peer1", wait_peers=2, rounds=rounds, extra=["--speed", "1", "--save-final"])
+        swarm.join("peer2", swarm.address(), rounds=rounds, extra=["--speed", "1", "--save-final"])
+        swarm.wait_exit(420)
         homes = [swarm.peers[name].home for name in ("peer1", "peer2")]
     chains = [chain_hashes(home) for home in homes]
     assert set(chains[0]) >= {0, 1} and chains[0] == chains[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -180,7 +181,10 @@ def _add_adapters(model: torch.nn.Module, config: ModelConfig, seed: int) -> tor
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, lora, adapter_name=PEFT_ADAPTER_NAME)
+        with warnings.catch_warnings():
+            # peft asks transformers 5 a deprecated question about gradient checkpointing: noise in peer logs.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, lora, adapter_name=PEFT_ADAPTER_NAME)
     finally:
         torch.random.set_rng_state(generator_state)
 
