@@ -63,6 +63,8 @@ trail_interval = 2
 [credit]
 anonymous_daily_queries = 100000
 max_daily_queries = 100000
+[host]
+min_tflops = 0.0  # a CPU shared with other test runs can measure below the default minimum
 """
 
 
@@ -215,7 +217,7 @@ def test_a_follower_refuses_a_state_that_is_not_the_verified_one_and_keeps_servi
 
 # ----- a real swarm and a real following host -----
 
-pytestmark_swarm = pytest.mark.timeout(300)
+pytestmark_swarm = pytest.mark.timeout(600)  # three processes start: minutes when the CPU is shared
 
 
 def chain(home) -> dict[int, str]:
