@@ -217,7 +217,7 @@ def test_a_follower_refuses_a_state_that_is_not_the_verified_one_and_keeps_servi
 
 # ----- a real swarm and a real following host -----
 
-pytestmark_swarm = pytest.mark.timeout(600)  # three processes start: minutes when the CPU is shared
+SWARM_TIMEOUT = pytest.mark.timeout(600)  # three processes start: minutes when the CPU is shared
 
 
 def chain(home) -> dict[int, str]:
@@ -247,7 +247,7 @@ def health(url: str) -> dict | None:
         return None
 
 
-@pytestmark_swarm
+@SWARM_TIMEOUT
 def test_a_host_follows_the_runs_verified_rounds_without_dropping_requests(tmp_path):
     from gpunite.data.prepare import prepare_dataset
     from gpunite.manifest import load_manifest
