@@ -365,6 +365,7 @@ def test_cli_prints_json_and_one_line_errors():
             "rtx3090:0.5,rtx4090:0.3,a100:0.2",
             "--link",
             "home",
+            "--overlap",
             "--json",
         ],
         capture_output=True,
@@ -375,6 +376,9 @@ def test_cli_prints_json_and_one_line_errors():
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)
     assert result["peers"] == 50 and result["rounds_attempted"] == 3 and result["useful_tflops"] > 0
+    # --overlap answers what it changes: the same swarm without it comes alongside
+    without = result["without_overlap"]
+    assert without["peers"] == 50 and without["mean_round_s"] >= result["mean_round_s"]
     bad = subprocess.run(
         [sys.executable, "-m", "gpunite", "sim", "--gpu-mix", "abacus:1"],
         capture_output=True,

@@ -204,6 +204,7 @@ def netbed_run(
     rounds: int = typer.Option(4, help="Rounds measured (the swarm trains one more)."),
     workdir: Path | None = typer.Option(None, help="Keep the run's files here (default: a temp dir)."),
     save: Path | None = typer.Option(None, help="Save the measured figures (a calibration file) here."),
+    overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="The run's train.overlap."),
     calibration: Path | None = typer.Option(
         None, help="A saved loopback run: simulate this run with its costs and show both side by side."
     ),
@@ -214,7 +215,11 @@ def netbed_run(
 
     reference = calibrate([load_measurement(calibration)]) if calibration else None
     measured = measure_swarm(
-        peers=peers, profile=None if profile == "loopback" else profile, rounds=rounds, workdir=workdir
+        peers=peers,
+        profile=None if profile == "loopback" else profile,
+        rounds=rounds,
+        workdir=workdir,
+        overlap=overlap,
     )
     if save:
         save_measurement(save, measured)
