@@ -96,7 +96,10 @@ def test_late_joiner_catches_up_within_one_round(swarm):
     swarm.wait_for(lambda s: s.get("peer3", {}).get("rounds_done", 0) >= 1, 240, "peer3 to merge its first round")
     joined_at = swarm.peers["peer3"].status()["first_round"]
     # After the round it joined in, it holds the same weights as everyone; then it is in a roster and trains.
-    wait_round(swarm, ["peer3"], joined_at + 3)
+    # With train.overlap (the default) a close names the roster of the round after next, and round
+    # joined_at's close may be out before the joiner's first heartbeat: its first merged contribution can be
+    # round joined_at + 3, which the state of round joined_at + 4 includes.
+    wait_round(swarm, ["peer3"], joined_at + 4)
     status = swarm.peers["peer3"].status()
     assert status["contributed_rounds"] >= 1
     third, first = chain(swarm.peers["peer3"]), chain(swarm.peers["peer1"])
@@ -226,7 +229,7 @@ def test_cheap_checks_reject_malformed_slices():
     assert "exceeds" in check_slice(good, contribution(good, norm=0.5), 0, 512, 256, "int8")[0].reason
 
 
-def test_coordinator_order_is_deterministic_and_depends_on_the_previous_block():
+def test_coordinator_order_is_deterministic_and_depends_on_the_round_seed():
     from gpunite.swarm.peer import coordinator_order
 
     peers = [f"{i:040x}" for i in range(6)]

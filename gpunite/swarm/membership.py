@@ -45,7 +45,9 @@ class Membership:
 
     @property
     def ttl_s(self) -> float:
-        return 3 * self.interval_s
+        # At least 8 s: on a loaded machine a heartbeat can be late by seconds, and a peer taken for gone
+        # makes the others take over its coordination at once.
+        return max(3 * self.interval_s, 8.0)
 
     def heartbeat(self) -> Heartbeat:
         return sign_record(self.identity, Heartbeat(

@@ -12,6 +12,13 @@ One round r, as every peer runs it (`Peer.run_round`):
    checks and merges it robustly, and serves the result; every peer fetches all slices (or, if an owner is
    gone, merges that slice itself) and applies the outer Nesterov step.
 5. every peer signs the round's Block; a peer whose weights disagree with the majority re-syncs.
+
+With `train.overlap` (the default), steps 3-5 of round r run on the round loop while round r + 1's inner
+steps run on a training thread, so the exchange does not stall training. Round r + 1 starts from the newest
+global weights there are then, those that start round r (its delta lands one round late: a one-round-delayed
+outer step), so every contribution's base is still a global weights hash that every peer knows and a
+verifier can replay from. A close of round r therefore names the roster of round r + 2, and a late joiner
+syncs the state of round r, follows round r's merge and trains from round r + 2 or r + 3 on.
 """
 
 from __future__ import annotations
@@ -117,9 +124,9 @@ class RoundTiming:
     started: float = 0.0
 
 
-def coordinator_order(prev_block: str, peer_ids: list[str]) -> list[str]:
-    """Candidates for coordinating a round, best first: no one picks its rank, the previous block decides."""
-    return sorted(peer_ids, key=lambda pid: hashlib.sha256((prev_block + pid).encode()).hexdigest())
+def coordinator_order(round_seed: str, peer_ids: list[str]) -> list[str]:
+    """Candidates for coordinating a round, best first: no one picks its rank, the round seed decides."""
+    return sorted(peer_ids, key=lambda pid: hashlib.sha256((round_seed + pid).encode()).hexdigest())
 
 
 def hostile_delta(mode: str | None, pseudo_grad: torch.Tensor) -> torch.Tensor:
@@ -361,7 +368,7 @@ class Peer:
         bounds = self.slice_bounds(ctx)
         if r not in self._trained and self._base_round(r) == r:
             self._trained[r] = self.train_round(ctx)  # no overlap (or round 0): train now, close after
-        job = self._start_training(r + 1) if self.lag else None
+        job = self._start_training(r + 1) if self.lag and not self._last_round(r) else None
         try:
             if not self.agrees_with_majority(r - 1):
                 return
@@ -382,6 +389,12 @@ class Peer:
         per_verifier = math.ceil(audits / max(1, roster_size - 1))
         replay_s = proof.segments_per_audit * proof.trail_interval * self.step_s * (1 + self.lag)
         return self.config.audit_timeout_s + 3.0 * per_verifier * replay_s
+
+    def _last_round(self, round_index: int) -> bool:
+        """Whether this peer stops after closing round_index (--rounds, --until-round): train nothing beyond."""
+        cfg = self.config
+        return ((cfg.max_rounds is not None and self.rounds_done + 1 >= cfg.max_rounds)
+                or (cfg.until_round is not None and round_index + 1 >= cfg.until_round))
 
     # ----- rounds, bases and assignments -----
     def _base_round(self, round_index: int) -> int:
@@ -626,7 +639,10 @@ class Peer:
 
         Waits for the close; publishes it ourselves when we are the live coordinator of best rank.
         """
-        order = coordinator_order(prev_block, roster_ids)
+        # Seeded by what every honest peer agrees on, the round and its global weights, not by our previous
+        # block: two closes that merged the same contributions (a backup racing a slow coordinator) give the
+        # same weights but blocks with other verdict lists, and the next order must not split on that.
+        order = coordinator_order(f"{ctx.round}:{self.state.weights_hash}", roster_ids)
         ready_since: float | None = None
         rejected_closes: set[str] = set()
         seen_at: dict[str, float] = {}
@@ -758,11 +774,15 @@ class Peer:
             # A robust merge of vectors clipped to norm <= c has norm <= sqrt(n) * c: an owner serving more is lying.
             clipped = max(factors[p] * accepted[p].delta_norm for p in accepted)
             bound = math.sqrt(len(accepted)) * clipped * 1.01 + 1e-6
+            # Every owner's merged slice at once: on slow or distant links the fetches overlap, not add up.
+            wanted = [(index, owners[index] if index < len(owners) else None)
+                      for index, (start, end) in enumerate(bounds) if start != end]
+            fetched = dict(zip(wanted, _in_parallel(lambda job: self.fetch_aggregate(ctx, *job), wanted)))
             for index, (start, end) in enumerate(bounds):
                 if start == end:
                     continue
                 owner = owners[index] if index < len(owners) else None
-                merged = self._checked_aggregate(self.fetch_aggregate(ctx, index, owner), end - start, bound)
+                merged = self._checked_aggregate(fetched[(index, owner)], end - start, bound)
                 if merged is None:
                     log.info("owner of slice %d of round %d is gone or sent a bad slice: merging it here", index,
                              ctx.round)
@@ -834,8 +854,8 @@ class Peer:
         start, end = bounds[index]
         method = payload_method(self.train_cfg.compression)
         values, used = [], []
-        for pid in sorted(accepted):
-            data = self.fetch_slice(ctx.round, index, pid)
+        trainers = sorted(accepted)
+        for pid, data in zip(trainers, _in_parallel(lambda pid: self.fetch_slice(ctx.round, index, pid), trainers)):
             if data is None:
                 continue
             result, vector = check_slice(data, accepted[pid], index, end - start, self.train_cfg.compression_chunk,
@@ -974,6 +994,16 @@ class Peer:
         save_checkpoint(path, self.model, None, data_position=0, manifest=self.manifest, tokenizer_json=tokenizer,
                         extra={"round": self.state.round, "weights_hash": self.state.weights_hash})
         return path
+
+
+def _in_parallel(fetch: Callable[[Any], Any], jobs: list, max_workers: int = 8) -> list:
+    """fetch(job) for every job on a small thread pool, results in job order (network waits overlap)."""
+    if len(jobs) <= 1:
+        return [fetch(job) for job in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(jobs)), thread_name_prefix="fetch") as pool:
+        return list(pool.map(fetch, jobs))
 
 
 def _pid() -> int:
