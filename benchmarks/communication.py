@@ -1,11 +1,15 @@
 """Benchmark: bytes each peer actually sends per trained token, vs data-parallel fp32 all-reduce every step.
 
 A real local swarm (peer processes on 127.0.0.1) trains the tiny preset with the manifest's default
-training settings (H = train.inner_steps, int8 compression, chunk 4096); `--inner-steps` lowers H for a
-quick run. Bytes are counted on the wire by each peer: every frame it writes to a libp2p stream (headers
-and payloads, as `gpunite.swarm.protocol.ByteCounter` counts them; the DHT's own small records are not
-included). The window is steady state: from the end of round `--warmup-rounds` to the end of the last
-round, so the one-time state sync of joiners is excluded.
+training settings (H = train.inner_steps, int8 compression, chunk 4096, audits as proof.audit_fraction says);
+`--inner-steps` lowers H for a quick run, `--compression` and `--audit-fraction` try other settings
+(`--audit-fraction 0` measures the DiLoCo exchange alone). Bytes are counted on the wire by each peer: every
+frame it writes to a libp2p stream (headers and payloads, as `gpunite.swarm.protocol.ByteCounter` counts
+them; the DHT's own small records are not included), so audit traffic counts: a trainer serves each verifier
+two trail segments (two full states each, weights and AdamW) and its final weights, ~52 x params bytes, where
+its share of the DiLoCo exchange is ~2 (N-1)/N x params x bytes per value. The window is steady state: from
+the end of round `--warmup-rounds` to the end of the last round, so the one-time state sync of joiners is
+excluded.
 
 Baseline (computed, same run): data-parallel training all-reduces fp32 gradients every step, 2 x 4 bytes
 x params per step per peer, for batch_size x seq_len tokens per step per peer.
@@ -22,11 +26,15 @@ import time
 from pathlib import Path
 
 
-def manifest_text(inner_steps: int | None) -> str:
+def manifest_text(inner_steps: int | None, compression: str | None, audit_fraction: float | None) -> str:
     lines = ['[run]', 'name = "bench-communication"', '[model]', 'preset = "tiny"', '[data]',
              'sources = ["builtin:python-docs"]', 'max_builtin_mb = 1.0', '[train]', 'round_deadline_s = 1800']
     if inner_steps is not None:
         lines.append(f"inner_steps = {inner_steps}")
+    if compression is not None:
+        lines.append(f'compression = "{compression}"')
+    if audit_fraction is not None:
+        lines += ["[proof]", f"audit_fraction = {audit_fraction}"]
     return "\n".join(lines) + "\n"
 
 
@@ -36,6 +44,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="measured rounds after the warm-up")
     parser.add_argument("--warmup-rounds", type=int, default=1, help="rounds left out of the window (>= 1)")
     parser.add_argument("--inner-steps", type=int, default=None, help="default: the manifest default (100)")
+    parser.add_argument("--compression", choices=("int8", "int4", "none"), default=None,
+                        help="default: the manifest default")
+    parser.add_argument("--audit-fraction", type=float, default=None,
+                        help="default: the manifest default; 0 measures the DiLoCo exchange alone (no audits)")
     args = parser.parse_args()
 
     from gpunite.data.prepare import prepare_dataset
@@ -46,7 +58,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gpunite-bench-comm-") as tmp:
         workdir = Path(tmp)
         manifest_path = workdir / "run.toml"
-        manifest_path.write_text(manifest_text(args.inner_steps))
+        manifest_path.write_text(manifest_text(args.inner_steps, args.compression, args.audit_fraction))
         prepare_dataset(load_manifest(manifest_path))
         manifest = load_manifest(manifest_path)
         params = param_count(config_from_manifest(manifest))
@@ -86,6 +98,7 @@ def main() -> None:
             "batch_size": train.batch_size,
             "seq_len": manifest.data.seq_len,
             "compression": train.compression,
+            "audit_fraction": manifest.proof.audit_fraction,
             "tokens_per_peer": tokens_per_peer,
             "wall_s": round(time.time() - started, 1),
             "measured": "frames written to libp2p streams by each peer (ByteCounter), steady-state rounds",
