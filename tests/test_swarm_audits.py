@@ -20,6 +20,7 @@ verdicts that do not exist, are not by a drawn verifier or reject, nor ban witho
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -125,7 +126,7 @@ def test_live_adversaries_are_caught_and_never_merged(tmp_path):
     from gpunite.records import parse_record
     from gpunite.swarm.adversary import read_adversary_log, sybil_identity
     from gpunite.swarm.node import SwarmNode
-    from gpunite.swarm.protocol import run_key, verdict_key
+    from gpunite.swarm.protocol import verdict_key
 
     manifest_path = tmp_path / "run.toml"
     manifest_path.write_text(MANIFEST)
@@ -144,19 +145,26 @@ def test_live_adversaries_are_caught_and_never_merged(tmp_path):
         run_id = statuses["peer1"]["run_id"]
         ids = {name: statuses[name]["peer_id"] for name in [*HONEST, *ADVERSARIES]}
         sybil_id = sybil_identity(Identity.load_or_create(swarm.peers["sybil"].home)).peer_id
-        last_round = min(statuses[n]["round"] for n in HONEST)
+        last_round = min(statuses[n]["round"] for n in HONEST)  # rounds before it closed on both
 
-        # The DHT holds the adversaries' contributions and the signed verdicts on them.
+        # The DHT holds the signed reject verdicts that proved each cheat (read as any peer reads them;
+        # a fresh node may need a few tries to reach the peers storing them).
+        caught = proven_cheats(swarm)
+        round_of = {e["record_id"]: e["round"] for name in ADVERSARIES
+                    for e in read_adversary_log(swarm.peers[name].home)}
+        signed_proof: dict[str, str] = {}
         observer = SwarmNode(initial_peers=[address]).start()
         try:
-            verdicts = []
-            for round_index in range(last_round):
-                published = observer.get(run_key(run_id, "contrib", round_index))
-                for trainer in [ids[n] for n in ADVERSARIES] + [sybil_id]:
-                    if trainer in published:
-                        contribution = parse_record(published[trainer])
-                        key = verdict_key(run_id, round_index, contribution.record_id)
-                        verdicts += [parse_record(value) for value in observer.get(key).values()]
+            for _ in range(10):
+                for name, contribution_ids in caught.items():
+                    for cid in sorted(contribution_ids) if name not in signed_proof else ():
+                        found = observer.get(verdict_key(run_id, round_of[cid], cid)).values()
+                        if any(not v.accept and v.reason.startswith("proven: ") and v.contribution == cid
+                               for v in map(parse_record, found)):
+                            signed_proof[name] = cid
+                if len(signed_proof) == len(ADVERSARIES):
+                    break
+                time.sleep(1.0)
         finally:
             observer.close()
     logs = {name: read_adversary_log(swarm.peers[name].home) for name in ADVERSARIES}
@@ -174,10 +182,8 @@ def test_live_adversaries_are_caught_and_never_merged(tmp_path):
         cheats = [e for e in logs[name] if e["cheating"]]
         assert cheats, f"{mode} never cheated"
         assert not merged_ids & {e["record_id"] for e in cheats}, f"a {mode} contribution merged"
-        caught = proven & {e["record_id"] for e in cheats}
-        assert caught, f"{mode}'s cheat was not proven"
-        assert any(not v.accept and v.reason.startswith("proven: ") and v.contribution in caught
-                   for v in verdicts), f"no signed proof against {mode} in the DHT"
+        assert proven & {e["record_id"] for e in cheats}, f"{mode}'s cheat was not proven"
+        assert signed_proof.get(name) in proven, f"no signed proof against {mode} in the DHT"
     # A Sybil's extra identity is the one banned; the work it trained once and claimed first was honest.
     assert sybil_id in banned and all(e["peer_id"] == sybil_id for e in logs["sybil"] if e["cheating"])
     assert {ids[n] for n in ("scaler", "copier", "replayer")} <= banned
