@@ -10,8 +10,9 @@ What a strategy needs beyond the peer's own round comes from the live swarm:
 - replay_old: keeps its own last submission (delta and trail) and resubmits it in later rounds.
 - substituted_data: trains on another trainer's units of this round instead of its own.
 - sybil: a second identity (derived from the peer's key) heartbeats as a trainer on the same libp2p node,
-  so it enters the roster and is assigned units; the peer then claims its one trained delta and trail again
-  under that identity (the node serves both from the same slices and trail).
+  mirroring its host's round and weights, so closes put it in the roster and it is assigned units; the peer
+  then claims its one trained delta and trail again under that identity (the node serves both from the same
+  slices and trail). It never verifies: audits it is drawn for time out until its claim is proven.
 - forged_signature: publishes a record whose signature no longer verifies; every peer drops it on parsing.
 
 Each cheating record's id is appended to HOME/adversary.jsonl, so demos and tests can check that none merged.
