@@ -218,6 +218,7 @@ class Peer:
         self.first_round = state.round
         self.timing = RoundTiming()
         self.step_s = 0.0  # moving average of this peer's inner step time (sizes the audit wait)
+        self.speed = config.speed or 1.0  # matmul TFLOPS (or --speed), measured when the peer starts serving
         self.stopping = threading.Event()
         self.last_close: RoundClose | None = state.close
         # Checks a contribution must pass before it may merge, beyond the cheap ones: each takes
@@ -364,7 +365,6 @@ class Peer:
         log.info("round %d started: %d peers in the roster, weights %s", r, len(roster_ids),
                  self.state.weights_hash[:12])
         self.audits.start_round(ctx, roster_ids)
-        self.audits.audit_timeout_s = self.audit_timeout_s(len(roster_ids))
         bounds = self.slice_bounds(ctx)
         if r not in self._trained and self._base_round(r) == r:
             self._trained[r] = self.train_round(ctx)  # no overlap (or round 0): train now, close after
@@ -372,6 +372,7 @@ class Peer:
         try:
             if not self.agrees_with_majority(r - 1):
                 return
+            self.audits.audit_timeout_s = self.audit_timeout_s(len(roster_ids))  # with this round's step times
             close, accepted = self.await_close(ctx, roster_ids, prev_block, deadline)
             self.audits.settle(close)
             self.merge(ctx, close, accepted, roster_ids, bounds, prev_block, self._trained.pop(r, False))
@@ -384,10 +385,17 @@ class Peer:
         A verifier replays segments_per_audit x trail_interval steps per audit, about as fast as this peer
         trains (same model), on a CPU or GPU it shares with its own next round when overlapping.
         """
+        from gpunite.model import flops_per_token
+
         proof = self.manifest.proof
         audits = proof.audit_fraction * roster_size * proof.verifiers_per_audit
         per_verifier = math.ceil(audits / max(1, roster_size - 1))
-        replay_s = proof.segments_per_audit * proof.trail_interval * self.step_s * (1 + self.lag)
+        step_s = self.step_s
+        if not step_s:  # nothing trained here yet: a step's FLOPs at a tenth of the measured matmul peak
+            tokens = self.train_cfg.batch_size * self.manifest.data.seq_len
+            step_s = flops_per_token(self.model_config, self.manifest.data.seq_len) * tokens / (
+                0.1 * self.speed * 1e12)
+        replay_s = proof.segments_per_audit * proof.trail_interval * step_s * (1 + self.lag)
         return self.config.audit_timeout_s + 3.0 * per_verifier * replay_s
 
     def _last_round(self, round_index: int) -> bool:
