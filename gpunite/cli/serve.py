@@ -48,20 +48,8 @@ def host(
 ) -> None:
     """Check this machine against the run's host minimum, load the weights (or follow a swarm run's verified
     weights) and serve an OpenAI-compatible API."""
-    import logging
+    from gpunite.serve.host import HostError
 
-    import uvicorn
-
-    from gpunite.identity import Identity, default_home
-    from gpunite.ledger.store import Ledger, default_ledger_path
-    from gpunite.manifest import load_manifest
-    from gpunite.serve.host import Host, HostError, announce_host, check_host_hardware, load_served_model
-    from gpunite.train.hardware import probe
-    from gpunite.util import setup_logging
-
-    setup_logging(log_level, "host")
-    for noisy in ("hivemind", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     if weights is None and join is None:
         raise HostError("nothing to serve: pass WEIGHTS (a checkpoint or model folder), or --join ADDRESS to "
                         "serve a swarm run's verified weights")
@@ -70,6 +58,20 @@ def host(
     api_url = (public_url or f"http://{bind}:{port}").rstrip("/")
     if join and public_url is None and bind in ("0.0.0.0", "::"):
         raise HostError(f"--host {bind} is no address others can reach; add --public-url http://ADDRESS:{port}")
+    import logging
+
+    import uvicorn
+
+    from gpunite.identity import Identity, default_home
+    from gpunite.ledger.store import Ledger, default_ledger_path
+    from gpunite.manifest import load_manifest
+    from gpunite.serve.host import Host, announce_host, check_host_hardware, load_served_model
+    from gpunite.train.hardware import probe
+    from gpunite.util import setup_logging
+
+    setup_logging(log_level, "host")
+    for noisy in ("hivemind", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     manifest = load_manifest(manifest_path, check_data=False) if manifest_path else None
     report = probe(device, budget_s=0.2)
     if manifest is not None:  # refuse before loading weights when the minimum is known up front
