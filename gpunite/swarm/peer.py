@@ -103,6 +103,7 @@ class PeerConfig:
 
 
 CHEATS = ("scaled", "random", "nan")
+CLOSE_RETRY_S = 15.0  # a refused round close is checked again after this long
 
 
 @dataclass
@@ -652,14 +653,16 @@ class Peer:
         # same weights but blocks with other verdict lists, and the next order must not split on that.
         order = coordinator_order(f"{ctx.round}:{self.state.weights_hash}", roster_ids)
         ready_since: float | None = None
-        rejected_closes: set[str] = set()
+        # close id -> when we last refused it: looked at again after CLOSE_RETRY_S, since a refusal may only
+        # mean that records it relies on had not reached us yet (a loaded machine, a slow DHT)
+        rejected_closes: dict[str, float] = {}
         seen_at: dict[str, float] = {}
         self.write_status("waiting")
         while True:
             closes = self.node.get_records(run_key(self.run_id, "close", ctx.round), parse_close)
             alive = self.membership.alive()
             for close in sorted(closes.values(), key=lambda c: c.coordinator_rank):
-                if close.record_id in rejected_closes:
+                if time.time() - rejected_closes.get(close.record_id, -math.inf) < CLOSE_RETRY_S:
                     continue
                 # A backup's close counts once the candidates before it are gone or had their chance.
                 first_seen = seen_at.setdefault(close.record_id, time.time())
@@ -669,8 +672,9 @@ class Peer:
                 verdict, accepted = self.verify_close(close, ctx, order)
                 if verdict.accept:
                     return close, accepted
-                rejected_closes.add(close.record_id)
-                log.warning("ignored round %d close by %s: %s", ctx.round, close.peer_id[:12], verdict.reason)
+                if close.record_id not in rejected_closes:
+                    log.warning("ignored round %d close by %s: %s", ctx.round, close.peer_id[:12], verdict.reason)
+                rejected_closes[close.record_id] = time.time()
             contributions = {pid: c for pid, c in self.contributions(ctx.round).items() if pid in roster_ids}
             self.audits.serve_audits(ctx, contributions)
             missing_alive = [pid for pid in roster_ids
