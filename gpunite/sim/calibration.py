@@ -85,6 +85,7 @@ class SwarmMeasurement:
     audit_s: float  # mean wall time of one audit (fetch + replay), as the verifier logs it
     merged_fraction: float  # merged contributions / peers, per round
     wire: WireSizes  # fixed parts measured by serializing this run's model (gpunite.sim.traffic)
+    audit_fraction: float = AUDIT_FRACTION  # the run's proof.audit_fraction
 
     @property
     def utilization(self) -> float:
@@ -104,7 +105,11 @@ def save_measurement(path: Path, measured: SwarmMeasurement) -> None:
 def load_measurement(path: Path) -> SwarmMeasurement:
     try:
         data = json.loads(Path(path).read_text())
-        values = {f.name: data[f.name] for f in fields(SwarmMeasurement)}
+        values = {
+            f.name: data[f.name]
+            for f in fields(SwarmMeasurement)
+            if f.name in data or f.name != "audit_fraction"
+        }
         values["wire"] = WireSizes(**values["wire"])
         return SwarmMeasurement(**values)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -209,7 +214,7 @@ def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
         deadline_slack=10.0,
         overlap=measured.overlap,
         adaptive=False,
-        audit_fraction=AUDIT_FRACTION,
+        audit_fraction=measured.audit_fraction,
         seed=0,
         costs=costs,
     )
@@ -300,9 +305,8 @@ def measure_swarm(
         signal.signal(signal.SIGTERM, previous_sigterm)
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)
-    return _figures(
-        logs, "loopback" if profile is None else f"netbed:{profile}", peers, params, inner_steps, wire
-    )
+    testbed = "loopback" if profile is None else f"netbed:{profile}"
+    return _figures(logs, testbed, peers, params, inner_steps, wire, overlap)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
