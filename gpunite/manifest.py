@@ -189,14 +189,6 @@ class Manifest(_Section):
             )
         return proof
 
-    @property
-    def path(self) -> Path | None:
-        return self._path
-
-    @property
-    def base_dir(self) -> Path:
-        return self._path.parent if self._path else Path.cwd()
-
     @field_validator("model")
     @classmethod
     def _check_finetune_model(cls, model: ModelSection, info: ValidationInfo) -> ModelSection:
@@ -233,6 +225,14 @@ class Manifest(_Section):
             raise ValueError(f"dropout must be 0 when proof.audit_fraction > 0 (audit replays cannot reproduce "
                              f"dropout masks), got {lora.dropout}")
         return lora
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def base_dir(self) -> Path:
+        return self._path.parent if self._path else Path.cwd()
 
     @property
     def prepared_path(self) -> Path:
