@@ -88,6 +88,10 @@ class SwarmMeasurement:
     audit_fraction: float = AUDIT_FRACTION  # the run's proof.audit_fraction
 
     @property
+    def label(self) -> str:
+        return f"{self.testbed}, {self.peers} peers, {self.params} parameters, audit fraction {self.audit_fraction}"
+
+    @property
     def utilization(self) -> float:
         """Inner-step time of merged work / wall time: what the simulator's compute_utilization means."""
         return self.compute_s / self.round_s * self.merged_fraction
@@ -189,7 +193,7 @@ def calibrate(runs: list[SwarmMeasurement], base: ProtocolCosts | None = None) -
         audit_compute_scale=sum(scales) / len(scales),
         round_overhead_s=sum(overhead_ratios) / len(overhead_ratios) * reference,
     )
-    return Calibration(costs, reference, tuple(f"{run.testbed}, {run.peers} peers" for run in runs))
+    return Calibration(costs, reference, tuple(run.label for run in runs))
 
 
 def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
@@ -253,7 +257,8 @@ def compare(measured: SwarmMeasurement, calibration: Calibration) -> dict:
     return {
         "testbed": measured.testbed,
         "peers": measured.peers,
-        "held_out": f"{measured.testbed}, {measured.peers} peers" not in calibration.runs,
+        "label": measured.label,
+        "held_out": measured.label not in calibration.runs,
         "rows": rows,
         "max_abs_error": max(abs(r["relative_error"]) for r in rows),
         "simulated_bytes_split": {
