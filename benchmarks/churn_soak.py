@@ -4,7 +4,9 @@ A real local swarm (`--peers` processes on 127.0.0.1, one torch thread each, aud
 Once every peer has merged a round, a seeded schedule (`gpunite.swarm.churn.churn_schedule`) runs for
 `--minutes`: one peer at a time is either killed with SIGKILL and restarted with the same home through
 `gpunite join` after a few seconds, or frozen with SIGSTOP for a few seconds and resumed (on loopback this
-stands in for a link cut: it neither sends nor answers). The first event always kills the first peer.
+stands in for a link cut: it neither sends nor answers). The first event always kills the first peer; an
+event also waits (at most 5 minutes) until the previous one's peer is back in step, so on a loaded machine,
+where a restart takes minutes, fewer events fit in the same minutes.
 Nothing happens in the last 90 s, then the soak waits (bounded) until every peer is back in step, stops them
 all and reads their records. It always kills every process it started, on errors and Ctrl-C too.
 

@@ -3,7 +3,7 @@
 The figures (rounds completed, verified work lost, hash agreement, recovery times) come from what the peers
 themselves wrote, not from the driver's view.
 
-Events (at most one peer is out at a time, so a majority always holds the run's state):
+Events (one peer at a time is out, its restart and rejoin included, so a majority holds the run's state):
 - kill: SIGKILL of a peer's process group (the peer and its libp2p daemon: a crash), then, after `down_s`,
   a restart with the same home through `gpunite join` (the first peer too: after start-up it is a peer like
   any other). Its identity, chain and ledger stay on disk; it syncs the latest global state and trains on.
@@ -45,7 +45,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from gpunite.swarm.demo import LocalSwarm, PeerProcess
+from gpunite.swarm.demo import DemoError, LocalSwarm, PeerProcess
 
 KINDS = ("kill", "cut")
 
@@ -121,15 +121,25 @@ class ChurnDriver:
         return (peer.status() or {}) if peer is not None else {}
 
     # ----- the events -----
-    def run(self, duration_s: float, started: float | None = None, poll_s: float = 0.5) -> None:
-        """Run the schedule until duration_s after `started`; every stopped peer is resumed on the way out."""
+    def run(self, duration_s: float, started: float | None = None, poll_s: float = 0.5,
+            recovery_wait_s: float = 300.0, until_done: bool = False) -> None:
+        """Run the schedule until duration_s after `started`; every stopped peer is resumed on the way out.
+
+        An event's at_s is the earliest it starts: it also waits until the peer of the event before has
+        recovered (at most recovery_wait_s), so that one peer at a time is out, restarts and rejoins
+        included, however slow a restart is on a loaded machine. until_done: return once every event ran
+        and recovered (tests), instead of at the end of duration_s (the soak).
+        """
         started = time.time() if started is None else started
         pending = list(self.schedule)
         active: EventOutcome | None = None
         try:
             while time.time() - started < duration_s:
                 now = time.time() - started
-                if active is None and pending and now >= pending[0].at_s:
+                if until_done and not pending and active is None and self._previous_recovered(0.0):
+                    return
+                if (active is None and pending and now >= pending[0].at_s
+                        and self._previous_recovered(recovery_wait_s)):
                     active = self._begin(pending.pop(0))
                 if (active is not None and active.back is None
                         and time.time() - active.started >= active.event.down_s):
@@ -143,6 +153,15 @@ class ChurnDriver:
             for name in list(self._stopped):
                 self._signal(name, signal.SIGCONT)
             self._stopped.clear()
+
+    def _previous_recovered(self, wait_s: float) -> bool:
+        """The last event's peer is back in step, or has had wait_s since it came back (then we go on)."""
+        if not self.outcomes:
+            return True
+        last = self.outcomes[-1]
+        if last.skipped or last.recovered is not None:
+            return True
+        return last.back is not None and wait_s > 0 and time.time() - last.back >= wait_s
 
     def _begin(self, event: ChurnEvent) -> EventOutcome:
         outcome = EventOutcome(event, time.time())
@@ -192,9 +211,20 @@ class ChurnDriver:
         for name in crashed:
             self.swarm.join(name, self._entry_address(name), extra=self.peer_extra)
 
-    def _entry_address(self, name: str) -> str:
-        """A live, unfrozen peer's address for a restarted peer to join through."""
-        return self.swarm.address(exclude=(name, *sorted(self._stopped)))
+    def _entry_address(self, name: str, timeout_s: float = 300.0) -> str:
+        """The address of a running, unfrozen peer that is in step (not itself rejoining), to join through."""
+        rejoining = {o.event.peer for o in self.outcomes if o.recovered is None and not o.skipped}
+        give_up = time.time() + timeout_s
+        while time.time() < give_up:
+            candidates = [peer for peer in self.swarm.peers.values()
+                          if peer.name != name and peer.name not in self._stopped and peer.alive]
+            for peer in sorted(candidates, key=lambda p: p.name in rejoining):
+                status = peer.status()
+                if status and status.get("maddrs"):
+                    return status["maddrs"][0]
+            time.sleep(0.5)
+        raise DemoError(f"no running peer to rejoin {name} through within {timeout_s:.0f} s; "
+                        f"see the logs in {self.swarm.workdir}")
 
     def _signal(self, name: str, signum: int) -> None:
         peer: PeerProcess | None = self.swarm.peers.get(name)
