@@ -5,8 +5,10 @@ one cheater per adversary mode train a real model with InnerTrainer for several 
 trails; an aggregator runs the cheap checks, the round coordinator signs the audit beacon, the drawn
 verifiers fetch segments and replay them, sign verdicts, and the merge policy decides (and bans).
 
-Printed: one JSON line with detection_rate (min over modes of the share of cheating rounds caught, each round
-judged on its own merits, bans aside), per_mode, never_merged_unverified, false_reject_rate over >= 200
+Printed: one JSON line with detection_rate (min over modes of the share of cheating rounds in which no cheat
+merged under the run's policy: the round's own checks and audits, the bans, and the suspects, whose
+contributions merge only when audited and accepted), per_mode, detection_on_merits (the same, each round
+judged on its own merits with bans and suspicion aside: the measure before the suspect rule), never_merged_unverified, false_reject_rate over >= 200
 honest audits (fp32 and bf16 trainers, verifiers on 1 or 2 threads, fp32 or bf16), verification_overhead
 (verifier FLOPs / training FLOPs on honest contributions at the default policy), the honest and cheat
 replay distances (the tolerance's calibration), and p_caught_5_rounds for a persistent half-faker
@@ -34,7 +36,16 @@ from gpunite.model import ModelConfig, build_model, flops_per_token, param_count
 from gpunite.proof.adversary import CHEAT_MODES, MODES, RoundWork, Submission, honest
 from gpunite.proof.audit import AuditBounds, held_out_loss, make_verdict, verify_contribution
 from gpunite.proof.checks import RoundContext, check_contribution, check_delta, check_round
-from gpunite.proof.policy import BanList, MergePolicy, apply_decision, assign_audit, merge_decision
+from gpunite.proof.policy import (
+    BanList,
+    MergePolicy,
+    SuspectList,
+    apply_decision,
+    assign_audit,
+    audit_outcome,
+    merge_decision,
+    note_audit,
+)
 from gpunite.proof.selection import beacon_from_signature, p_caught_within, p_segments_catch, sign_beacon
 from gpunite.proof.trail import (
     TrailRecorder,
@@ -158,12 +169,14 @@ class Tally:
         self.held_out_rise: dict[str, list[float]] = {}
         self.faked_segments = 0
         self.faked_segments_rejected = 0
+        self.honest_rejected_as_suspects = 0
 
 
-def judge_round(swarm: Swarm, round_index: int, subs: list[Submission], bans: BanList, tally: Tally,
-                mode: str, earlier_deltas: frozenset[str]) -> dict[int, tuple[bool, bool, str, bool]]:
+def judge_round(swarm: Swarm, round_index: int, subs: list[Submission], bans: BanList, suspects: SuspectList,
+                tally: Tally, mode: str, earlier_deltas: frozenset[str]) -> dict[int, tuple[bool, bool, str, bool]]:
     """The aggregator's and verifiers' whole job for one round, per submission: (merged on its own merits,
-    proven cheat, reason, merged under the run's bans). Bans are then updated."""
+    proven cheat, reason, merged under the run's bans and suspects). Bans and suspects are then updated."""
+    suspected = suspects.as_of(round_index)
     base = swarm.bases[round_index]
     ctx = RoundContext(run_id=RUN_ID, round=round_index, base_hash=weights_hash(base), batch_size=BATCH,
                        seq_len=SEQ_LEN, trail_interval=TRAIL_K, flops_per_token=swarm.flops_per_token,
@@ -219,8 +232,12 @@ def judge_round(swarm: Swarm, round_index: int, subs: list[Submission], bans: Ba
                     else:
                         tally.honest_distances.append(result.distance)
         decision = merge_decision(contribution, findings, verdicts, POLICY, assignment)
-        with_bans = merge_decision(contribution, findings, verdicts, POLICY, assignment, bans)
+        with_bans = merge_decision(contribution, findings, verdicts, POLICY, assignment, bans, suspected)
         apply_decision(bans, contribution, with_bans)
+        note_audit(suspects, audit_outcome(contribution, verdicts, assignment, with_bans))
+        if not sub.cheating and decision.merge and not with_bans.merge:
+            tally.honest_rejected_as_suspects += 1
+            print(f"{mode} round {round_index}: honest rejected under policy: {with_bans.reason}", file=sys.stderr)
         if decision.merge and not _verified(contribution, findings, verdicts, assignment):
             tally.merged_unverified += 1
         if not sub.cheating and assignment.audited and verdicts:
@@ -250,9 +267,10 @@ def _verified(contribution: Contribution, findings, verdicts: list[Verdict], ass
 def run_mode(swarm: Swarm, mode: str, tally: Tally) -> dict:
     recorder = TrailRecorder(TRAIL_K, swarm.workdir / f"cheater-{mode}")
     bans = BanList()
+    suspects = SuspectList()
     history: list[Submission] = []
     earlier: set[str] = set()
-    cheating_rounds = caught_rounds = proven_rounds = 0
+    cheating_rounds = caught_rounds = caught_on_merits = proven_rounds = 0
     first_ban = None
     merged_cheats = 0
     for round_index in range(swarm.rounds):
@@ -263,8 +281,9 @@ def run_mode(swarm: Swarm, mode: str, tally: Tally) -> dict:
         cheater_subs = MODES[mode](work)
         history.extend(s for s in cheater_subs if s.record.get("signer") == swarm.cheater.public_key_hex)
         subs = swarm.honest_subs[round_index] + cheater_subs
-        # Detection counts each round on its own merits (bans aside); bans still apply to what merges.
-        merit = judge_round(swarm, round_index, subs, bans, tally, mode, frozenset(earlier))
+        # A round is caught when no cheat merged under the run's policy (bans and suspects included); the
+        # merits figure judges each round alone, as if nothing had been learnt in earlier rounds.
+        merit = judge_round(swarm, round_index, subs, bans, suspects, tally, mode, frozenset(earlier))
         merged_cheats += sum(merit[i][3] for i, s in enumerate(subs) if s.cheating)
         for i, sub in enumerate(subs):
             if sub.record.get("delta_hash"):
@@ -272,7 +291,8 @@ def run_mode(swarm: Swarm, mode: str, tally: Tally) -> dict:
         cheats = [i for i, s in enumerate(subs) if s.cheating]
         if cheats:
             cheating_rounds += 1
-            caught_rounds += all(not merit[i][0] for i in cheats)
+            caught_rounds += all(not merit[i][3] for i in cheats)
+            caught_on_merits += all(not merit[i][0] for i in cheats)
             proven_rounds += any(merit[i][1] for i in cheats)
         if mode == "half_faked":
             for sub in (s for s in subs if s.cheating):
@@ -284,7 +304,15 @@ def run_mode(swarm: Swarm, mode: str, tally: Tally) -> dict:
             print(f"{mode} round {round_index}: honest rejected: {honest_rejects}", file=sys.stderr)
     return {"cheating_rounds": cheating_rounds, "caught": caught_rounds, "proven": proven_rounds,
             "detection": caught_rounds / cheating_rounds if cheating_rounds else None,
+            "caught_on_merits": caught_on_merits,
+            "detection_on_merits": caught_on_merits / cheating_rounds if cheating_rounds else None,
+            "failed_audit_rounds": _failed_audit_rounds(suspects),
             "banned_in_round": first_ban, "cheats_merged_under_bans": merged_cheats}
+
+
+def _failed_audit_rounds(suspects: SuspectList) -> list[int]:
+    """The rounds in which an audit failed without proof (each makes its signer a suspect in the next round)."""
+    return sorted({r for rounds in suspects.outcomes.values() for r, outcome in rounds.items() if not outcome.passed})
 
 
 def _replay_faked_segments(swarm: Swarm, round_index: int, sub: Submission, tally: Tally) -> None:
@@ -378,6 +406,7 @@ def main() -> None:
     p5_manifest_default = p_caught_within(5, audit_fraction=0.25, n_segments=100 // 10, segments_per_audit=1,
                                           faked_fraction=0.5)
     detections = {mode: r["detection"] for mode, r in per_mode.items() if r["detection"] is not None}
+    on_merits = {mode: r["detection_on_merits"] for mode, r in per_mode.items() if r["detection"] is not None}
     honest_distances = tally.honest_distances
     cheat_min = {m: round(min(v), 4) for m, v in tally.cheat_distances.items()}
     result = {
@@ -386,6 +415,9 @@ def main() -> None:
         "unit": "share of cheating rounds caught (min over modes)",
         "detection_rate": min(detections.values()),
         "per_mode": detections,
+        "detection_on_merits": min(on_merits.values()),
+        "per_mode_on_merits": on_merits,
+        "honest_rejected_as_suspects": tally.honest_rejected_as_suspects,
         "per_mode_detail": per_mode,
         "never_merged_unverified": tally.merged_unverified == 0,
         "false_reject_rate": tally.honest_rejected / tally.honest_audits if tally.honest_audits else None,

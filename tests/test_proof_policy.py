@@ -1,4 +1,5 @@
-"""The merge policy: checks and verdicts decide; only drawn verifiers count; a proven cheater is banned."""
+"""The merge policy: checks and verdicts decide; only drawn verifiers count; a proven cheater is banned; a
+trainer whose audit failed without proof merges only audited until an audit passes."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from gpunite.proof.policy import (
     AuditAssignment,
     BanList,
     MergePolicy,
+    SuspectList,
     apply_decision,
     assign_audit,
+    audit_outcome,
     merge_decision,
+    note_audit,
 )
 from gpunite.records import Contribution, WorkUnit, sign_record
 
@@ -84,3 +88,74 @@ def test_bans_as_of_a_round_leave_out_later_proofs():
     assert not bans.as_of(3).is_banned(TRAINER.peer_id)  # judging round 3 itself: not banned yet
     assert bans.as_of(4).is_banned(TRAINER.peer_id)
     assert bans.as_of(4).bans[TRAINER.peer_id].evidence == ("x" * 64,)
+
+
+AUDITED = AuditAssignment(True, (V1.peer_id, V2.peer_id), (0, 1))
+SKIPPED = AuditAssignment(False)
+
+
+def _judge(round_index, suspects, verdict_accepts, assignment=AUDITED):
+    """One round of the trainer: the decision under the suspects as of that round, then the outcome noted."""
+    c = _contribution(round_index)
+    verdicts = [_verdict(v, c, ok) for v, ok in zip((V1, V2), verdict_accepts)]
+    decision = merge_decision(c, [], verdicts, POLICY, assignment, BanList(), suspects.as_of(round_index))
+    note_audit(suspects, audit_outcome(c, verdicts, assignment, decision))
+    return decision
+
+
+def test_a_failed_audit_makes_a_suspect_that_never_merges_unaudited():
+    suspects = SuspectList()
+    assert _judge(1, suspects, (), SKIPPED).merge  # not drawn, never failed: merges on the cheap checks
+    failed = _judge(2, suspects, (False, True))  # a reject verdict without proof (e.g. a trail not served)
+    assert not failed.merge and not failed.cheat
+    assert suspects.as_of(2).suspects() == set()  # round 2 itself is judged without its own outcome
+    assert suspects.as_of(3).suspects() == {TRAINER.peer_id}
+    for round_index in (3, 4):  # skipped by the beacon: rejected, however often it happens
+        skipped = _judge(round_index, suspects, (), SKIPPED)
+        assert not skipped.merge and not skipped.cheat
+        assert "not audited this round" in skipped.reason and "round 2" in skipped.reason
+    assert suspects.as_of(5).is_suspect(TRAINER.peer_id)
+    assert not _judge(5, suspects, (True,)).merge  # audited but short of accepts: waits, still a suspect
+    assert suspects.as_of(6).is_suspect(TRAINER.peer_id)
+
+
+def test_a_passed_audit_clears_the_suspicion():
+    suspects = SuspectList()
+    _judge(1, suspects, (False, False))
+    assert suspects.as_of(2).is_suspect(TRAINER.peer_id)
+    passed = _judge(2, suspects, (True, True))  # a suspect drawn for audit and accepted merges
+    assert passed.merge
+    assert not suspects.as_of(3).is_suspect(TRAINER.peer_id)
+    assert suspects.as_of(2).is_suspect(TRAINER.peer_id)  # round 2 is still judged as a suspect
+    assert _judge(3, suspects, (), SKIPPED).merge  # cleared: unaudited rounds merge again
+
+
+def test_suspects_agree_whatever_the_order_outcomes_arrive_in():
+    c1, c2 = _contribution(1), _contribution(2)
+    failed = audit_outcome(c1, [_verdict(V1, c1, False)], AUDITED, merge_decision(
+        c1, [], [_verdict(V1, c1, False)], POLICY, AUDITED))
+    passed = audit_outcome(c2, [_verdict(V1, c2, True), _verdict(V2, c2, True)], AUDITED, merge_decision(
+        c2, [], [_verdict(V1, c2, True), _verdict(V2, c2, True)], POLICY, AUDITED))
+    assert failed is not None and not failed.passed and passed is not None and passed.passed
+    ahead, behind = SuspectList(), SuspectList()
+    for outcome in (failed, passed):
+        note_audit(ahead, outcome)
+    for outcome in (passed, failed):  # a peer that settled the rounds in another order
+        note_audit(behind, outcome)
+    for round_index in range(1, 5):
+        assert ahead.as_of(round_index).suspects() == behind.as_of(round_index).suspects()
+    assert ahead.as_of(2).suspects() == {TRAINER.peer_id} and ahead.as_of(3).suspects() == set()
+    same_round = SuspectList()  # a pass and a failure in one round: the failure counts
+    same_round.note(TRAINER.peer_id, 1, True, "accepted")
+    same_round.note(TRAINER.peer_id, 1, False, "trail not served")
+    same_round.note(TRAINER.peer_id, 1, True, "accepted")
+    assert same_round.as_of(2).is_suspect(TRAINER.peer_id)
+
+
+def test_no_blame_without_a_drawn_verifier_rejecting():
+    c = _contribution()
+    assert audit_outcome(c, [], SKIPPED, merge_decision(c, [], [], POLICY, SKIPPED)) is None
+    timed_out = merge_decision(c, [], [], POLICY, AUDITED)  # no verdict arrived in time
+    assert audit_outcome(c, [], AUDITED, timed_out) is None
+    outsider = [_verdict(OUTSIDER, c, False)]  # a reject by a peer the beacon did not draw counts for nothing
+    assert audit_outcome(c, outsider, AUDITED, merge_decision(c, [], outsider, POLICY, AUDITED)) is None

@@ -7,6 +7,15 @@ data proves (a cheap-check finding with `cheat`, or `accepts_required` proven re
 verifiers) bans the signer for the rest of the run: no credit for that contribution or any later one, and
 the records that prove it are kept as evidence.
 
+A rejection without proof (a reject verdict that is not `PROVEN`, e.g. a trail or delta the trainer did not
+serve) makes its signer a suspect from the next round on (`SuspectList`): a suspect's contribution merges only
+if the beacon drew it for audit and it was accepted, so failing an audit is never a way to merge unaudited in
+the rounds the beacon skips. Its next accepted audit clears the suspicion. Suspects are not drawn for audit
+with certainty: drawing must give the same verifiers at every peer that recomputes it (coordinator, verifiers,
+every peer checking the close), while the suspect set only becomes known as closes are settled; an extra draw
+that one peer makes and another does not would make honest peers reject a valid close. Rejecting the skipped
+rounds of a suspect needs agreement only among the peers that judge the merge, exactly as bans do.
+
 Default audit policy, derived in `gpunite.proof.selection`: a cheater faking half of its segments must be
 caught with probability >= 0.99 within 5 rounds, at <= 5% of training compute. One round catches it with
 probability audit_fraction * P(drawn segments include a faked one), so audit_fraction must be >= 0.61
@@ -102,6 +111,72 @@ class BanList:
 
 
 @dataclass(frozen=True)
+class AuditOutcome:
+    peer_id: str
+    round: int
+    passed: bool
+    reason: str
+    evidence: tuple[str, ...]  # record ids (contribution, verdicts) the outcome rests on
+
+
+@dataclass
+class SuspectList:
+    """Trainers whose latest audit failed without proof. Every peer derives the same list from the audit outcomes
+    of the closes it followed; a round judges by the outcomes of earlier rounds only (`as_of`)."""
+
+    outcomes: dict[str, dict[int, AuditOutcome]] = field(default_factory=dict)
+
+    def note(self, peer_id: str, round_index: int, passed: bool, reason: str, evidence: Sequence[str] = ()) -> None:
+        """Record an audit outcome; within one round a failure outweighs a pass (whatever the order they come in)."""
+        rounds = self.outcomes.setdefault(peer_id, {})
+        known = rounds.get(round_index)
+        if known is None or (known.passed and not passed):
+            rounds[round_index] = AuditOutcome(peer_id, round_index, passed, reason, tuple(evidence))
+
+    def last_failure(self, peer_id: str) -> AuditOutcome | None:
+        """The failed audit that makes peer_id a suspect (its latest round's outcome), or None."""
+        rounds = self.outcomes.get(peer_id)
+        if not rounds:
+            return None
+        latest = rounds[max(rounds)]
+        return None if latest.passed else latest
+
+    def is_suspect(self, peer_id: str) -> bool:
+        return self.last_failure(peer_id) is not None
+
+    def suspects(self) -> set[str]:
+        return {pid for pid in self.outcomes if self.is_suspect(pid)}
+
+    def as_of(self, round_index: int) -> SuspectList:
+        """The outcomes of rounds before round_index: what every peer judges round_index by."""
+        return SuspectList({pid: {r: o for r, o in rounds.items() if r < round_index}
+                            for pid, rounds in self.outcomes.items()})
+
+
+def audit_outcome(contribution: Contribution, verdicts: Sequence[Verdict], assignment: AuditAssignment,
+                  decision: MergeDecision) -> AuditOutcome | None:
+    """What an audit says about its trainer: failed when a drawn verifier rejected the contribution, passed when
+    it merged on its audit, None when it was not audited or no drawn verifier answered (nobody is blamed)."""
+    if not assignment.audited:
+        return None
+    cid = contribution.record_id
+    mine = [v for v in verdicts if v.contribution == cid and v.peer_id in assignment.verifiers]
+    rejects = [v for v in mine if not v.accept]
+    if rejects:
+        return AuditOutcome(contribution.peer_id, contribution.round, False, rejects[0].reason,
+                            (cid, *(v.record_id for v in rejects)))
+    if decision.merge and mine:
+        return AuditOutcome(contribution.peer_id, contribution.round, True, decision.reason,
+                            (cid, *(v.record_id for v in mine)))
+    return None
+
+
+def note_audit(suspects: SuspectList, outcome: AuditOutcome | None) -> None:
+    if outcome is not None:
+        suspects.note(outcome.peer_id, outcome.round, outcome.passed, outcome.reason, outcome.evidence)
+
+
+@dataclass(frozen=True)
 class MergeDecision:
     merge: bool
     reason: str
@@ -116,9 +191,11 @@ def merge_decision(
     policy: MergePolicy,
     assignment: AuditAssignment,
     bans: BanList | None = None,
+    suspects: SuspectList | None = None,
 ) -> MergeDecision:
     """Whether a contribution may merge now. `verdicts` may hold any verdicts; only the drawn verifiers'
-    verdicts on this contribution count, one per verifier (a verifier that signs both ways counts as reject)."""
+    verdicts on this contribution count, one per verifier (a verifier that signs both ways counts as reject).
+    `bans` and `suspects` are the ones this contribution's round is judged by (`as_of` its round)."""
     cid = contribution.record_id
     if bans is not None and bans.is_banned(contribution.peer_id):
         ban = bans.bans[contribution.peer_id]
@@ -132,6 +209,10 @@ def merge_decision(
     suspicions = [f for f in findings if not f.blocking]
     if suspicions and not assignment.audited:
         return MergeDecision(False, f"{suspicions[0].reason}, but no audit was assigned")
+    failure = suspects.last_failure(contribution.peer_id) if suspects is not None else None
+    if failure is not None and not assignment.audited:
+        return MergeDecision(False, f"not audited this round; its last audit (round {failure.round}) failed: "
+                                    f"{failure.reason[:200]}")
     if not assignment.audited:
         return MergeDecision(True, "cheap checks passed; not drawn for audit")
 
