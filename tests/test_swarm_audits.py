@@ -239,14 +239,18 @@ class _CloseChecker:
         self.verifier = by_id[drawn[0]]
         self.bystander = next(i for pid, i in by_id.items() if pid not in drawn)
 
-    def verdict(self, identity, accept: bool):
+    def verdict(self, identity, accept: bool, proven: bool = True):
         from gpunite.proof.audit import PROVEN, AuditResult, make_verdict
         from gpunite.records import record_bytes
         from gpunite.swarm.protocol import verdict_key
 
-        reason = "segment 0 replayed within 0" if accept else PROVEN + "replay of segment 0 lands 0.9 away"
-        verdict = make_verdict(identity, self.contribution, AuditResult(accept, reason, not accept, 0, 0.0, 1.0),
-                               time=1.0)
+        reason = "segment 0 replayed within 0" if accept else "replay of segment 0 lands 0.9 away"
+        if not accept and proven:
+            reason = PROVEN + reason
+        elif not accept:
+            reason = "could not get slice 0 of the delta from the trainer"
+        result = AuditResult(accept, reason, not accept and proven, 0, 0.0, 1.0)
+        verdict = make_verdict(identity, self.contribution, result, time=1.0)
         self.node.store(verdict_key(self.run_id, 0, self.contribution.record_id), identity.peer_id,
                         record_bytes(verdict), 600)
         return verdict
@@ -316,6 +320,33 @@ def test_a_close_bans_only_with_a_proof_in_the_signed_records(dht_node):
     assert checker.audits.bans.is_banned(checker.trainer.peer_id)
     # A rejection that bans no one needs no proof (lateness, a missing verdict).
     assert checker.adopt(checker.close(accepted=False, verdicts=[], ban=False)).accept
+
+
+def test_a_failed_audit_without_proof_makes_a_suspect_where_the_close_is_settled(dht_node):
+    from dataclasses import replace
+
+    checker = _CloseChecker(dht_node, "suspects")
+    trainer, ctx = checker.trainer.peer_id, checker.ctx
+    silent = checker.adopt(checker.close(accepted=False, verdicts=[]))  # the verifier timed out: nobody blamed
+    assert silent.accept, silent.reason
+    checker.audits.settle(checker.close(accepted=False, verdicts=[]))
+    assert not checker.audits.suspects.as_of(1).is_suspect(trainer)
+
+    reject = checker.verdict(checker.verifier, accept=False, proven=False)  # trail or slices not served
+    close = checker.close(accepted=False, verdicts=[reject.record_id])
+    adopted = checker.adopt(close)
+    assert adopted.accept, adopted.reason
+    checker.audits.settle(close)
+    assert not checker.audits.bans.is_banned(trainer)
+    assert checker.audits.suspects.as_of(1).is_suspect(trainer)
+    assert not checker.audits.suspects.as_of(0).is_suspect(trainer)  # round 0 itself judged without it
+
+    # The merge gate honours the suspicion: unaudited, a suspect's contribution does not merge.
+    checker.audits.policy = replace(checker.audits.policy, audit_fraction=0.0)
+    assert checker.audits.check(checker.contribution, ctx).accept  # round 0: not yet a suspect
+    checker.audits.suspects.note(trainer, -1, False, "could not get slice 0")
+    refused = checker.audits.check(checker.contribution, ctx)
+    assert not refused.accept and "not audited this round" in refused.reason and not refused.cheat
 
 
 def test_a_forged_contribution_is_dropped_where_peers_read_it(dht_node, tmp_path, caplog):

@@ -18,7 +18,12 @@ One round, after the contributions are committed:
    every accepted contribution. A verifier that does not answer in time keeps the contribution out of this
    round without blaming anyone.
 4. every peer bans the signers of the cheats a followed close proved: their later contributions never merge.
-   Round r is judged by the bans proven before r, so peers that settle at different moments agree.
+   A trainer whose contribution the close rejected on a drawn verifier's reject verdict without proof (e.g.
+   it did not serve its trail or slices) becomes a suspect: its later contributions merge only when the
+   beacon draws them for audit and they are accepted, and the first one accepted that way clears it
+   (`gpunite.proof.policy.SuspectList`). Round r is judged by the bans and suspicions of closes before r,
+   derived only from the close and the signed verdicts it lists, so peers that settle at different moments
+   agree.
 
 With too few peers to keep the coordinator out of verifying, it verifies (a two-peer run still audits); a
 contribution nobody but its own trainer could audit merges on the cheap checks alone.
@@ -36,7 +41,14 @@ import torch
 
 from gpunite.errors import GpuniteError
 from gpunite.proof.audit import AuditResult, held_out_loss, make_verdict, verify_contribution
-from gpunite.proof.policy import AuditAssignment, BanList, MergePolicy, merge_decision, policy_from_manifest
+from gpunite.proof.policy import (
+    AuditAssignment,
+    BanList,
+    MergePolicy,
+    SuspectList,
+    merge_decision,
+    policy_from_manifest,
+)
 from gpunite.proof.selection import (
     SelectionError,
     beacon_from_signature,
@@ -110,6 +122,7 @@ class RoundAudits:
         self.policy = policy_from_manifest(peer.manifest.proof)
         self.audit_timeout_s = audit_timeout_s
         self.bans = BanList()
+        self.suspects = SuspectList()
         self._lock = threading.RLock()
         # round -> (coordinator peer id, beacon bytes) that the close being made or checked follows
         self._in_force: dict[int, tuple[str, bytes]] = {}
@@ -141,6 +154,11 @@ class RoundAudits:
         """Bans proven before round_index (every honest peer holds the same: they come from followed closes)."""
         with self._lock:
             return self.bans.as_of(round_index)
+
+    def _suspects_for(self, round_index: int) -> SuspectList:
+        """Suspicions from the closes of rounds before round_index (as bans: every honest peer holds the same)."""
+        with self._lock:
+            return self.suspects.as_of(round_index)
 
     def candidates(self, round_index: int) -> list[str]:
         """Who may verify in a round: its roster, less the peers banned before it (a banned peer judges no one)."""
@@ -411,20 +429,50 @@ class RoundAudits:
             return CheckResult(False, f"no audit beacon in force for round {ctx.round}")
         coordinator, beacon = in_force
         assignment = assign(beacon, contribution, self.policy, self.candidates(ctx.round), coordinator)
-        decision = merge_decision(contribution, [], pool, self.policy, assignment, self._bans_for(ctx.round))
+        decision = merge_decision(contribution, [], pool, self.policy, assignment, self._bans_for(ctx.round),
+                                  self._suspects_for(ctx.round))
         cid = contribution.record_id
         with self._lock:
             self._relied.setdefault(ctx.round, set()).update(e for e in decision.evidence if e != cid)
         return CheckResult(decision.merge, decision.reason, decision.cheat)
 
     def settle(self, close: RoundClose) -> None:
-        """Ban the signers of the cheats a followed close proved (their later contributions never merge)."""
+        """Ban the signers of the cheats a followed close proved (their later contributions never merge), and
+        note its audit outcomes: who failed an audit without proof (a suspect) and who passed one (cleared)."""
+        self._note_audit_outcomes(close)
         for rejection in close.rejected:
             with self._lock:
                 if not rejection.cheat or self.bans.is_banned(rejection.trainer):
                     continue
                 self.bans.ban(rejection.trainer, close.round, rejection.reason, (rejection.contribution,))
             log.warning("banned %s from the run: %s", rejection.trainer[:12], rejection.reason)
+
+    def _note_audit_outcomes(self, close: RoundClose) -> None:
+        """Audit outcomes from the close and the verdicts it relied on (checked signed and drawn when it was made
+        or adopted, so every peer following it reads the same): a reject verdict on a contribution it rejected
+        is a failure, an accept verdict on one it merged is a pass; a contribution without any says nothing."""
+        with self._lock:
+            pool = {v.record_id: v for v in self._pool.get(close.round, [])}
+        relied = [pool[vid] for vid in close.verdicts if vid in pool]
+        if len(relied) < len(close.verdicts):
+            log.warning("round %d: %d of the close's verdicts are not held here; their audit outcomes are not "
+                        "noted", close.round, len(close.verdicts) - len(relied))
+        trainers = {cid: (pid, True) for cid, pid in zip(close.accepted, close.contributors)}
+        trainers |= {r.contribution: (r.trainer, False) for r in close.rejected}
+        for verdict in relied:
+            trainer, merged = trainers.get(verdict.contribution, (None, False))
+            if trainer is None or verdict.trainer != trainer or verdict.accept != merged:
+                continue
+            with self._lock:
+                was_suspect = self.suspects.as_of(close.round + 1).is_suspect(trainer)
+                self.suspects.note(trainer, close.round, merged, verdict.reason,
+                                   (verdict.contribution, verdict.record_id))
+                now_suspect = self.suspects.as_of(close.round + 1).is_suspect(trainer)
+            if now_suspect and not was_suspect:
+                log.warning("%s failed its round %d audit (%s): its contributions merge only when audited until "
+                            "an audit passes", trainer[:12], close.round, verdict.reason[:200])
+            elif was_suspect and not now_suspect:
+                log.info("%s passed its round %d audit: no longer a suspect", trainer[:12], close.round)
 
     def _contributions(self, round_index: int) -> dict[str, Contribution]:
         """The round's signed contributions in the DHT, by record id."""
