@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--compression", choices=("int8", "int4", "none"), default=None,
                         help="default: the manifest default")
     parser.add_argument("--audit-fraction", type=float, default=None,
-                        help="default: the manifest default; 0 measures the DiLoCo exchange alone (no audits)")
+                        help="default: the manifest's; 0 measures the DiLoCo exchange alone (no audits)")
     args = parser.parse_args()
 
     from gpunite.data.prepare import prepare_dataset
@@ -79,7 +79,8 @@ def main() -> None:
         sent = [logs[n][last_round]["bytes_sent"] - logs[n][first_round]["bytes_sent"] for n in names]
         received = [logs[n][last_round]["bytes_received"] - logs[n][first_round]["bytes_received"] for n in names]
         # Every peer merges the same rounds; tokens per peer is the merged tokens shared by the peers.
-        tokens_global = sum(logs["peer1"][r]["tokens"] for r in range(first_round + 1, last_round + 1))
+        measured_rounds = range(first_round + 1, last_round + 1)
+        tokens_global = sum(logs["peer1"][r]["tokens"] for r in measured_rounds)
         tokens_per_peer = tokens_global / args.peers
         bytes_per_token = (sum(sent) / args.peers) / tokens_per_peer
         ddp_bytes_per_token = 2 * 4 * params / (train.batch_size * manifest.data.seq_len)
@@ -102,7 +103,7 @@ def main() -> None:
             "compression": train.compression,
             "audit_fraction": manifest.proof.audit_fraction,
             "tokens_per_peer": tokens_per_peer,
-            "contributions_merged": [logs["peer1"][r]["merged"] for r in range(first_round + 1, last_round + 1)],
+            "contributions_merged": [logs["peer1"][r]["merged"] for r in measured_rounds],
             "wall_s": round(time.time() - started, 1),
             "measured": "frames written to libp2p streams by each peer (ByteCounter), steady-state rounds",
         }

@@ -24,7 +24,8 @@ loss by ~1% (5.72 vs 5.67 with H=6), so ratios closer than that are a tie.
 
 One-round-delayed outer step (`--overlap`, the same settings, int8, before merged slices were compressed
 again; loss ratio vs the single trainer / vs synchronous DiLoCo at 1.028): delayed 1.082 / 1.053;
-eager (own delta / n_workers) 1.062 / 1.033. Over 8 short rounds the one-round lag costs 3-5%.
+eager (own delta / n_workers) 1.062 / 1.033; eager_full (own delta) 1.062 / 1.033 (merged slices compressed
+again). Over 8 short rounds the one-round lag costs 3-5%.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compression", choices=COMPRESSIONS, default="int8")
     parser.add_argument(
         "--overlap", choices=("none",) + OVERLAP_MODES, default="none",
-        help="also run the workers with a one-round-delayed outer step (see DilocoRun); reports sync_loss too",
+        help="also run the workers with a one-round-delayed outer step (see DilocoRun); adds sync_loss",
     )
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--aggregation", choices=("trimmed_mean", "median", "mean"), default="trimmed_mean")
@@ -116,7 +117,7 @@ clip_norm_ratio = {args.clip_ratio}
 
 
 def merge_round(pseudo_grads: list[torch.Tensor], args: argparse.Namespace) -> torch.Tensor:
-    """What the swarm does to a round's pseudo-gradients: compress, send, parse, slice, clip, merge, compress."""
+    """The swarm's path for pseudo-gradients: compress, send, parse, slice, clip, merge, compress again."""
     numel = pseudo_grads[0].numel()
     received = []
     for pseudo_grad in pseudo_grads:
@@ -141,7 +142,7 @@ OVERLAP_MODES = ("delayed", "eager", "eager_full")
 class DilocoRun:
     """The workers and global weights of one DiLoCo run; `mode` says where each round's inner steps start.
 
-    sync:    round r starts from the weights of r merges, W_r, and its merge gives W_{r+1} = outer(W_r, merged).
+    sync:    round r starts from the weights of r merges, W_r; its merge gives W_{r+1} = outer(W_r, merged).
     delayed: the exchange of round r-1 is still in flight when round r starts, so round r starts from the
              newest weights available, W_{r-1} (merges of rounds 0..r-2); its pseudo-gradient (base - local)
              is applied to the newest weights when it arrives: W_{r+1} = outer(W_r, merged_r), as in sync.

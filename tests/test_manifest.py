@@ -30,7 +30,8 @@ def test_run_id_changes_with_content():
         ("[model\n", "not valid TOML"),
         ("[proof]\nverifiers_per_audit = 1\naccepts_required = 2\n", "accepts_required (2) must be <="),
         ("[train]\ncompression = 'int4'\ncompression_chunk = 4097\n",
-         "[train.compression_chunk] int4 packs two values per byte, so compression_chunk must be even, got 4097"),
+         "[train.compression_chunk] int4 packs two values per byte, so compression_chunk must be even, "
+         "got 4097"),
         ("[train]\ncompression = 'int2'\n", "[train.compression]"),
     ],
 )

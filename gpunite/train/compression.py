@@ -1,4 +1,4 @@
-"""Pseudo-gradient compression: int8 or int4 per-chunk absmax quantization (or plain fp32) as checked safetensors.
+"""Pseudo-gradient compression: int8 or int4 per-chunk absmax quantization (or fp32) as checked safetensors.
 
 A flat fp32 vector is cut into chunks of `chunk` elements; each chunk travels as integer values plus one fp32
 scale (absmax / 127 for int8, absmax / 7 for int4), so a payload is ~1/4 (int8) or ~1/8 (int4) of fp32.
@@ -66,7 +66,8 @@ Payload = Int8Payload | Int4Payload | Fp32Payload
 def payload_method(compression: str) -> str:
     """The payload method for a manifest's `train.compression`: the name itself, once known to be one."""
     if compression not in COMPRESSIONS:
-        raise TensorPayloadError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+        choices = ", ".join(COMPRESSIONS)
+        raise TensorPayloadError(f"unknown compression {compression!r}; choose one of {choices}")
     return compression
 
 
@@ -106,7 +107,7 @@ def compress_int8(vector: torch.Tensor, chunk: int) -> Int8Payload:
 def compress_int4(vector: torch.Tensor, chunk: int) -> Int4Payload:
     """Quantize each chunk to round(x / scale) in [-7, 7] with scale = absmax / 7, packed two per byte."""
     if chunk % 2:
-        raise TensorPayloadError(f"int4 compression needs an even chunk (slices start on a byte), got {chunk}")
+        raise TensorPayloadError(f"int4 needs an even chunk, so slices start on a byte; got {chunk}")
     q, scales = _quantize(vector, chunk, INT4_MAX)
     return _pack_int4(q, scales, chunk)
 
@@ -195,9 +196,10 @@ def payload_from_bytes(
     if method == "none":
         tensors = from_safetensors_bytes(data, {"values": ((expected_numel,), torch.float32)}, max_bytes)
         return Fp32Payload(values=tensors["values"], numel=expected_numel, chunk=chunk)
-    values_name, values_shape, values_dtype = (
-        ("q", expected_numel, torch.int8) if method == "int8" else ("packed", -(-expected_numel // 2), torch.uint8)
-    )
+    if method == "int8":
+        values_name, values_shape, values_dtype = "q", expected_numel, torch.int8
+    else:
+        values_name, values_shape, values_dtype = "packed", -(-expected_numel // 2), torch.uint8
     expected = {
         values_name: ((values_shape,), values_dtype),
         "scales": ((n_chunks(expected_numel, chunk),), torch.float32),
@@ -205,7 +207,7 @@ def payload_from_bytes(
     tensors = from_safetensors_bytes(data, expected, max_bytes)
     scales = tensors["scales"]
     if bool((scales < 0).any()):
-        raise TensorPayloadError(f"{method} payload has negative scales; the sender is not gpunite's quantizer")
+        raise TensorPayloadError(f"{method} payload has negative scales; the sender is not our quantizer")
     if method == "int8":
         q = tensors["q"]
         if bool((q == -128).any()):
@@ -215,9 +217,9 @@ def payload_from_bytes(
         raise TensorPayloadError(f"int4 payloads need an even chunk, got {chunk}")
     packed = tensors["packed"]
     if bool(((packed & 0x0F) == 0).any()) or bool(((packed >> 4) == 0).any()):
-        raise TensorPayloadError("int4 payload holds nibble 0 (q = -8), outside the quantizer's range [-7, 7]")
+        raise TensorPayloadError("int4 payload holds nibble 0 (q = -8), outside the quantizer's [-7, 7]")
     if expected_numel % 2 and int(packed[-1]) >> 4 != INT4_OFFSET:
-        raise TensorPayloadError("int4 payload's padding nibble is not 8 (q = 0); the bytes are not canonical")
+        raise TensorPayloadError("int4 payload's padding nibble is not 8 (q = 0): bytes not canonical")
     return Int4Payload(packed=packed, scales=scales, numel=expected_numel, chunk=chunk)
 
 
