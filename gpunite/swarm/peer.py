@@ -202,6 +202,7 @@ class Peer:
         self._trained: dict[int, bool] = {}  # round -> whether this peer committed a contribution to it
         self._job: _TrainingJob | None = None  # with overlap: the next round training on its own thread
         self._abort_training = threading.Event()
+        self._prefetched: dict[tuple[int, int, str], bytes | None] = {}  # (round, slice, trainer) -> its bytes
         if state is None:
             weights = flatten(self.params)
             state = GlobalState(0, weights, None, self.plan.state_dict(), None, None, self.layout.hash(weights))
@@ -251,6 +252,14 @@ class Peer:
         self._weights_at.clear()  # what we held before a re-sync may be the minority's history
         self._hashes.clear()
         self._remember_global(state.round, state.weights, state.weights_hash)
+        previous = state.previous_weights
+        if self.lag and previous is not None and state.round > 0:
+            expected = self._global_hash(state.round - 1)
+            if expected is not None and self.layout.hash(previous) == expected:
+                self._weights_at[state.round - 1] = previous
+                self._hashes[state.round - 1] = expected
+            else:
+                log.warning("the previous round's weights sent with the state are not the agreed ones: ignored")
 
     def serve(self) -> None:
         """Register the stream handlers and start heartbeating (once)."""
@@ -291,9 +300,12 @@ class Peer:
             state = self.state
         log.info("serving global state of round %d to %s", state.round, caller[-8:])
 
+        previous = self._weights_at.get(state.round - 1) if self.lag else None
+
         def build() -> tuple[dict, bytes]:
             # Our AdamW moments as a warm start for the joiner (copies; a read racing a step only blurs advice).
-            return state_to_frame(replace(state, inner_optimizer=self.trainer.optimizer_state_tensors()))
+            return state_to_frame(replace(state, inner_optimizer=self.trainer.optimizer_state_tensors(),
+                                          previous_weights=previous))
 
         # Serialising a model's worth of tensors must not stall the loop that answers heartbeats and the DHT.
         return await asyncio.get_running_loop().run_in_executor(None, build)
@@ -367,8 +379,9 @@ class Peer:
                  self.state.weights_hash[:12])
         self.audits.start_round(ctx, roster_ids)
         bounds = self.slice_bounds(ctx)
-        if r not in self._trained and self._base_round(r) == r:
-            self._trained[r] = self.train_round(ctx)  # no overlap (or round 0): train now, close after
+        if r not in self._trained and self.round_base(r) is not None:
+            # No overlap, round 0, or a peer that just joined or re-synced: train now, close after.
+            self._trained[r] = self.train_round(ctx)
         job = self._start_training(r + 1) if self.lag and not self._last_round(r) else None
         try:
             if not self.agrees_with_majority(r - 1):
@@ -427,8 +440,11 @@ class Peer:
     def _global_hash(self, round_index: int) -> str | None:
         """Weights hash of the global state that starts round_index: known here, or most peers' signed blocks."""
         known = self._hashes.get(round_index)
-        if known is not None or round_index < 1:
+        if known is not None or round_index < 0:
             return known
+        close = self.state.close
+        if round_index == 0:  # round 0's (and, with overlap, round 1's) base, named by the closes before them
+            return close.base_hash if close is not None and close.round in (-1, 0) else None
         blocks = self.node.get_records(run_key(self.run_id, "block", round_index - 1), parse_block)
         votes: dict[str, int] = {}
         for block in blocks.values():
@@ -485,7 +501,11 @@ class Peer:
         log.info("assigned %d units (%d sequences) in round %d", len(mine), sum(u.count for u in mine), ctx.round)
         # The round may close this long after the close before it; with overlap it starts one round early.
         deadline = self.state.close.time + (1 + self.lag) * self.train_cfg.round_deadline_s
-        return self.train_and_commit(ctx, mine, self.slice_bounds(ctx), deadline, base)
+        try:
+            return self.train_and_commit(ctx, mine, self.slice_bounds(ctx), deadline, base)
+        except PeerError as exc:  # e.g. no live peer serves a shard we need: sit this round out, not die
+            log.warning("round %d: no contribution: %s", ctx.round, exc)
+            return False
 
     def _start_training(self, round_index: int) -> _TrainingJob | None:
         """Train round_index on a thread while this one runs the exchange of the round before."""
@@ -676,6 +696,7 @@ class Peer:
                     log.warning("ignored round %d close by %s: %s", ctx.round, close.peer_id[:12], verdict.reason)
                 rejected_closes[close.record_id] = time.time()
             contributions = {pid: c for pid, c in self.contributions(ctx.round).items() if pid in roster_ids}
+            self._prefetch_owned_slices(ctx, roster_ids, contributions)
             self.audits.serve_audits(ctx, contributions)
             missing_alive = [pid for pid in roster_ids
                              if ctx.assigned.get(pid) and pid not in contributions and pid in alive]
@@ -700,6 +721,22 @@ class Peer:
             if self.stopping.is_set():
                 raise PeerError("stopped while waiting for the round to close")
             time.sleep(self.config.poll_s)
+
+    def _prefetch_owned_slices(self, ctx: RoundContext, roster_ids: list[str],
+                               contributions: dict[str, Contribution]) -> None:
+        """Pull the slice this peer will merge from each contribution as soon as it is published.
+
+        A trainer that dies after committing (its work may already be audited and accepted) then still
+        has its slice merged, and the merge after the close does not wait on the network.
+        """
+        owners = sorted(roster_ids)
+        if self.peer_id not in owners:
+            return
+        index = owners.index(self.peer_id)
+        todo = [pid for pid in sorted(contributions)
+                if pid != self.peer_id and (ctx.round, index, pid) not in self._prefetched]
+        for pid, data in zip(todo, _in_parallel(lambda pid: self._request_slice(ctx.round, index, pid), todo)):
+            self._prefetched[(ctx.round, index, pid)] = data  # None: tried; fetch_slice tries again later
 
     def make_close(self, ctx: RoundContext, contributions: dict[str, Contribution], alive: dict, rank: int,
                    prev_block: str) -> RoundClose:
@@ -826,6 +863,8 @@ class Peer:
         self.last_close = close
         for key in [k for k in self.aggregates if k[0] < ctx.round - 1]:
             del self.aggregates[key]
+        for key in [k for k in self._prefetched if k[0] <= ctx.round]:
+            del self._prefetched[key]
         self.recorder.prune(ctx.round - 1)
         self.tokens_trained += tokens
         self.rounds_done += 1
@@ -888,6 +927,10 @@ class Peer:
         if peer_id == self.peer_id:
             slices = self.payloads.get(round_index)
             return slices[index] if slices and index < len(slices) else None
+        cached = self._prefetched.get((round_index, index, peer_id))
+        return cached if cached is not None else self._request_slice(round_index, index, peer_id)
+
+    def _request_slice(self, round_index: int, index: int, peer_id: str) -> bytes | None:
         try:
             _, data = self._request(peer_id, HANDLE_SLICE, {"round": round_index, "slice": index},
                                     self._max_slice_bytes)

@@ -87,6 +87,9 @@ class GlobalState:
     close: RoundClose | None  # close of round - 1: the roster of this round (None before the genesis close)
     weights_hash: str
     inner_optimizer: dict[str, torch.Tensor] | None = None  # the serving peer's AdamW state (a warm start)
+    # With train.overlap: the global weights of round - 1, the base of round `round`'s contributions, so a
+    # joiner can train, audit and own a slice of the round in flight (its hash is checked by the joiner).
+    previous_weights: torch.Tensor | None = None
 
 
 INNER = "inner/"
@@ -96,6 +99,8 @@ def state_to_frame(state: GlobalState) -> tuple[dict[str, Any], bytes]:
     tensors = {"weights": state.weights}
     if state.momentum is not None:
         tensors["momentum"] = state.momentum
+    if state.previous_weights is not None:
+        tensors["previous_weights"] = state.previous_weights
     for name, tensor in (state.inner_optimizer or {}).items():
         tensors[INNER + name] = tensor
     header = {
@@ -116,7 +121,7 @@ def state_from_frame(header: dict[str, Any], body: bytes, layout: ParamLayout, r
     except TensorPayloadError as exc:
         raise StateSyncError(f"global state: {exc}") from None
     inner = {name[len(INNER):]: tensors.pop(name) for name in list(tensors) if name.startswith(INNER)}
-    if set(tensors) - {"weights", "momentum"} or "weights" not in tensors:
+    if set(tensors) - {"weights", "momentum", "previous_weights"} or "weights" not in tensors:
         raise StateSyncError(f"global state holds tensors {sorted(tensors)[:4]}, expected weights (+ momentum)")
     for name, tensor in tensors.items():
         if tensor.dtype != torch.float32 or tuple(tensor.shape) != (numel,):
@@ -141,12 +146,13 @@ def state_from_frame(header: dict[str, Any], body: bytes, layout: ParamLayout, r
         raise StateSyncError("global state's round close is not this run's close of the previous round")
     if not isinstance(plan, dict):
         raise StateSyncError("global state's work plan is not a JSON object")
-    return GlobalState(round_index, weights, tensors.get("momentum"), plan, tip, close, computed, inner or None)
+    return GlobalState(round_index, weights, tensors.get("momentum"), plan, tip, close, computed, inner or None,
+                       tensors.get("previous_weights"))
 
 
 def max_state_bytes(numel: int) -> int:
-    """Weights, momentum and two AdamW moments in fp32, plus headers."""
-    return 16 * numel + (1 << 22)
+    """Weights, previous weights, momentum and two AdamW moments in fp32, plus headers."""
+    return 20 * numel + (1 << 22)
 
 
 # ----- data files -----
