@@ -15,6 +15,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from _swarm_helpers import tiny_swarm_manifest
 
 from gpunite.records import GENESIS, Block
 from gpunite.swarm.churn import ChurnDriver, ChurnEvent, EventOutcome, analyze, chain_blocks, churn_schedule
@@ -86,32 +87,7 @@ def test_analysis_finds_forks_short_merges_vanished_rounds_and_stalled_rounds(tm
     assert figures["verified_work_lost_detail"]["vanished_rounds"] == [("peer2", 0), ("peer2", 1)]
 
 
-MANIFEST = """
-[run]
-name = "churn-test"
-seed = 11
-[model]
-preset = "tiny"
-hidden_size = 64
-n_layers = 2
-n_heads = 2
-intermediate_size = 128
-[data]
-sources = ["builtin:python-docs"]
-vocab_size = 512
-seq_len = 32
-shard_tokens = 16384
-max_builtin_mb = 0.3
-[train]
-batch_size = 4
-inner_steps = 4
-warmup_steps = 2
-total_steps = 100000
-round_deadline_s = 60
-compression_chunk = 256
-[proof]
-trail_interval = 2
-"""
+MANIFEST = tiny_swarm_manifest("churn-test", total_steps=100000, round_deadline_s=60)
 
 
 def test_first_peer_killed_and_restarted_and_a_frozen_peer_rejoin_with_no_verified_work_lost(tmp_path: Path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from _swarm_helpers import tiny_swarm_manifest
 
 from gpunite.ledger.credits import credit_table
 from gpunite.ledger.store import Ledger, default_ledger_path
@@ -14,32 +15,7 @@ from gpunite.swarm.demo import LocalSwarm
 pytestmark = pytest.mark.timeout(300)
 
 ROUNDS = 2
-MANIFEST = """
-[run]
-name = "ledger-bridge-test"
-seed = 11
-[model]
-preset = "tiny"
-hidden_size = 64
-n_layers = 2
-n_heads = 2
-intermediate_size = 128
-[data]
-sources = ["builtin:python-docs"]
-vocab_size = 512
-seq_len = 32
-shard_tokens = 16384
-max_builtin_mb = 0.3
-[train]
-batch_size = 4
-inner_steps = 4
-warmup_steps = 2
-total_steps = 400
-round_deadline_s = 120
-compression_chunk = 256
-[proof]
-trail_interval = 2
-"""
+MANIFEST = tiny_swarm_manifest("ledger-bridge-test")
 
 
 @pytest.fixture(scope="module")

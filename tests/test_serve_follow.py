@@ -18,6 +18,7 @@ import time
 import httpx
 import pytest
 import torch
+from _swarm_helpers import tiny_swarm_manifest
 
 from gpunite.identity import Identity
 from gpunite.records import GENESIS, Block, sign_record
@@ -35,37 +36,13 @@ from gpunite.util import free_port
 
 RUN_ID = "ab" * 32
 
-MANIFEST = """
-[run]
-name = "follow-test"
-seed = 11
-[model]
-preset = "tiny"
-hidden_size = 64
-n_layers = 2
-n_heads = 2
-intermediate_size = 128
-[data]
-sources = ["builtin:python-docs"]
-vocab_size = 512
-seq_len = 32
-shard_tokens = 16384
-max_builtin_mb = 0.3
-[train]
-batch_size = 4
-inner_steps = 4
-warmup_steps = 2
-total_steps = 400
-round_deadline_s = 120
-compression_chunk = 256
-[proof]
-trail_interval = 2
+MANIFEST = tiny_swarm_manifest("follow-test", extra="""
 [credit]
 anonymous_daily_queries = 100000
 max_daily_queries = 100000
 [host]
 min_tflops = 0.0  # a CPU shared with other test runs can measure below the default minimum
-"""
+""")
 
 
 def block(identity: Identity, round_index: int, weights: str, prev: str = GENESIS, run_id: str = RUN_ID

@@ -14,37 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _swarm_helpers import tiny_swarm_manifest
 
 from gpunite.swarm.demo import LocalSwarm
 
 pytestmark = pytest.mark.timeout(420)
 
-MANIFEST = """
-[run]
-name = "swarm-test"
-seed = 7
-[model]
-preset = "tiny"
-hidden_size = 64
-n_layers = 2
-n_heads = 2
-intermediate_size = 128
-[data]
-sources = ["builtin:python-docs"]
-vocab_size = 512
-seq_len = 32
-shard_tokens = 16384
-max_builtin_mb = 0.3
-[train]
-batch_size = 4
-inner_steps = 4
-warmup_steps = 2
-total_steps = 400
-round_deadline_s = 120
-compression_chunk = 256
-[proof]
-trail_interval = 2
-"""
+MANIFEST = tiny_swarm_manifest("swarm-test", seed=7)
 
 
 def chain(peer) -> dict[int, str]:
