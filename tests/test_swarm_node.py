@@ -139,3 +139,12 @@ def test_real_streams_scaled_reply_a_broken_stream_retried_and_a_silent_peer():
             client.close()
     finally:
         server.close()
+
+
+def test_typical_speed_is_the_median_of_big_transfers():
+    budget = TransferBudget()
+    assert budget.typical_bits_per_s(unmeasured=20e6) == 20e6
+    for seconds in (1.0, 2.0, 4.0):  # 8 Mbit, 4 Mbit, 2 Mbit
+        budget.observe(1_000_000, seconds)
+    budget.observe(1000, 100.0)  # too small to say anything about the link
+    assert budget.typical_bits_per_s(unmeasured=20e6) == 4e6

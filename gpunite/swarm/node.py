@@ -65,6 +65,13 @@ class TransferBudget:
     def floor_bits_per_s(self) -> float:
         return min([self.assumed_bits_per_s, *self._measured])
 
+    def typical_bits_per_s(self, unmeasured: float) -> float:
+        """The median speed of the recent big transfers (`unmeasured` before any): for planning waits."""
+        if not self._measured:
+            return unmeasured
+        ordered = sorted(self._measured)
+        return ordered[len(ordered) // 2]
+
     def transfer_s(self, n_bytes: int) -> float:
         """Time for the bytes alone at the floor speed, with the margin."""
         return self.MARGIN * 8.0 * max(n_bytes, 0) / self.floor_bits_per_s

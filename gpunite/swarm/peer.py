@@ -104,6 +104,7 @@ class PeerConfig:
 
 CHEATS = ("scaled", "random", "nan")
 CLOSE_RETRY_S = 15.0  # a refused round close is checked again after this long
+HOME_UPLINK_BITS_PER_S = 20e6  # a trainer's upload speed assumed for the verdict wait until one is measured
 
 
 @dataclass
@@ -370,8 +371,10 @@ class Peer:
         self._assign_ahead()
         r = self.state.round
         ctx = self.round_context(r)
-        if ctx is None:
-            raise PeerError(f"round {r}'s base weights are unknown here; restart the peer to re-sync")
+        if ctx is None:  # e.g. we followed a close the others did not: take the state most peers went on from
+            log.warning("round %d's assignment or base weights are unknown here: re-syncing", r)
+            self.resync_from_live()
+            return
         roster_ids = sorted(ctx.assigned)
         prev_block = self.state.tip.block_hash if self.state.tip else GENESIS
         deadline = self.state.close.time + self.train_cfg.round_deadline_s
@@ -410,7 +413,10 @@ class Peer:
             step_s = flops_per_token(self.model_config, self.manifest.data.seq_len) * tokens / (
                 0.1 * self.speed * 1e12)
         replay_s = proof.segments_per_audit * proof.trail_interval * step_s * (1 + self.lag)
-        return self.config.audit_timeout_s + 3.0 * per_verifier * replay_s
+        # and fetches, per audit, the delta (int8), each segment's two states and the final weights (fp32)
+        audit_bytes = self.numel * (1 + 24 * proof.segments_per_audit + 4)
+        fetch_s = 8.0 * audit_bytes / self.node.budget.typical_bits_per_s(unmeasured=HOME_UPLINK_BITS_PER_S)
+        return self.config.audit_timeout_s + 3.0 * per_verifier * (replay_s + fetch_s)
 
     def _last_round(self, round_index: int) -> bool:
         """Whether this peer stops after closing round_index (--rounds, --until-round): train nothing beyond."""
@@ -991,6 +997,19 @@ class Peer:
             except (SwarmError, ProtocolError, PeerError, GpuniteError) as exc:
                 log.warning("re-sync from %s failed: %s", pid[:12], exc)
         return True
+
+    def resync_from_live(self) -> None:
+        """Sync from the live peer furthest ahead that serves a valid state (waits a poll if none does)."""
+        alive = self.membership.alive()
+        ahead = sorted((hb for pid, hb in alive.items() if pid != self.peer_id and hb.round >= self.state.round),
+                       key=lambda hb: (-hb.round, hb.peer_id))
+        for beat in ahead:
+            try:
+                self.sync_from(beat.peer_id)
+                return
+            except (SwarmError, ProtocolError, PeerError, GpuniteError) as exc:
+                log.warning("re-sync from %s failed: %s", beat.peer_id[:12], exc)
+        time.sleep(self.config.poll_s)
 
     def sync_from(self, peer_id: str) -> None:
         header, body = self._request(peer_id, HANDLE_STATE, {}, max_reply=max_state_bytes(self.numel))
