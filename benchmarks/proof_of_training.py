@@ -311,7 +311,7 @@ def run_mode(swarm: Swarm, mode: str, tally: Tally) -> dict:
 
 
 def _failed_audit_rounds(suspects: SuspectList) -> list[int]:
-    """The rounds in which an audit failed without proof (each makes its signer a suspect in the next round)."""
+    """The rounds in which a drawn verifier rejected a contribution, with proof or without (a suspect next round)."""
     return sorted({r for rounds in suspects.outcomes.values() for r, outcome in rounds.items() if not outcome.passed})
 
 
