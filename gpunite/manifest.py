@@ -96,8 +96,10 @@ class TrainSection(_Section):
     clip_norm_ratio: float = Field(2.0, gt=0, description="Clip each pseudo-gradient to this x median norm.")
     round_deadline_s: float = Field(600.0, gt=0, description="A round closes this long after it starts.")
     overlap: bool = Field(
-        True, description="Train round r + 1 while round r's exchange runs: its steps start from the newest "
-        "global weights and its pseudo-gradient lands one round late (a one-round-delayed outer step).")
+        False, description="Train round r + 1 while round r's exchange runs: its steps start from the newest "
+        "global weights and its pseudo-gradient lands one round late (a one-round-delayed outer step). Off by "
+        "default: measured 3-5% worse held-out loss over 8 short rounds, and LoRA runs of a few rounds "
+        "overshoot (benchmarks/diloco_quality.py --overlap, benchmarks/finetune.py); on for slow links.")
 
     @field_validator("compression_chunk")
     @classmethod

@@ -25,14 +25,15 @@ warmup_steps = 2
 total_steps = {total_steps}
 round_deadline_s = {round_deadline_s}
 compression_chunk = 256
-[proof]
+{train_extra}[proof]
 trail_interval = 2
 """
 
 
 def tiny_swarm_manifest(name: str, seed: int = 11, total_steps: int = 400, round_deadline_s: float = 120,
-                        extra: str = "") -> str:
+                        overlap: bool = False, extra: str = "") -> str:
     """The manifest's TOML; `extra` appends more sections ([proof] keys go right after it)."""
     text = TINY_SWARM_MANIFEST.format(name=name, seed=seed, total_steps=total_steps,
-                                      round_deadline_s=round_deadline_s)
+                                      round_deadline_s=round_deadline_s,
+                                      train_extra="overlap = true\n" if overlap else "")
     return text + extra.lstrip("\n")

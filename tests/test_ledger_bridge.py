@@ -1,5 +1,8 @@
 """The ledger bridge in a real swarm: three peer processes on 127.0.0.1 train two rounds, and every peer's
-ledger ends with the run's blocks and contributions, and the same credit table, with credit for each trainer."""
+ledger ends with the run's blocks and contributions, and the same credit table, with credit for each trainer.
+
+The swarm runs with train.overlap on (round 1 trains beside round 0's exchange), so the overlapped round
+loop is exercised here; tests/test_swarm.py runs the default synchronous one."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from gpunite.swarm.demo import LocalSwarm
 pytestmark = pytest.mark.timeout(300)
 
 ROUNDS = 2
-MANIFEST = tiny_swarm_manifest("ledger-bridge-test")
+MANIFEST = tiny_swarm_manifest("ledger-bridge-test", overlap=True)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,7 @@ def test_every_peer_computes_the_same_credit_table(finished_swarm):
         assert credit.get(peer_id, 0) > 0, f"{name} trained but earned no credit: {credit}"
     log = swarm.peers["peer1"].log_path.read_text()
     assert "credit +" in log and "for round" in log
+    assert "round 1: training beside round 0's exchange (overlap)" in log
 
 
 def test_demo_credit_summary_compares_every_peer(finished_swarm):

@@ -72,7 +72,7 @@ def test_late_joiner_catches_up_within_one_round(swarm):
     swarm.wait_for(lambda s: s.get("peer3", {}).get("rounds_done", 0) >= 1, 240, "peer3 to merge its first round")
     joined_at = swarm.peers["peer3"].status()["first_round"]
     # After the round it joined in, it holds the same weights as everyone; then it is in a roster and trains.
-    # With train.overlap (the default) a close names the roster of the round after next, and round
+    # With train.overlap on, a close names the roster of the round after next, and round
     # joined_at's close may be out before the joiner's first heartbeat: its first merged contribution can be
     # round joined_at + 3, which the state of round joined_at + 4 includes.
     wait_round(swarm, ["peer3"], joined_at + 4)
