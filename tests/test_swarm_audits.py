@@ -24,39 +24,13 @@ import time
 
 import pytest
 import torch
+from _swarm_helpers import tiny_swarm_manifest
 
 from gpunite.swarm.demo import LocalSwarm
 
 pytestmark = pytest.mark.timeout(600)
 
-MANIFEST = """
-[run]
-name = "swarm-audit-test"
-seed = 11
-[model]
-preset = "tiny"
-hidden_size = 64
-n_layers = 2
-n_heads = 2
-intermediate_size = 128
-[data]
-sources = ["builtin:python-docs"]
-vocab_size = 512
-seq_len = 32
-shard_tokens = 16384
-max_builtin_mb = 0.3
-[train]
-batch_size = 4
-inner_steps = 4
-warmup_steps = 2
-total_steps = 400
-round_deadline_s = 120
-compression_chunk = 256
-[proof]
-trail_interval = 2
-audit_fraction = 1.0
-segments_per_audit = 1
-"""
+MANIFEST = tiny_swarm_manifest("swarm-audit-test", extra="audit_fraction = 1.0\nsegments_per_audit = 1\n")
 HONEST = ["peer1", "peer2"]
 ADVERSARIES = {"scaler": "scaled_delta", "copier": "copy_delta", "replayer": "replay_old", "sybil": "sybil"}
 # replay_old cheats from round 1 on, the Sybil identity once a close has put it in a roster (round 1, or 2 with
