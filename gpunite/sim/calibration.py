@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import FrameType
@@ -303,7 +304,7 @@ def measure_swarm(
 
             bed = Netbed(peers, profile, tag="calib")
             bed.up()
-        logs = _run_peers(root, manifest_path, peers, rounds + 1, bed, timeout_s)
+        logs = run_peers(root, manifest_path, peers, rounds + 1, bed, timeout_s)
     finally:
         if bed is not None:
             bed.down()
@@ -318,10 +319,12 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _run_peers(
-    root: Path, manifest: Path, peers: int, rounds: int, bed, timeout_s: float, join_stagger_s: float = 5.0
+def run_peers(
+    root: Path, manifest: Path, peers: int, rounds: int, bed, timeout_s: float, join_stagger_s: float = 5.0,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """Start the peers and wait until they stop; returns each peer's log (INFO lines carry the figures)."""
+    """Start the peers (homes root/peer<i>) and wait until they stop; returns each peer's log (INFO lines carry
+    the figures). `bed`: a started Netbed to run them in, or None for loopback; extra_args go to every peer."""
     gpunite = [sys.executable, "-m", "gpunite"]
     common = [
         "--rounds",
@@ -334,6 +337,7 @@ def _run_peers(
         "1",
         "--log-level",
         "INFO",
+        *extra_args,
     ]
 
     def launch(index: int, argv: list[str], mode: str = "w") -> subprocess.Popen:
