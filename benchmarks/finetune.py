@@ -79,8 +79,8 @@ def finetune_manifest(workdir: Path, name: str, base: Path, data: Path, rank: in
     manifest.train.total_steps = args.inner_steps * (args.warmup_rounds + args.rounds)
     manifest.train.lr = lr
     manifest.train.round_deadline_s = 1800.0
-    if args.no_overlap:
-        manifest.train.overlap = False
+    if args.overlap is not None:
+        manifest.train.overlap = args.overlap == "on"
     manifest.save(path)
     return path
 
@@ -151,8 +151,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lora-lr", type=float, default=1e-2, help="LoRA's usual lr is a few x full's")
     parser.add_argument("--full-lr", type=float, default=3e-3)
-    parser.add_argument("--no-overlap", action="store_true",
-                        help="train.overlap = false: synchronous rounds (no one-round-delayed outer step)")
+    parser.add_argument("--overlap", choices=["on", "off"], default=None,
+                        help="set train.overlap (default: the manifest's default, off)")
     parser.add_argument("--base-steps", type=int, default=60, help="local pretraining steps of the base")
     parser.add_argument("--train-records", type=int, default=2000)
     parser.add_argument("--heldout-records", type=int, default=200)
@@ -175,6 +175,7 @@ def main() -> None:
             manifest_path = finetune_manifest(workdir, name, base, data, rank, lr, args)
             from gpunite.manifest import load_manifest
 
+            overlap = load_manifest(manifest_path).train.overlap
             params = trainable_param_count(config_from_manifest(load_manifest(manifest_path)))
             homes = swarm_run(workdir, manifest_path, args.peers, total_rounds)
             final = next(homes[0].glob("runs/*/final.safetensors"))
@@ -204,7 +205,7 @@ def main() -> None:
         "peers": args.peers,
         "rounds": args.rounds,
         "inner_steps": args.inner_steps,
-        "overlap": not args.no_overlap,
+        "overlap": overlap,
         "base_pretrain_steps": args.base_steps,
         "heldout_sequences": sum(batch.size(0) for batch in batches),
         "load_average_1m": round(os.getloadavg()[0], 2),
