@@ -454,14 +454,10 @@ class Peer:
         close = self.state.close
         if round_index == 0:  # round 0's (and, with overlap, round 1's) base, named by the closes before them
             return close.base_hash if close is not None and close.round in (-1, 0) else None
-        blocks = self.node.get_records(run_key(self.run_id, "block", round_index - 1), parse_block)
-        votes: dict[str, int] = {}
-        for block in blocks.values():
-            if block.run_id == self.run_id and block.round == round_index - 1:
-                votes[block.weights_hash] = votes.get(block.weights_hash, 0) + 1
+        votes = self.block_votes(round_index - 1)
         if not votes:
             return None
-        best = max(votes, key=lambda h: (votes[h], h))
+        best = max(votes, key=lambda h: (len(votes[h]), h))
         self._hashes[round_index] = best
         return best
 
@@ -977,15 +973,20 @@ class Peer:
                                  maddrs=list(beat.maddrs))
 
     # ----- 5. agreement on the weights -----
-    def agrees_with_majority(self, round_index: int) -> bool:
-        """Compare our block of round_index with the others'; re-sync from the majority if we are outvoted."""
-        if round_index < 0:
-            return True
+    def block_votes(self, round_index: int) -> dict[str, list[str]]:
+        """Weights hash -> the peers whose signed block of round_index names it (this run's blocks only)."""
         blocks = self.node.get_records(run_key(self.run_id, "block", round_index), parse_block)
         votes: dict[str, list[str]] = {}
         for pid, block in blocks.items():
             if block.run_id == self.run_id and block.round == round_index:
                 votes.setdefault(block.weights_hash, []).append(pid)
+        return votes
+
+    def agrees_with_majority(self, round_index: int) -> bool:
+        """Compare our block of round_index with the others'; re-sync from the majority if we are outvoted."""
+        if round_index < 0:
+            return True
+        votes = self.block_votes(round_index)
         if not votes:
             return True
         best = max(votes, key=lambda h: (len(votes[h]), h))
