@@ -297,7 +297,7 @@ class Follower:
         prev = verified.block_hash if verified else GENESIS
         while next_round <= newest:
             try:
-                past = {beat.peer_id for beat in beats if beat.round > next_round}
+                past = {beat.peer_id for beat in beats if beat.round >= next_round}  # in it or past it: they sign it
                 blocks = self.source.blocks(next_round)
                 verified = verify_round(blocks, self.source.run_id, next_round, prev, past)
             except FollowError as exc:
