@@ -6,7 +6,7 @@ seed, as every peer builds them: no one needs to be trusted for those), then pol
 accepted only when:
 
 1. a block of that round, for this run, is signed by more than half of the round's signers: the distinct
-   peers that signed any block of it, plus live peers whose heartbeat says they are past it (their blocks
+   peers that signed any block of it, plus live peers whose heartbeat says they are in it or past it (their blocks
    may still be on the way); a peer that signed two contents counts for neither, and
 2. that block links (its `prev`) to the block the host verified for the round before, so one peer that
    claims a far-off round with a block it signed alone cannot take the host over. The first link comes
@@ -70,8 +70,8 @@ def verify_round(blocks: Iterable[Block], run_id: str, round_index: int, prev_bl
     """The block of round_index signed by a strict majority of that round's signers (FollowError if none).
 
     prev_block is the verified block hash of the round before (GENESIS before round 0): the majority block
-    must link to it. None skips the link check. expected_signers (peers whose heartbeat says they are past
-    the round, so they signed it) count as signers even before their block shows up in the DHT: a decision
+    must link to it. None skips the link check. expected_signers (peers whose heartbeat says they are in or past
+    the round, so they sign it) count as signers even before their block shows up in the DHT: a decision
     is not taken on the first signer alone while the others' blocks are still on their way.
     """
     supporters: dict[str, set[str]] = {}
