@@ -141,6 +141,70 @@ class FixedSource:
         return self._state
 
 
+def test_a_peer_whose_heartbeat_lapsed_for_a_moment_still_counts_as_a_signer():
+    from gpunite.records import Heartbeat, record_bytes
+    from gpunite.serve.follow import RunSource
+
+    def beat(identity, round_index, age_s):
+        return sign_record(identity, Heartbeat(
+            run_id=RUN_ID, round=round_index, weights_hash="c" * 64, roles=["trainer"], maddrs=[], p2p_id="x",
+            time=time.time() - age_s))
+
+    class Reads:  # the DHT as three polls read it: both peers, then only one (the other's entry lapsed)
+        def __init__(self, polls):
+            self.polls = polls
+
+        def get_records(self, key, parse):
+            return {b.peer_id: parse(record_bytes(b)) for b in self.polls.pop(0)}
+
+    old = beat(PEERS[2], 0, 40)  # older than fresh_s: gone
+    node = Reads([[beat(PEERS[0], 0, 1), beat(PEERS[1], 0, 1), old], [beat(PEERS[0], 1, 0)],
+                  [beat(PEERS[0], 1, 0)]])
+    source = RunSource(node, RUN_ID, layout=None, fresh_s=30.0)
+    assert [b.peer_id for b in source.live_peers()] == sorted([PEERS[0].peer_id, PEERS[1].peer_id])
+    second = source.live_peers()
+    assert [(b.peer_id, b.round) for b in second] == [(PEERS[0].peer_id, 1), (PEERS[1].peer_id, 0)]
+    # so round 0 has two signers: peer 0's block alone is not a majority until peer 1's arrives
+    with pytest.raises(FollowError):
+        verify_round([block(PEERS[0], 0, GOOD)], RUN_ID, 0, GENESIS,
+                     expected_signers={b.peer_id for b in second if b.round >= 0})
+    source.fresh_s = 0.5  # and a heartbeat older than fresh_s is dropped
+    assert [b.peer_id for b in source.live_peers()] == [PEERS[0].peer_id]
+
+
+def test_a_ledger_tip_signed_by_its_one_peer_is_no_anchor_while_other_live_peers_sign_that_round():
+    from gpunite.records import Heartbeat
+
+    def beat(identity, round_index):
+        return sign_record(identity, Heartbeat(run_id=RUN_ID, round=round_index, weights_hash="c" * 64,
+                                               roles=["trainer"], maddrs=[], p2p_id="x", time=time.time()))
+
+    mine = block(PEERS[0], 0, GOOD)
+
+    class OnePeersLedger:  # the peer the host synced with holds (or shows) only its own block of round 0
+        run_id = RUN_ID
+
+        def __init__(self):
+            self.dht = []
+
+        def ledger_records(self, beats):
+            return {mine.record_id: mine}
+
+        def blocks(self, round_index):
+            return [b for b in self.dht if b.round == round_index]
+
+    source = OnePeersLedger()
+    follower = Follower(host=None, source=source, ledger_every_s=0.0)
+    beats = [beat(PEERS[0], 1), beat(PEERS[1], 1)]  # both are past round 0: both sign it
+    assert verified_from_ledger({mine.record_id: mine}, RUN_ID).signers == 1  # the ledger alone says 1 of 1
+    assert follower._anchor(beats) is None
+    source.dht = [block(PEERS[1], 0, GOOD)]  # the other peer's block of the same content, from the DHT
+    anchor = follower._anchor(beats)
+    assert (anchor.round, anchor.signers, anchor.total_signers) == (0, 2, 2)
+    source.dht = [block(PEERS[1], 0, BAD)]  # it signed other weights: no majority
+    assert follower._anchor(beats) is None
+
+
 def test_a_follower_refuses_a_state_that_is_not_the_verified_one_and_keeps_serving(tmp_path, caplog):
     from test_serve_engine import make_model, make_tokenizer
 

@@ -12,7 +12,8 @@ accepted only when:
    claims a far-off round with a block it signed alone cannot take the host over. The first link comes
    from the ledger: the host syncs its ledger with a live peer (anti-entropy, as peers do) and walks the
    canonical chain from genesis (`gpunite.ledger.chain.canonical_chain`, which ranks copies by standing),
-   checking rule 1 on every round.
+   checking rule 1 on every round; the chain's last such round must also pass rule 1 with the live peers in
+   or past it counted, so a ledger that holds (or shows) only its own peer's blocks is no anchor.
 
 Then it fetches the global state from a peer (hash-checked by `state_from_frame`) and serves it only if its
 weights hash and chain tip are the verified block's; otherwise the state is refused and logged, and the
@@ -140,18 +141,25 @@ class RunSource:
         self.self_id = self_id
         self.fresh_s = fresh_s
         self.state_timeout_s = state_timeout_s
+        self._seen: dict[str, Heartbeat] = {}  # each peer's newest heartbeat read so far
 
     def live_peers(self) -> list[Heartbeat]:
-        """Peers with a fresh heartbeat, newest round first."""
+        """Peers whose newest heartbeat seen is fresh, newest round first.
+
+        Heartbeats seen in earlier polls count until fresh_s passes: a peer whose DHT entry lapsed for a
+        moment (a busy peer stores its heartbeat late) is still a signer of the round it is in.
+        """
         from gpunite.swarm.membership import parse_heartbeat
         from gpunite.swarm.protocol import run_key
 
         now = time.time()
-        beats = self.node.get_records(run_key(self.run_id, "heartbeat"), parse_heartbeat)
-        live = [beat for pid, beat in beats.items()
-                if pid != self.self_id and beat.run_id == self.run_id and now - beat.time < self.fresh_s
-                and beat.p2p_id]
-        return sorted(live, key=lambda beat: (-beat.round, beat.peer_id))
+        for pid, beat in self.node.get_records(run_key(self.run_id, "heartbeat"), parse_heartbeat).items():
+            if pid != self.self_id and beat.run_id == self.run_id and beat.p2p_id:
+                known = self._seen.get(pid)
+                if known is None or beat.time > known.time:
+                    self._seen[pid] = beat
+        self._seen = {pid: beat for pid, beat in self._seen.items() if now - beat.time < self.fresh_s}
+        return sorted(self._seen.values(), key=lambda beat: (-beat.round, beat.peer_id))
 
     def blocks(self, round_index: int) -> list[Block]:
         from gpunite.swarm.peer import parse_block
@@ -315,7 +323,23 @@ class Follower:
         if time.monotonic() - self._ledger_read_at < self.ledger_every_s:
             return None
         self._ledger_read_at = time.monotonic()
-        return verified_from_ledger(self.source.ledger_records(beats), self.source.run_id)
+        records = self.source.ledger_records(beats)
+        anchor = verified_from_ledger(records, self.source.run_id)
+        if anchor is None:
+            return None
+        # Every round up to the anchor links to it by hash, but the anchor's own majority was counted among
+        # the blocks one peer's ledger held (its peers' blocks may not have reached it, or it may hide them):
+        # the live peers in or past that round are its signers too, as on the DHT path.
+        blocks = [record for record in records.values() if isinstance(record, Block)
+                  and record.run_id == self.source.run_id and record.round == anchor.round]
+        expected = {beat.peer_id for beat in beats if beat.round >= anchor.round}
+        try:
+            checked = verify_round(blocks + self.source.blocks(anchor.round), self.source.run_id, anchor.round,
+                                   None, expected)
+        except FollowError as exc:
+            log.debug("the ledger's round %d is not verified among the live peers (yet): %s", anchor.round, exc)
+            return None
+        return checked if checked.block_hash == anchor.block_hash else None
 
     def swap(self, state: GlobalState, verified: VerifiedRound) -> None:
         provenance = {"round": verified.round, "block_hash": verified.block_hash, "signers": verified.signers,
