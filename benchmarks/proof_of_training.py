@@ -214,7 +214,7 @@ def judge_round(swarm: Swarm, round_index: int, subs: list[Submission], bans: Ba
             for verifier_id in assignment.verifiers:
                 result = verify_contribution(
                     contribution, assignment.segments,
-                    lambda s, sub=sub: sub.recorder.segment_payload(round_index, s),
+                    lambda s, part, sub=sub: sub.recorder.segment_part(round_index, s, part),
                     lambda sub=sub: sub.recorder.final_payload(round_index),
                     base, vectors[i], swarm.loader, BATCH, MODEL, swarm.train_cfg,
                     total_steps=swarm.total_steps, bounds=POLICY.bounds, held_out=(swarm.held_out_batch, base_loss),

@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpunite.errors import GpuniteError
 from gpunite.identity import Identity
 from gpunite.manifest import TrainSection
 from gpunite.model import ModelConfig, build_model
 from gpunite.proof.adversary import MODES, RoundWork
-from gpunite.proof.audit import PROVEN, audit_delta, audit_segment, verify_contribution
+from gpunite.proof.audit import PROVEN, AuditBounds, audit_delta, audit_segment, verify_contribution
 from gpunite.proof.trail import (
     TrailRecorder,
     batches_for_steps,
     final_from_bytes,
     optimizer_hash,
     segment_from_bytes,
+    state_from_bytes,
     trail_steps,
 )
 from gpunite.records import WorkUnit, parse_record
@@ -87,19 +89,72 @@ def test_whole_verification_and_the_delta_against_the_trail(honest_submission, t
     rejected = audit_delta(contribution, final, base, delta * 2, names)
     assert not rejected.accept and rejected.cheat
 
+    asked = []
+
+    def fetch(i, part):
+        asked.append((i, part))
+        return honest_submission.recorder.segment_part(0, i, part)
+
     result = verify_contribution(
-        contribution, [0, 1], lambda i: honest_submission.recorder.segment_payload(0, i),
-        lambda: honest_submission.recorder.final_payload(0), BASE, delta, load, BATCH, MICRO, CFG, total_steps=20,
-        held_out=(CORPUS[60:62], 4.2), expected_first_step=0)
+        contribution, [0, 1], fetch, lambda: honest_submission.recorder.final_payload(0), BASE, delta, load, BATCH,
+        MICRO, CFG, total_steps=20, held_out=(CORPUS[60:62], 4.2), expected_first_step=0)
     assert result.accept and result.distance == 0.0, result.reason
     assert result.replay_flops > 0
+    # Both replays hash to the committed entries, so no end state was asked for.
+    assert asked == [(0, "start"), (1, "start")]
+    assert result.details["bit_exact[0]"] == result.details["bit_exact[1]"] == 1.0
 
     random_sub = MODES["random_delta"](_work("random_delta", tmp_path))[0]
     result = verify_contribution(
-        parse_record(random_sub.record), [0], lambda i: random_sub.recorder.segment_payload(0, i),
+        parse_record(random_sub.record), [0], lambda i, part: random_sub.recorder.segment_part(0, i, part),
         lambda: random_sub.recorder.final_payload(0), BASE,
         decompress(payload_from_bytes(random_sub.delta_bytes, NUMEL, 256)), load, BATCH, MICRO, CFG, total_steps=20)
     assert not result.accept and not result.cheat  # it cannot serve its trail: rejected, nothing to prove
+
+
+def test_a_replay_that_is_not_bit_exact_fetches_the_end_state_and_measures_the_distance(honest_submission, tmp_path):
+    contribution = parse_record(honest_submission.record)
+    steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
+    batches = batches_for_steps(contribution.work_units, range(steps[1], steps[2]), BATCH, load)
+    start_only = segment_from_bytes(honest_submission.recorder.segment_part(0, 1, "start"), SHAPES)
+    assert start_only.end is None
+
+    def audit(**kwargs):
+        return audit_segment(contribution, start_only, batches, MICRO, CFG, total_steps=20, **kwargs)
+
+    ends = []
+
+    def fetch_end():
+        ends.append(1)
+        return state_from_bytes(honest_submission.recorder.segment_part(0, 1, "end"), SHAPES)
+
+    # bf16 autocast changes the replay's rounding: its hash differs, so the verifier fetches the committed end
+    replay = audit(autocast_dtype=torch.bfloat16, fetch_end=fetch_end)
+    assert ends == [1] and replay.details["bit_exact"] == 0.0, replay.reason
+    assert replay.accept and 0.0 < replay.distance <= AuditBounds().tolerance, replay.reason  # measured 0.0062
+    assert not audit(autocast_dtype=torch.bfloat16).accept  # no way to fetch the end: rejected, not a cheat
+    # a trainer that serves another state as the end is refused (not proven: the segment is not the trail's)
+    wrong = audit(autocast_dtype=torch.bfloat16,
+                  fetch_end=lambda: state_from_bytes(honest_submission.recorder.entry_payload(0, 0), SHAPES))
+    assert not wrong.accept and not wrong.cheat and "end" in wrong.reason
+    with pytest.raises(GpuniteError):
+        state_from_bytes(honest_submission.recorder.entry_payload(0, 2)[:-10], SHAPES)  # truncated
+
+
+def test_a_cheat_is_proven_from_the_fetched_end_state(tmp_path):
+    submission = MODES["fewer_steps"](_work("fewer_steps", tmp_path))[0]
+    contribution = parse_record(submission.record)
+    delta = decompress(payload_from_bytes(submission.delta_bytes, NUMEL, 256))
+    asked = []
+
+    def fetch(i, part):
+        asked.append((i, part))
+        return submission.recorder.segment_part(0, i, part)
+
+    result = verify_contribution(contribution, [1], fetch, lambda: submission.recorder.final_payload(0), BASE, delta,
+                                 load, BATCH, MICRO, CFG, total_steps=20, expected_first_step=0)
+    assert asked == [(1, "start"), (1, "end")]
+    assert not result.accept and result.cheat and result.reason.startswith(PROVEN), result.reason
 
 
 def test_forged_optimizer_state_is_rejected(tmp_path):
@@ -140,7 +195,7 @@ def test_held_out_loss_that_blows_up_is_a_proven_rejection(honest_submission):
     delta = decompress(payload_from_bytes(honest_submission.delta_bytes, NUMEL, 256))
     # A base loss far below what the final weights reach: the held-out loss "rose" past the bound.
     result = verify_contribution(
-        contribution, [0], lambda i: honest_submission.recorder.segment_payload(0, i),
+        contribution, [0], lambda i, part: honest_submission.recorder.segment_part(0, i, part),
         lambda: honest_submission.recorder.final_payload(0), BASE, delta, load, BATCH, MICRO, CFG, total_steps=20,
         held_out=(CORPUS[60:62], 0.01), expected_first_step=0)
     assert not result.accept and result.cheat and "held-out loss rose" in result.reason

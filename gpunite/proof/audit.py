@@ -1,15 +1,16 @@
 """Audit replay: re-run one trail segment's k inner steps and judge whether the trainer really did them.
 
-A verifier holds a contribution (signed, so its trail is fixed) and the bytes of one segment (the states at
-entries i and i+1, served by the trainer). `audit_segment` checks those states against the trail, restores
-the model and a deep copy of the AdamW state, replays the k steps on the segment's batches with the run's
-schedule, and measures
+A verifier holds a contribution (signed, so its trail is fixed) and the state at entry i of one segment,
+served by the trainer. `audit_segment` checks it against the trail, restores the model and a deep copy of the
+AdamW state, and replays the k steps on the segment's batches with the run's schedule. A replay whose whole
+state hashes to entry i+1 is the committed state bit for bit (the usual case on the same device and kernels),
+so the end state never travels: that halves an audit's bytes. Otherwise the verifier fetches the committed
+state at entry i+1 and measures
 
-    distance = ||replayed_{i+1} - committed_{i+1}|| / ||committed_{i+1} - committed_i||
+    distance = ||replayed_{i+1} - committed_{i+1}|| / ||committed_{i+1} - committed_i||.
 
-(0 on the same machine: replay is bit-exact there). It also compares the replayed AdamW moments with the
-committed ones, rejects implausible second moments (a forged state makes updates gradient-free), and wants
-the segment's own loss not to rise. `audit_delta` ties the trail to the submitted pseudo-gradient
+It also compares the replayed AdamW moments with the committed ones, rejects implausible second moments
+(a forged state makes updates gradient-free), and wants the segment's own loss not to rise. `audit_delta` ties the trail to the submitted pseudo-gradient
 (base - delta must land on the trail's last weights, up to compression error) and checks that held-out loss
 does not blow up. Failures on data the trainer committed to (hash-matching segments) are proven cheats: anyone
 can rerun the same replay on the same bytes.
@@ -30,8 +31,10 @@ from gpunite.proof.trail import (
     TrailState,
     batches_for_steps,
     entry_hash,
+    capture_state,
     final_from_bytes,
     segment_from_bytes,
+    state_from_bytes,
     trail_steps,
 )
 from gpunite.records import Contribution, Verdict, sign_record
@@ -104,12 +107,25 @@ def check_segment_commitment(contribution: Contribution, segment: Segment,
                        f"{expected_first_step}", index, cheat=True)
     if expected_first_optimizer_hash is not None and segment.first_optimizer_hash != expected_first_optimizer_hash:
         return _reject("trail starts from an optimizer state other than the round's", index, cheat=True)
-    if segment.start.step != segment.first_step + steps[index] or segment.end.step != segment.first_step + steps[index + 1]:
-        return _reject(f"segment {index} covers steps {segment.start.step}..{segment.end.step}, the trail's "
-                       f"schedule says {segment.first_step + steps[index]}..{segment.first_step + steps[index + 1]}",
-                       index, cheat=False)
-    if segment.start.entry != trail[index] or segment.end.entry != trail[index + 1]:
-        return _reject(f"segment {index}'s checkpoints do not match the committed trail", index, cheat=False)
+    if segment.start.step != segment.first_step + steps[index]:
+        return _reject(f"segment {index} starts at step {segment.start.step}, the trail's schedule says "
+                       f"{segment.first_step + steps[index]}", index, cheat=False)
+    if segment.start.entry != trail[index]:
+        return _reject(f"segment {index}'s start checkpoint does not match the committed trail", index,
+                       cheat=False)
+    return None if segment.end is None else check_end_commitment(contribution, segment, segment.end)
+
+
+def check_end_commitment(contribution: Contribution, segment: Segment, end: TrailState) -> AuditResult | None:
+    """A rejection if `end` is not the trail's committed state at the end of the segment; None if it is."""
+    index = segment.index
+    step = segment.first_step + trail_steps(contribution.inner_steps, contribution.trail_interval)[index + 1]
+    if end.step != step:
+        return _reject(f"segment {index} ends at step {end.step}, the trail's schedule says {step}", index,
+                       cheat=False)
+    if end.entry != contribution.trail[index + 1]:
+        return _reject(f"segment {index}'s end checkpoint does not match the committed trail", index,
+                       cheat=False)
     return None
 
 
@@ -130,11 +146,17 @@ def audit_segment(
     expected_first_optimizer_hash: str | None = None,
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    fetch_end: Callable[[], TrailState] | None = None,
 ) -> AuditResult:
     """Replay segment i of a contribution on its batches and judge it (train_cfg: the run's TrainSection).
 
     `batches` come from `gpunite.proof.trail.batches_for_steps` for the segment's local steps. The replay
     runs in fp32 unless autocast_dtype is given (a verifier may replay as the trainer's device would).
+
+    A segment served without its end state is first judged by hash: a replay whose whole state (weights,
+    AdamW moments, step) hashes to the trail's entry i+1 is the committed state, bit for bit, so its end never
+    has to travel. Otherwise (another device, other kernels) fetch_end() brings the committed end state and
+    the replay is measured against it.
     """
     from gpunite.train.checkpoint import load_model_state
     from gpunite.train.trainer import InnerTrainer, TrainingError, unique_named_parameters
@@ -164,15 +186,34 @@ def audit_segment(
     except TrainingError as exc:
         return _reject(f"replay of segment {index} diverged: {exc}", index, cheat=True, flops=flops)
 
+    committed = segment.end
+    bit_exact = False
+    if committed is None:
+        replayed_state = capture_state(model, trainer)
+        if replayed_state.entry == contribution.trail[index + 1]:
+            committed, bit_exact = replayed_state, True
+        elif fetch_end is None:
+            return _reject(f"segment {index} came without its end state and its replay is not bit-exact",
+                           index, cheat=False, flops=flops)
+        else:
+            try:
+                committed = fetch_end()
+            except GpuniteError as exc:
+                return _reject(f"could not get the end state of segment {index}: {exc}", index, cheat=False,
+                               flops=flops)
+            rejection = check_end_commitment(contribution, segment, committed)
+            if rejection is not None:
+                return rejection
+
     replayed = flatten(p for _, p in named)
     start = flat_weights(segment.start.weights, names)
-    end = flat_weights(segment.end.weights, names)
+    end = flat_weights(committed.weights, names)
     distance = relative_distance(replayed, end, end - start)
-    details = {"distance": distance}
+    details = {"distance": distance, "bit_exact": float(bit_exact)}
 
     optimizer_distance = 0.0
     replayed_opt = trainer.optimizer_state_tensors()
-    committed_opt = segment.end.optimizer or {}
+    committed_opt = committed.optimizer or {}
     if set(committed_opt) != set(replayed_opt):
         return _reject(f"segment {index}'s end optimizer state has the wrong tensors", index, cheat=True,
                        flops=flops, distance=distance)
@@ -189,7 +230,7 @@ def audit_segment(
     details |= {"optimizer_distance": optimizer_distance, "moment_ratio": moment_ratio}
 
     # The committed end weights on the segment's first batch, against that batch's loss at the start weights.
-    load_model_state(model, segment.end.weights)
+    load_model_state(model, committed.weights)
     end_loss = trainer.evaluate(batches[0]) if batches else 0.0
     flops += per_token / 3 * tokens_per_batch
     start_loss = losses[0] if losses else 0.0
@@ -209,8 +250,9 @@ def audit_segment(
     if end_loss > start_loss * (1 + bounds.own_loss_rise):
         return _reject(f"segment {index}'s own loss rose from {start_loss:.4f} to {end_loss:.4f}", index, True,
                        flops, distance, details)
-    return AuditResult(True, f"segment {index} replayed within {distance:.3g} (tolerance {tolerance})",
-                       False, index, distance, flops, details)
+    how = ("bit-exactly (its end state never travelled)" if bit_exact
+           else f"within {distance:.3g} (tolerance {tolerance})")
+    return AuditResult(True, f"segment {index} replayed {how}", False, index, distance, flops, details)
 
 
 def _second_moment_ratio(start_opt: dict[str, torch.Tensor], replayed_opt: dict[str, torch.Tensor],
@@ -295,7 +337,9 @@ def combine_results(results: Sequence[AuditResult]) -> AuditResult:
         if not r.accept:
             return AuditResult(False, r.reason, r.cheat, r.segment, r.distance, flops, details)
     segments = [r.segment for r in results if r.segment >= 0]
-    reason = f"segments {segments} replayed within {distance:.3g}" if distance is not None else results[0].reason
+    exact = [r for r in results if r.segment >= 0 and r.details.get("bit_exact")]
+    how = "bit-exactly" if segments and len(exact) == len(segments) else f"within {distance:.3g}"
+    reason = f"segments {segments} replayed {how}" if distance is not None else results[0].reason
     return AuditResult(True, reason + ("; delta matches the trail" if any(r.segment < 0 for r in results) else ""),
                        False, segments[0] if segments else -1, distance, flops, details)
 
@@ -320,7 +364,7 @@ def make_verdict(identity, contribution: Contribution, result: AuditResult, time
 def verify_contribution(
     contribution: Contribution,
     segments: Sequence[int],
-    fetch_segment: Callable[[int], bytes],
+    fetch_segment: Callable[[int, str], bytes],
     fetch_final: Callable[[], bytes],
     base: dict[str, torch.Tensor],
     delta: torch.Tensor,
@@ -340,7 +384,10 @@ def verify_contribution(
     """A verifier's whole audit of one contribution: the delta against the trail's end, then each drawn segment.
 
     base: the round's global weights by name in model order; delta: the decompressed pseudo-gradient.
-    fetch_segment(i) / fetch_final() return the trainer's bytes (raise GpuniteError when it cannot serve);
+    fetch_segment(i, "start") returns segment i without its end state (`TrailRecorder.segment_payload(r, i,
+    with_end=False)`), fetch_segment(i, "end") the state at entry i + 1 (`TrailRecorder.entry_payload`), asked
+    for only when the replay is not bit-exact; fetch_segment and fetch_final() return the trainer's bytes
+    (raise GpuniteError when it cannot serve);
     a trainer that cannot serve is rejected, not proven to cheat. held_out: (a held-out batch, the base
     weights' loss on it), when the verifier checks that held-out loss does not blow up.
     """
@@ -366,7 +413,7 @@ def verify_contribution(
     steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
     for index in segments:
         try:
-            segment = segment_from_bytes(fetch_segment(index), shapes, max_bytes)
+            segment = segment_from_bytes(fetch_segment(index, "start"), shapes, max_bytes)
         except GpuniteError as exc:
             results.append(_reject(f"could not get segment {index}: {exc}", index, cheat=False))
             break
@@ -378,7 +425,9 @@ def verify_contribution(
         results.append(audit_segment(contribution, segment, batches, model_config, train_cfg,
                                      total_steps=total_steps, bounds=bounds, expected_first_step=expected_first_step,
                                      expected_first_optimizer_hash=expected_first_optimizer_hash,
-                                     autocast_dtype=autocast_dtype))
+                                     autocast_dtype=autocast_dtype,
+                                     fetch_end=lambda i=index: state_from_bytes(fetch_segment(i, "end"),
+                                                                                shapes, max_bytes)))
         if not results[-1].accept:
             break
     return combine_results(results)

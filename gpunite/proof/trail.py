@@ -135,25 +135,27 @@ def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
 
 @dataclass
 class Segment:
-    """What a verifier receives for segment i: the full state at entry i and at entry i+1, plus the hashes
-    that tie entry 0 to the round's base weights."""
+    """What a verifier receives for segment i: the full state at entry i and (unless it asked for the start
+    only) at entry i+1, plus the hashes that tie entry 0 to the round's base weights."""
 
     index: int
     start: TrailState
-    end: TrailState
+    end: TrailState | None  # None: served without it (a replay landing bit-exactly on entry i+1 needs none)
     first_optimizer_hash: str  # AdamW state hash at entry 0
     first_step: int  # schedule step at entry 0
 
 
 def segment_to_bytes(segment: Segment) -> bytes:
-    tensors = _state_tensors(_START, segment.start) | _state_tensors(_END, segment.end)
+    tensors = _state_tensors(_START, segment.start)
     metadata = {
         "index": str(segment.index),
         "start_step": str(segment.start.step),
-        "end_step": str(segment.end.step),
         "first_optimizer_hash": segment.first_optimizer_hash,
         "first_step": str(segment.first_step),
     }
+    if segment.end is not None:
+        tensors |= _state_tensors(_END, segment.end)
+        metadata["end_step"] = str(segment.end.step)
     return to_safetensors_bytes(tensors, metadata=metadata)
 
 
@@ -165,21 +167,42 @@ def segment_from_bytes(
     metadata = _metadata_of(data)
     try:
         index = int(metadata["index"])
-        start_step, end_step, first_step = (int(metadata[k]) for k in ("start_step", "end_step", "first_step"))
+        start_step, first_step = (int(metadata[k]) for k in ("start_step", "first_step"))
+        end_step = int(metadata["end_step"]) if "end_step" in metadata else None
         first_optimizer_hash = str(metadata["first_optimizer_hash"])
     except (KeyError, ValueError) as exc:
         raise TrailError(f"segment metadata is incomplete or malformed: {exc}") from None
-    states = []
-    for prefix, step in ((_START, start_step), (_END, end_step)):
-        weights = _take(tensors, prefix + _WEIGHTS)
-        _check_weights(weights, weight_shapes)
-        optimizer = _take(tensors, prefix + _OPTIMIZER)
-        _check_optimizer(optimizer, weight_shapes)
-        states.append(TrailState(weights, optimizer, optimizer_hash(optimizer), step))
-    unknown = [n for n in tensors if not n.startswith((_START, _END))]
+    parts = ((_START, start_step),) if end_step is None else ((_START, start_step), (_END, end_step))
+    states = [_parse_state(_take(tensors, prefix), weight_shapes, step) for prefix, step in parts]
+    unknown = [n for n in tensors if not n.startswith(tuple(prefix for prefix, _ in parts))]
     if unknown:
         raise TrailError(f"segment holds unexpected tensors {unknown[:3]}")
-    return Segment(index, states[0], states[1], first_optimizer_hash, first_step)
+    return Segment(index, states[0], states[1] if len(states) > 1 else None, first_optimizer_hash, first_step)
+
+
+def _parse_state(tensors: dict[str, torch.Tensor], weight_shapes: dict[str, tuple[int, ...]],
+                 step: int) -> TrailState:
+    """A state from its weights/ and optimizer/ tensors, checked against the model; its hash is recomputed."""
+    weights = _take(tensors, _WEIGHTS)
+    _check_weights(weights, weight_shapes)
+    optimizer = _take(tensors, _OPTIMIZER)
+    _check_optimizer(optimizer, weight_shapes)
+    unknown = [n for n in tensors if not n.startswith((_WEIGHTS, _OPTIMIZER))]
+    if unknown:
+        raise TrailError(f"trail state holds unexpected tensors {unknown[:3]}")
+    return TrailState(weights, optimizer, optimizer_hash(optimizer), step)
+
+
+def state_from_bytes(data: bytes, weight_shapes: dict[str, tuple[int, ...]],
+                     max_bytes: int | None = None) -> TrailState:
+    """One trail entry's state as a trainer stores and serves it (`TrailRecorder.entry_payload`), from untrusted
+    bytes: names and shapes must fit the model; the optimizer hash is recomputed, never taken from the file."""
+    tensors = from_safetensors_bytes(data, max_bytes=max_bytes)
+    try:
+        step = int(_metadata_of(data)["step"])
+    except (KeyError, ValueError) as exc:
+        raise TrailError(f"trail state metadata is incomplete or malformed: {exc}") from None
+    return _parse_state(tensors, weight_shapes, step)
 
 
 def final_to_bytes(state: TrailState) -> bytes:
@@ -349,26 +372,38 @@ class TrailRecorder:
         return list(self._trail)
 
     def load_state(self, round_index: int, index: int) -> TrailState:
-        if round_index == self._round:
-            self.flush()
-        path = self.round_dir(round_index) / f"entry-{index:04d}.safetensors"
-        if not path.is_file():
-            raise TrailError(f"no trail checkpoint {index} for round {round_index} (pruned, or never recorded)")
-        data = path.read_bytes()
+        data = self.entry_payload(round_index, index)
         tensors = from_safetensors_bytes(data)
         metadata = _metadata_of(data)
         return TrailState(
             _take(tensors, _WEIGHTS), _take(tensors, _OPTIMIZER), metadata["optimizer_hash"], int(metadata["step"])
         )
 
-    def segment_payload(self, round_index: int, index: int) -> bytes:
-        """Bytes a verifier needs to replay segment `index` of a round: states at entries index and index+1."""
+    def segment_payload(self, round_index: int, index: int, with_end: bool = True) -> bytes:
+        """Bytes a verifier needs to replay segment `index` of a round: states at entries index and (with_end)
+        index+1."""
         first = self.load_state(round_index, 0)
-        segment = Segment(
-            index, self.load_state(round_index, index), self.load_state(round_index, index + 1),
-            first.optimizer_hash, first.step,
-        )
+        end = self.load_state(round_index, index + 1) if with_end else None
+        segment = Segment(index, self.load_state(round_index, index), end, first.optimizer_hash, first.step)
         return segment_to_bytes(segment)
+
+    def segment_part(self, round_index: int, index: int, part: str = "both") -> bytes:
+        """What a verifier asks for about segment `index`: "start" (the segment without its end state), "end"
+        (the state at entry index+1) or "both"."""
+        if part == "end":
+            return self.entry_payload(round_index, index + 1)
+        if part not in ("start", "both"):
+            raise TrailError(f"a segment's part is \"start\", \"end\" or \"both\", not {part!r}")
+        return self.segment_payload(round_index, index, with_end=part == "both")
+
+    def entry_payload(self, round_index: int, index: int) -> bytes:
+        """One entry's stored state, as is (a verifier parses it with `state_from_bytes`)."""
+        if round_index == self._round:
+            self.flush()
+        path = self.round_dir(round_index) / f"entry-{index:04d}.safetensors"
+        if not path.is_file():
+            raise TrailError(f"no trail checkpoint {index} for round {round_index} (pruned, or never recorded)")
+        return path.read_bytes()
 
     def final_payload(self, round_index: int) -> bytes:
         """The round's last entry (weights, optimizer hash, step): checked against the submitted delta."""

@@ -239,8 +239,8 @@ class RoundAudits:
         base = {name: t.clone() for name, t in peer.layout.named(base_weights).items()}
         max_bytes = 6 * peer.numel * 4 + (1 << 20)  # start and end: weights and two AdamW moments each
 
-        def fetch(what: int | str) -> bytes:
-            header = {"round": ctx.round, "segment": what}
+        def fetch(what: int | str, part: str = "") -> bytes:
+            header = {"round": ctx.round, "segment": what} | ({"part": part} if part else {})
             try:
                 return peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes)[1]
             except (SwarmError, ProtocolError) as exc:  # a stream broken on a busy machine: one more try
@@ -499,7 +499,7 @@ async def serve_trail(peer: Peer, header: dict, body: bytes, caller: str) -> tup
 
     if header.get("run") != peer.run_id:
         raise ValueError("trail request for another run")
-    round_index, what = header.get("round"), header.get("segment")
+    round_index, what, part = header.get("round"), header.get("segment"), header.get("part", "both")
     if not isinstance(round_index, int) or not (what == "final" or isinstance(what, int)):
         raise ValueError("trail request needs an integer round and segment (or \"final\")")
     # Round state.round + 1 too: a peer that trains the next round while this one closes (train.overlap).
@@ -511,11 +511,11 @@ async def serve_trail(peer: Peer, header: dict, body: bytes, caller: str) -> tup
             return peer.recorder.final_payload(round_index)
         if not 0 <= what < len(list(peer.recorder.round_dir(round_index).glob("entry-*.safetensors"))) - 1:
             raise TrailError(f"round {round_index} has no trail segment {what} here")
-        return peer.recorder.segment_payload(round_index, what)
+        return peer.recorder.segment_part(round_index, what, part)
 
     try:
         data = await asyncio.get_running_loop().run_in_executor(None, read)
     except (TrailError, OSError) as exc:
         raise ValueError(str(exc)) from None
-    return {"round": round_index, "segment": what}, data
+    return {"round": round_index, "segment": what, "part": part}, data
 
