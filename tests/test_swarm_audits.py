@@ -164,6 +164,15 @@ def test_live_adversaries_are_caught_and_never_merged(tmp_path):
     # Merged contributions were audited: every block that merged something lists the accept verdicts it used.
     assert all(b["verdicts"] for b in chain.values() if b["accepted"])
     assert all(statuses[n]["contributed_rounds"] >= 1 for n in HONEST)
+    # A banned peer coordinates no later round (verifiers ignore its beacon, so its close would merge nothing)
+    # and gets no units in the rosters after its ban.
+    ban_round = {r["trainer"]: b["round"] for b in sorted(chain.values(), key=lambda b: -b["round"])
+                 for r in b["rejected"] if r["cheat"]}
+    for name in ("scaler", "copier", "replayer"):
+        log_text = (swarm.workdir / f"{name}.log").read_text(errors="replace")
+        coordinated = [int(line.split("coordinated round ")[1].split()[0]) for line in log_text.splitlines()
+                       if "coordinated round " in line]
+        assert all(r <= ban_round[ids[name]] for r in coordinated), (name, coordinated, ban_round[ids[name]])
 
 
 class _CloseChecker:

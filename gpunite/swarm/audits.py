@@ -160,6 +160,10 @@ class RoundAudits:
         with self._lock:
             return self.suspects.as_of(round_index)
 
+    def banned_in(self, round_index: int) -> set[str]:
+        """The peers banned before round_index: they neither verify, coordinate nor get units in it."""
+        return set(self._bans_for(round_index).bans)
+
     def candidates(self, round_index: int) -> list[str]:
         """Who may verify in a round: its roster, less the peers banned before it (a banned peer judges no one)."""
         bans = self._bans_for(round_index)
@@ -178,8 +182,6 @@ class RoundAudits:
         for signer, record in beacons.items():
             if signer not in candidates or record.run_id != self.peer.run_id or record.round != ctx.round:
                 continue
-            if not all(cid in by_id for cid in record.contributions):
-                continue  # not all of its contributions have reached us yet: next poll
             try:
                 beacon = beacon_from_signature(record.signer, record.beacon, record.run_id, record.round,
                                                record.prev_block, record.contributions)
@@ -187,7 +189,9 @@ class RoundAudits:
                 log.warning("ignored a beacon of round %d by %s: %s", ctx.round, signer[:12], exc)
                 continue
             for cid in record.contributions:
-                contribution = by_id[cid]
+                contribution = by_id.get(cid)
+                if contribution is None:
+                    continue  # not here yet: a later poll audits it if we are drawn
                 if not self._worth_auditing(contribution, ctx):
                     continue
                 assignment = assign(beacon, contribution, self.policy, candidates, signer)
@@ -331,7 +335,7 @@ class RoundAudits:
                                        record.contributions)
         candidates = self.candidates(ctx.round)
         pool: list[Verdict] = []
-        missing = 0
+        missing: list[str] = []  # the drawn verifiers whose verdicts are not in yet
         for contribution in frozen.values():
             if not self._worth_auditing(contribution, ctx):
                 continue
@@ -340,12 +344,12 @@ class RoundAudits:
                 continue
             found = self._verdicts(ctx.round, contribution.record_id)
             pool += found
-            missing += len(set(assignment.verifiers) - {v.peer_id for v in found})
+            missing += sorted(set(assignment.verifiers) - {v.peer_id for v in found})
         if missing and time.time() - published < self.audit_timeout_s:
             return None
         if missing:
-            log.warning("round %d: %d verdicts did not arrive within %.0f s; those contributions wait", ctx.round,
-                        missing, self.audit_timeout_s)
+            log.warning("round %d: %d verdicts did not arrive within %.0f s (from %s); those contributions wait",
+                        ctx.round, len(missing), self.audit_timeout_s, ", ".join(pid[:12] for pid in missing))
         with self._lock:
             self._in_force[ctx.round] = (self.peer.peer_id, beacon)
             self._pool[ctx.round] = pool

@@ -677,7 +677,11 @@ class Peer:
         # Seeded by what every honest peer agrees on, the round and its global weights, not by our previous
         # block: two closes that merged the same contributions (a backup racing a slow coordinator) give the
         # same weights but blocks with other verdict lists, and the next order must not split on that.
-        order = coordinator_order(f"{ctx.round}:{self.state.weights_hash}", roster_ids)
+        # Peers banned before this round (every honest peer holds the same bans) never coordinate: verifiers
+        # ignore a banned peer's beacon, so its close could only merge nothing.
+        banned = self.audits.banned_in(ctx.round)
+        order = coordinator_order(f"{ctx.round}:{self.state.weights_hash}",
+                                  [pid for pid in roster_ids if pid not in banned])
         ready_since: float | None = None
         # close id -> when we last refused it: looked at again after CLOSE_RETRY_S, since a refusal may only
         # mean that records it relies on had not reached us yet (a loaded machine, a slow DHT)
@@ -708,7 +712,8 @@ class Peer:
                              if ctx.assigned.get(pid) and pid not in contributions and pid in alive]
             if ready_since is None and (not missing_alive or time.time() > deadline):
                 ready_since = time.time()
-            candidates = order + sorted(pid for pid in alive if pid not in order and "trainer" in alive[pid].roles)
+            candidates = order + sorted(pid for pid in alive if pid not in order and pid not in banned
+                                        and "trainer" in alive[pid].roles)
             if ready_since is not None and self.peer_id in candidates:
                 rank = candidates.index(self.peer_id)
                 before_alive = [pid for pid in candidates[:rank] if pid in alive]
@@ -765,6 +770,8 @@ class Peer:
         next_ids |= {pid for pid, hb in alive.items()
                      if "trainer" in hb.roles and hb.round == self.state.round
                      and hb.weights_hash == self.state.weights_hash}
+        # No units for banned peers, nor for those this close proves cheated: their work never merges.
+        next_ids -= self.audits.banned_in(ctx.round) | {r.trainer for r in rejected if r.cheat}
         next_roster = [RosterEntry(peer_id=pid, speed=min(max(speeds.get(pid, 1.0), 1e-6), 1e9))
                        for pid in sorted(next_ids)]
         return sign_record(self.identity, RoundClose(
@@ -806,6 +813,8 @@ class Peer:
             return CheckResult(False, f"close claims rank {close.coordinator_rank}, which is not its signer's")
         if close.coordinator_rank >= len(order) and close.peer_id in order:
             return CheckResult(False, "close by a roster member claims a rank outside the roster")
+        if close.peer_id in self.audits.banned_in(ctx.round):
+            return CheckResult(False, "close by a peer banned from the run")
         if len(close.accepted) != len(close.contributors) or close.contributors != sorted(close.contributors):
             return CheckResult(False, "close lists contributors out of order")
         return CheckResult(True)
