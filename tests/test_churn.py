@@ -26,6 +26,23 @@ pytestmark = pytest.mark.timeout(420)
 PEERS = ["peer1", "peer2", "peer3", "peer4"]
 
 
+def test_a_peer_restarted_in_a_round_it_committed_to_does_not_commit_again():
+    """Its second record would replace the first under its DHT subkey, under a close relying on a verdict on it."""
+    import threading
+    from types import SimpleNamespace
+
+    from gpunite.swarm.peer import Peer
+
+    earlier = SimpleNamespace(round=3, record_id="a" * 64)
+    dht = {"me": earlier}
+    peer = SimpleNamespace(_lock=threading.Lock(), payloads={}, peer_id="me",
+                           contributions=lambda round_index: dict(dht) if round_index == 3 else {})
+    assert Peer._contributed_before_restart(peer, 3)  # restarted: the record in the DHT is not this process's
+    assert not Peer._contributed_before_restart(peer, 4)  # a round it has not committed to
+    peer.payloads[3] = [b"slices"]  # this process committed it itself
+    assert not Peer._contributed_before_restart(peer, 3)
+
+
 def test_schedule_is_seeded_bounded_one_at_a_time_and_kills_the_first_peer_first():
     schedule = churn_schedule(3, PEERS, 600.0, quiet_tail_s=90.0)
     assert schedule == churn_schedule(3, PEERS, 600.0, quiet_tail_s=90.0)

@@ -588,6 +588,8 @@ class Peer:
         steps = sum(u.count for u in units) // batch_size
         if steps == 0:
             return False
+        if self._contributed_before_restart(ctx.round):
+            return False
         self.write_status("training")
         from gpunite.train.weights import unflatten_into
 
@@ -636,6 +638,23 @@ class Peer:
         self._publish_contribution(ctx, contribution, slices)
         log.info("round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, committed delta norm %.4g",
                  ctx.round, steps, time.perf_counter() - started, losses[0], losses[-1], norm)
+        return True
+
+    def _contributed_before_restart(self, round_index: int) -> bool:
+        """Whether the DHT holds a contribution of ours to this round that this process did not make.
+
+        A peer killed after committing and restarted in the same round must not commit again: the new record
+        would replace the old one under our subkey, while a close may already rely on a verdict on the old one,
+        which the peers checking that close could then no longer find.
+        """
+        with self._lock:
+            if round_index in self.payloads:  # ours, from this process
+                return False
+        earlier = self.contributions(round_index).get(self.peer_id)
+        if earlier is None or earlier.round != round_index:
+            return False
+        log.info("round %d: this peer committed to it before a restart; it trains again from round %d",
+                 round_index, round_index + 1)
         return True
 
     def _publish_contribution(self, ctx: RoundContext, contribution: Contribution, slices: list[bytes]) -> None:
