@@ -58,6 +58,7 @@ class Heartbeat(_Record):
     maddrs: list[str] = Field(max_length=16)
     p2p_id: str = Field(max_length=128)
     time: float
+    bans: str = Field("", max_length=64)  # digest of the bans this round is judged by ("" for none)
 
 
 class HostRecord(_Record):

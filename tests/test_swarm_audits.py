@@ -115,6 +115,11 @@ def test_live_adversaries_are_caught_and_never_merged(tmp_path):
         swarm.wait_for(lambda s: all(s.get(n, {}).get("round", -1) >= ROUNDS for n in HONEST)
                        and all(proven_cheats(swarm).values()), WAIT_S,
                        f"the honest peers to reach round {ROUNDS} and prove every adversary's cheat")
+        # A late joiner takes the bans with its state (checked against the live peers' heartbeats): without
+        # them it would draw other verifiers and coordinators than everyone else and follow no close.
+        swarm.join("late", address, extra=["--speed", "1"])
+        swarm.wait_for(lambda s: s.get("late", {}).get("rounds_done", 0) >= 2, 240,
+                       "the late joiner to follow two rounds")
         statuses = swarm.statuses()
         run_id = statuses["peer1"]["run_id"]
         ids = {name: statuses[name]["peer_id"] for name in [*HONEST, *ADVERSARIES]}
@@ -143,11 +148,16 @@ def test_live_adversaries_are_caught_and_never_merged(tmp_path):
             observer.close()
     logs = {name: read_adversary_log(swarm.peers[name].home) for name in ADVERSARIES}
 
-    chains = {name: blocks(swarm.peers[name]) for name in HONEST}
-    common = set.intersection(*(set(c) for c in chains.values()))
+    chains = {name: blocks(swarm.peers[name]) for name in [*HONEST, "late"]}
+    common = set.intersection(*(set(chains[name]) for name in HONEST))
     assert set(range(last_round)) <= common
     for round_index in common:
         assert len({chains[name][round_index]["weights_hash"] for name in HONEST}) == 1
+    late_rounds = sorted(set(chains["late"]) & set(chains["peer1"]))
+    assert len(late_rounds) >= 2
+    assert all(chains["late"][r]["weights_hash"] == chains["peer1"][r]["weights_hash"] for r in late_rounds)
+    late_log = (swarm.workdir / "late.log").read_text(errors="replace")
+    assert "bans from the synced state" in late_log
     chain = chains["peer1"]
     merged_ids = {cid for b in chain.values() for cid in b["accepted"]}
     proven = {r["contribution"] for b in chain.values() for r in b["rejected"] if r["cheat"]}

@@ -26,9 +26,11 @@ n = 50 segments (e.g. H = 100 inner steps, k = 2), audit_fraction 0.85 and 2 seg
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gpunite.identity import canonical_json
 from gpunite.proof.audit import PROVEN, AuditBounds
 from gpunite.proof.checks import Finding
 from gpunite.proof.selection import choose_segments, choose_verifiers, is_audited
@@ -108,6 +110,14 @@ class BanList:
         """The bans proven in rounds before round_index: what every peer judges round_index by, however far
         it has got with settling later rounds."""
         return BanList({pid: ban for pid, ban in self.bans.items() if ban.round < round_index})
+
+    def digest(self) -> str:
+        """What a peer's heartbeat says of its bans: "" for none, else the sha256 of the sorted (peer, round)
+        pairs, so a joiner can check the bans a peer sends it against what the live peers hold."""
+        if not self.bans:
+            return ""
+        pairs = sorted([pid, ban.round] for pid, ban in self.bans.items())
+        return hashlib.sha256(canonical_json(pairs)).hexdigest()
 
 
 @dataclass(frozen=True)

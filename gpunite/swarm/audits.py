@@ -43,6 +43,7 @@ from gpunite.errors import GpuniteError
 from gpunite.proof.audit import AuditResult, held_out_loss, make_verdict, verify_contribution
 from gpunite.proof.policy import (
     AuditAssignment,
+    Ban,
     BanList,
     MergePolicy,
     SuspectList,
@@ -159,6 +160,27 @@ class RoundAudits:
         """Suspicions from the closes of rounds before round_index (as bans: every honest peer holds the same)."""
         with self._lock:
             return self.suspects.as_of(round_index)
+
+    def bans_before(self, round_index: int) -> tuple[Ban, ...]:
+        """The bans round_index is judged by, for a joiner's global state."""
+        return tuple(self._bans_for(round_index).bans.values())
+
+    def bans_digest(self, round_index: int) -> str:
+        """The digest of the bans round_index is judged by, for our heartbeat."""
+        return self._bans_for(round_index).digest()
+
+    def restore_bans(self, bans: Sequence[Ban]) -> None:
+        """Take the bans a synced global state carries (checked against the live peers' heartbeats): a joiner
+        must judge rounds by the same bans as everyone, or it draws other verifiers and coordinators."""
+        added = 0
+        with self._lock:
+            for ban in bans:
+                if not self.bans.is_banned(ban.peer_id):
+                    self.bans.ban(ban.peer_id, ban.round, ban.reason, ban.evidence)
+                    added += 1
+        if added:
+            log.info("took %d bans from the synced state (e.g. %s since round %d)", added, bans[0].peer_id[:12],
+                     bans[0].round)
 
     def banned_in(self, round_index: int) -> set[str]:
         """The peers banned before round_index: they neither verify, coordinate nor get units in it."""

@@ -33,7 +33,7 @@ from gpunite.swarm.protocol import (
     parse_announcement,
     run_key,
 )
-from gpunite.swarm.state_sync import StateSyncError, fetch_file, max_state_bytes, state_from_frame
+from gpunite.swarm.state_sync import StateSyncError, check_bans, fetch_file, max_state_bytes, state_from_frame
 
 log = logging.getLogger("gpunite.swarm.bootstrap")
 ANNOUNCE_TTL_S = 3600.0
@@ -198,7 +198,8 @@ def join_run(address: str, config: PeerConfig, run_id: str | None = None, host: 
         peer = Peer(manifest, prepared_dir, identity, node, config, on_record=on_record, fetch_file=get_file)
         state = sources.fetch_state(peer)
         peer._load_state(state)
-        peer.membership.update(state.round, state.weights_hash)
+        peer.audits.restore_bans(state.bans)
+        peer.membership.update(state.round, state.weights_hash, peer.audits.bans_digest(state.round))
         log.info("joined run %s (%s) as peer %s at round %d, weights %s", manifest.run_id[:12], manifest.run.name,
                  identity.peer_id[:12], state.round, state.weights_hash[:12])
         return peer
@@ -258,6 +259,7 @@ class StateSources:
                 state = state_from_frame(header, body, peer.layout, self.run_id)
                 if state.round > 0:
                     self._check_against_blocks(state)
+                    check_bans(state, self.peers())
             except (SwarmError, ProtocolError, StateSyncError, RecordError) as exc:
                 log.warning("state from %s refused: %s", beat.peer_id[:12], exc)
                 raise

@@ -39,6 +39,7 @@ class Membership:
     interval_s: float = 2.0
     round: int = 0
     weights_hash: str = "0" * 64
+    bans: str = ""  # BanList.digest() of the bans the current round is judged by
     _task: object = field(default=None, repr=False)
     _known: set[str] = field(default_factory=set, repr=False)
     last_seen: dict[str, Heartbeat] = field(default_factory=dict, repr=False)  # every peer's latest heartbeat
@@ -52,11 +53,11 @@ class Membership:
     def heartbeat(self) -> Heartbeat:
         return sign_record(self.identity, Heartbeat(
             run_id=self.run_id, round=self.round, weights_hash=self.weights_hash, roles=self.roles,
-            maddrs=self.node.maddrs[:16], p2p_id=self.node.p2p_id, time=time.time()))
+            maddrs=self.node.maddrs[:16], p2p_id=self.node.p2p_id, time=time.time(), bans=self.bans))
 
-    def update(self, round_index: int, weights_hash: str) -> None:
-        """New round or weights: publish at once, not at the next tick."""
-        self.round, self.weights_hash = round_index, weights_hash
+    def update(self, round_index: int, weights_hash: str, bans: str = "") -> None:
+        """New round or weights (and the digest of the bans that round is judged by): publish at once."""
+        self.round, self.weights_hash, self.bans = round_index, weights_hash, bans
         self.node.submit(self._publish())
 
     async def _publish(self) -> None:

@@ -74,6 +74,7 @@ from gpunite.swarm.protocol import (
 from gpunite.swarm.state_sync import (
     GlobalState,
     ParamLayout,
+    check_bans,
     file_handler,
     max_state_bytes,
     state_from_frame,
@@ -309,7 +310,7 @@ class Peer:
         def build() -> tuple[dict, bytes]:
             # Our AdamW moments as a warm start for the joiner (copies; a read racing a step only blurs advice).
             return state_to_frame(replace(state, inner_optimizer=self.trainer.optimizer_state_tensors(),
-                                          previous_weights=previous))
+                                          previous_weights=previous, bans=self.audits.bans_before(state.round)))
 
         # Serialising a model's worth of tensors must not stall the loop that answers heartbeats and the DHT.
         return await asyncio.get_running_loop().run_in_executor(None, build)
@@ -904,7 +905,7 @@ class Peer:
         self.rounds_done += 1
         if self.peer_id in accepted:
             self.contributed_rounds += 1
-        self.membership.update(ctx.round + 1, weights_hash)
+        self.membership.update(ctx.round + 1, weights_hash, self.audits.bans_digest(ctx.round + 1))
         log.info("round %d merged %d contributions (%d tokens): new weights %s; sent %d B, received %d B so far",
                  ctx.round, len(accepted), tokens, weights_hash[:12], self.node.counter.sent,
                  self.node.counter.received)
@@ -1047,9 +1048,11 @@ class Peer:
     def sync_from(self, peer_id: str) -> None:
         header, body = self._request(peer_id, HANDLE_STATE, {}, max_reply=max_state_bytes(self.numel))
         state = state_from_frame(header, body, self.layout, self.run_id)
+        check_bans(state, self.membership.alive().values())
         self._stop_training()
         self._load_state(state)
-        self.membership.update(state.round, state.weights_hash)
+        self.audits.restore_bans(state.bans)
+        self.membership.update(state.round, state.weights_hash, self.audits.bans_digest(state.round))
         log.info("synced global state of round %d (weights %s) from %s", state.round, state.weights_hash[:12],
                  peer_id[:12])
 

@@ -12,7 +12,7 @@ shard index, the tokenizer, shards) travel by hash and are written only after th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from gpunite.identity import RecordError
-from gpunite.records import Block, parse_record, record_bytes
+from gpunite.proof.policy import Ban, BanList
+from gpunite.records import Block, Heartbeat, parse_record, record_bytes
 from gpunite.swarm.protocol import RoundClose, parse_swarm_message
 from gpunite.train.weights import (
     TensorPayloadError,
@@ -90,6 +91,9 @@ class GlobalState:
     # With train.overlap: the global weights of round - 1, the base of round `round`'s contributions, so a
     # joiner can train, audit and own a slice of the round in flight (its hash is checked by the joiner).
     previous_weights: torch.Tensor | None = None
+    # The bans proven before `round` (with their reasons and evidence): a joiner judges the round by them, as
+    # every peer does; checked against the ban digests in the live peers' heartbeats (`check_bans`).
+    bans: tuple[Ban, ...] = ()
 
 
 INNER = "inner/"
@@ -109,8 +113,51 @@ def state_to_frame(state: GlobalState) -> tuple[dict[str, Any], bytes]:
         "plan": state.plan,
         "tip": record_bytes(state.tip).decode() if state.tip else None,
         "close": record_bytes(state.close).decode() if state.close else None,
+        "bans": [[ban.peer_id, ban.round, ban.reason, list(ban.evidence)] for ban in state.bans],
     }
     return header, to_safetensors_bytes(tensors)
+
+
+MAX_BANS = 100_000
+
+
+def _parse_bans(raw: Any) -> tuple[Ban, ...]:
+    """Bans from an untrusted header: [peer id, round, reason, [record ids]] each, bounded in size."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_BANS:
+        raise StateSyncError("global state's bans are not a list (or too many)")
+    bans = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str) and len(item[0]) <= 64
+                and isinstance(item[1], int) and item[1] >= 0 and isinstance(item[2], str) and len(item[2]) <= 2000
+                and isinstance(item[3], list) and len(item[3]) <= 16
+                and all(isinstance(e, str) and len(e) <= 64 for e in item[3])):
+            raise StateSyncError("global state holds a malformed ban")
+        bans.append(Ban(item[0], item[1], item[2], tuple(item[3])))
+    if len({ban.peer_id for ban in bans}) != len(bans):
+        raise StateSyncError("global state bans a peer twice")
+    return tuple(bans)
+
+
+def check_bans(state: GlobalState, beats: Iterable[Heartbeat]) -> None:
+    """Refuse (StateSyncError) bans that most live peers contradict.
+
+    A heartbeat carries the digest of the bans its round is judged by. Each live peer at or before the state's
+    round votes on the bans the state carries as of its own round (a peer further on may hold newer bans, so
+    it does not vote); the bans are refused when more voters disagree than agree.
+    """
+    bans = BanList({ban.peer_id: ban for ban in state.bans})
+    agree = disagree = 0
+    for beat in beats:
+        if beat.round <= state.round:
+            if beat.bans == bans.as_of(beat.round).digest():
+                agree += 1
+            else:
+                disagree += 1
+    if disagree > agree:
+        raise StateSyncError(f"its {len(state.bans)} bans disagree with what {disagree} of {agree + disagree} "
+                             f"live peers hold")
 
 
 def state_from_frame(header: dict[str, Any], body: bytes, layout: ParamLayout, run_id: str) -> GlobalState:
@@ -131,6 +178,7 @@ def state_from_frame(header: dict[str, Any], body: bytes, layout: ParamLayout, r
         tip = parse_record(header["tip"].encode()) if header.get("tip") else None
         close = parse_swarm_message(header["close"].encode(), RoundClose) if header.get("close") else None
         plan = header["plan"]
+        bans = _parse_bans(header.get("bans"))
     except (KeyError, TypeError, ValueError, AttributeError, RecordError) as exc:
         raise StateSyncError(f"global state header is malformed: {exc}") from None
     weights = tensors["weights"]
@@ -147,7 +195,7 @@ def state_from_frame(header: dict[str, Any], body: bytes, layout: ParamLayout, r
     if not isinstance(plan, dict):
         raise StateSyncError("global state's work plan is not a JSON object")
     return GlobalState(round_index, weights, tensors.get("momentum"), plan, tip, close, computed, inner or None,
-                       tensors.get("previous_weights"))
+                       tensors.get("previous_weights"), bans)
 
 
 def max_state_bytes(numel: int) -> int:
