@@ -28,10 +28,10 @@ from pathlib import Path
 
 
 def manifest_text(inner_steps: int | None, compression: str | None, audit_fraction: float | None) -> str:
-    # 2.5 MB of text is ~550k tokens: enough for 3 peers x 100 steps x 8 sequences a round (1 MB gave each
-    # peer only 82 of its 100 steps).
+    # 6 MB of text is ~1.3M tokens: enough for 3 peers x 100 steps x 8 sequences x 128 tokens in each of the
+    # 3 rounds (with 2.5 MB the last round ran out of data after ~15 steps, which inflated bytes per token).
     lines = ['[run]', 'name = "bench-communication"', '[model]', 'preset = "tiny"', '[data]',
-             'sources = ["builtin:python-docs"]', 'max_builtin_mb = 2.5', '[train]', 'round_deadline_s = 1800']
+             'sources = ["builtin:python-docs"]', 'max_builtin_mb = 6.0', '[train]', 'round_deadline_s = 1800']
     if inner_steps is not None:
         lines.append(f"inner_steps = {inner_steps}")
     if compression is not None:
