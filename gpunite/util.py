@@ -68,3 +68,13 @@ def setup_logging(level: str = "INFO", peer_name: str | None = None) -> None:
         format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def in_parallel(fetch, jobs: list, max_workers: int = 8) -> list:
+    """fetch(job) for every job on a small thread pool, results in job order (network waits overlap)."""
+    if len(jobs) <= 1:
+        return [fetch(job) for job in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(jobs)), thread_name_prefix="fetch") as pool:
+        return list(pool.map(fetch, jobs))

@@ -70,6 +70,7 @@ from gpunite.swarm.protocol import (
     run_key,
     verdict_key,
 )
+from gpunite.util import in_parallel
 
 if TYPE_CHECKING:
     from gpunite.swarm.peer import Peer
@@ -109,6 +110,9 @@ def assign(beacon: bytes, contribution: Contribution, policy: MergePolicy, candi
         return AuditAssignment(False)
     segments = choose_segments(beacon, cid, len(contribution.trail) - 1, policy.segments_per_audit)
     return AuditAssignment(True, tuple(verifiers), tuple(segments))
+
+
+PREFETCH_BYTES = 1 << 30  # an audit's trail states fetched at once, at most
 
 
 class RoundAudits:
@@ -265,13 +269,36 @@ class RoundAudits:
         base = {name: t.clone() for name, t in peer.layout.named(base_weights).items()}
         max_bytes = 6 * peer.numel * 4 + (1 << 20)  # start and end: weights and two AdamW moments each
 
-        def fetch(what: int | str, part: str = "") -> bytes:
+        def request(what: int | str, part: str = "") -> bytes:
             header = {"round": ctx.round, "segment": what} | ({"part": part} if part else {})
             try:
                 return peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes)[1]
             except (SwarmError, ProtocolError) as exc:  # a stream broken on a busy machine: one more try
                 log.info("trail %s of %s: %s; retrying", what, contribution.peer_id[:12], exc)
                 return peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes)[1]
+
+        # The final weights and every drawn segment's start state are needed whatever the replays show: ask
+        # for them at once, so their transfers overlap (an end state is asked for only when a replay needs it).
+        # Only while they fit in PREFETCH_BYTES: a large model's states are fetched one by one.
+        wanted: list[tuple[int | str, str]] = [("final", ""), *((index, "start") for index in segments)]
+        if peer.numel * 4 * (1 + 3 * len(segments)) > PREFETCH_BYTES:
+            wanted = []
+
+        def attempt(job: tuple[int | str, str]) -> bytes | GpuniteError:
+            try:
+                return request(*job)
+            except GpuniteError as exc:
+                return exc
+
+        prefetched = dict(zip(wanted, in_parallel(attempt, wanted, max_workers=4)))
+
+        def fetch(what: int | str, part: str = "") -> bytes:
+            found = prefetched.pop((what, part), None)
+            if found is None:
+                return request(what, part)
+            if isinstance(found, GpuniteError):
+                raise found
+            return found
 
         return verify_contribution(
             contribution, segments, fetch, lambda: fetch("final"), base, delta, peer._load_sequences,

@@ -80,6 +80,7 @@ from gpunite.swarm.state_sync import (
     state_from_frame,
     state_to_frame,
 )
+from gpunite.util import in_parallel
 
 log = logging.getLogger("gpunite.swarm.peer")
 RecordHook = Callable[[Any], None]
@@ -766,7 +767,7 @@ class Peer:
         index = owners.index(self.peer_id)
         todo = [pid for pid in sorted(contributions)
                 if pid != self.peer_id and (ctx.round, index, pid) not in self._prefetched]
-        for pid, data in zip(todo, _in_parallel(lambda pid: self._request_slice(ctx.round, index, pid), todo)):
+        for pid, data in zip(todo, in_parallel(lambda pid: self._request_slice(ctx.round, index, pid), todo)):
             self._prefetched[(ctx.round, index, pid)] = data  # None: tried; fetch_slice tries again later
 
     def make_close(self, ctx: RoundContext, contributions: dict[str, Contribution], alive: dict, rank: int,
@@ -861,7 +862,7 @@ class Peer:
             # Every owner's merged slice at once: on slow or distant links the fetches overlap, not add up.
             wanted = [(index, owners[index] if index < len(owners) else None)
                       for index, (start, end) in enumerate(bounds) if start != end]
-            fetched = dict(zip(wanted, _in_parallel(lambda job: self.fetch_aggregate(ctx, *job), wanted)))
+            fetched = dict(zip(wanted, in_parallel(lambda job: self.fetch_aggregate(ctx, *job), wanted)))
             for index, (start, end) in enumerate(bounds):
                 if start == end:
                     continue
@@ -941,7 +942,7 @@ class Peer:
         method = payload_method(self.train_cfg.compression)
         values, used = [], []
         trainers = sorted(accepted)
-        for pid, data in zip(trainers, _in_parallel(lambda pid: self.fetch_slice(ctx.round, index, pid), trainers)):
+        for pid, data in zip(trainers, in_parallel(lambda pid: self.fetch_slice(ctx.round, index, pid), trainers)):
             if data is None:
                 continue
             result, vector = check_slice(data, accepted[pid], index, end - start, self.train_cfg.compression_chunk,
@@ -1104,16 +1105,6 @@ class Peer:
         save_checkpoint(path, self.model, None, data_position=0, manifest=self.manifest, tokenizer_json=tokenizer,
                         extra={"round": self.state.round, "weights_hash": self.state.weights_hash})
         return path
-
-
-def _in_parallel(fetch: Callable[[Any], Any], jobs: list, max_workers: int = 8) -> list:
-    """fetch(job) for every job on a small thread pool, results in job order (network waits overlap)."""
-    if len(jobs) <= 1:
-        return [fetch(job) for job in jobs]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(max_workers, len(jobs)), thread_name_prefix="fetch") as pool:
-        return list(pool.map(fetch, jobs))
 
 
 def _pid() -> int:
