@@ -135,14 +135,18 @@ def test_audit_bytes_are_the_wire_formats_times_the_audits():
     config, _, _ = _homogeneous(overlap=False, audit_fraction=1.0)
     result = simulate(config)
     wire, n = config.costs.wire, config.peers
-    one_audit = config.params * (wire.slice_bytes_per_param + 2 * 24.0 + 4.0) + (n + 3) * wire.request_bytes
+    one_audit = config.params * (wire.slice_bytes_per_param + 2 * 12.0 + 4.0) + (n + 3) * wire.request_bytes
     assert wire.audit_bytes(config.params, n, 2) == pytest.approx(one_audit)
     assert result.audits == n * config.rounds
     assert result.audit_bytes_per_peer_round == pytest.approx(one_audit, rel=1e-9)  # n audits over n peers
-    # one segment per audit: 24 bytes per parameter and one request fewer
+    # replays that are not bit-exact (verifiers on other devices) fetch both segments' end states too
+    inexact = replace(wire, end_state_share=1.0)
+    assert inexact.audit_bytes(config.params, n, 2) == pytest.approx(
+        one_audit + 2 * (12.0 * config.params + wire.request_bytes + wire.segment_header_bytes))
+    # one segment per audit: 12 bytes per parameter and one request fewer
     fewer = simulate(replace(config, segments_per_audit=1))
     assert result.audit_bytes_per_peer_round - fewer.audit_bytes_per_peer_round == pytest.approx(
-        24.0 * config.params + wire.request_bytes, rel=1e-9
+        12.0 * config.params + wire.request_bytes, rel=1e-9
     )
     # a sampled fraction: the coordinator's own plus f of the others, in expectation
     sampled = simulate(replace(config, audit_fraction=0.5, rounds=400))
@@ -210,15 +214,15 @@ def test_wire_sizes_match_the_real_serializers():
 
     (small, small_real), (large, large_real) = measure_wire_sizes(config(32)), measure_wire_sizes(config(64))
     params = large_real["params"] - small_real["params"]
-    # the per-parameter parts are the dtypes: int8 + a scale per chunk, 2 x (weights + 2 AdamW moments), weights
-    assert large_real["segment"] - small_real["segment"] == pytest.approx(24.0 * params, rel=1e-3)
+    # the per-parameter parts are the dtypes: int8 + a scale per chunk, weights + 2 AdamW moments, weights
+    assert large_real["segment"] - small_real["segment"] == pytest.approx(12.0 * params, rel=1e-3)
     assert large_real["final"] - small_real["final"] == pytest.approx(4.0 * params, rel=1e-3)
     assert large_real["slice"] - small_real["slice"] == pytest.approx(
         small.slice_bytes_per_param * params, rel=1e-2
     )
     # and the fixed parts make the formula exact for the measured model
     assert large_real["segment"] == pytest.approx(
-        24.0 * large_real["params"] + large.segment_header_bytes, abs=1
+        12.0 * large_real["params"] + large.segment_header_bytes, abs=1
     )
     assert 200 < large.request_bytes < 1000  # two frame prefixes and headers, and a safetensors header
 
@@ -376,9 +380,10 @@ def test_cli_prints_json_and_one_line_errors():
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)
     assert result["peers"] == 50 and result["rounds_attempted"] == 3 and result["useful_tflops"] > 0
-    # --overlap answers what it changes: the same swarm without it comes alongside
+    # --overlap answers what it changes: the same swarm without it comes alongside, simulated on its own (which
+    # is faster depends on the replay added to each round's compute against the exchange hidden behind it)
     without = result["without_overlap"]
-    assert without["peers"] == 50 and without["mean_round_s"] >= result["mean_round_s"]
+    assert without["peers"] == 50 and 0 < without["mean_round_s"] != result["mean_round_s"]
     bad = subprocess.run(
         [sys.executable, "-m", "gpunite", "sim", "--gpu-mix", "abacus:1"],
         capture_output=True,

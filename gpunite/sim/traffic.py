@@ -9,9 +9,11 @@ names. Per round (gpunite.swarm.peer, gpunite.swarm.audits):
 - a slice owner pulls its slice of every other accepted contribution: int8 values + one fp32 absmax scale
   per chunk (1 + 4 / chunk bytes per parameter);
 - every peer fetches every other owner's merged slice: the same format;
-- a verifier fetches the whole delta from the trainer (one request per slice), the drawn trail segments
-  (the full training state at both ends: fp32 weights and AdamW's two moments, 24 bytes per parameter)
-  and the trail's final weights (4 bytes per parameter);
+- a verifier fetches the whole delta from the trainer (one request per slice), the start state of each
+  drawn trail segment (fp32 weights and AdamW's two moments, 12 bytes per parameter), the state at its end
+  too (another 12, one more request) only when its replay is not bit-exact (`end_state_share`: 0 among
+  peers of one device class, up to 1 when verifiers replay on other devices than the trainers), and the
+  trail's final weights (4 bytes per parameter);
 - a joiner (or a peer that re-syncs) downloads the global state: fp32 weights, the outer momentum and the
   serving peer's AdamW moments (16 bytes per parameter).
 
@@ -37,6 +39,7 @@ class WireSizes:
     request_bytes: float = 250.0  # one request and its reply: frame prefixes, both JSON headers, body header
     segment_header_bytes: float = 0.0  # safetensors header of one trail segment (grows with tensor count)
     final_header_bytes: float = 0.0
+    end_state_share: float = 0.0  # share of segment replays that are not bit-exact, so fetch the end state
 
     @property
     def slice_bytes_per_param(self) -> float:
@@ -44,7 +47,11 @@ class WireSizes:
 
     @property
     def segment_bytes_per_param(self) -> float:
-        return 2 * FP32_BYTES * (1 + ADAM_MOMENTS)  # the state at both ends of the segment
+        return FP32_BYTES * (1 + ADAM_MOMENTS)  # the state at the segment's start
+
+    @property
+    def end_state_bytes_per_param(self) -> float:
+        return FP32_BYTES * (1 + ADAM_MOMENTS)  # the state at its end, when the replay is not bit-exact
 
     @property
     def final_bytes_per_param(self) -> float:
@@ -55,12 +62,14 @@ class WireSizes:
         return FP32_BYTES * (2 + ADAM_MOMENTS)  # weights, outer momentum, the server's AdamW moments
 
     def audit_bytes(self, params: int, n_slices: int, segments: int) -> float:
-        """One audit's download: the delta in `n_slices` requests, `segments` segments, the final weights."""
+        """One audit's download: the delta in `n_slices` requests, `segments` segments' start states (and
+        end states, for the share of replays that are not bit-exact), the final weights."""
+        ends = segments * self.end_state_share
         return (
             params * (self.slice_bytes_per_param + segments * self.segment_bytes_per_param)
-            + params * self.final_bytes_per_param
-            + (n_slices + segments + 1) * self.request_bytes
-            + segments * self.segment_header_bytes
+            + params * (ends * self.end_state_bytes_per_param + self.final_bytes_per_param)
+            + (n_slices + segments + ends + 1) * self.request_bytes
+            + (segments + ends) * self.segment_header_bytes
             + self.final_header_bytes
         )
 
@@ -102,8 +111,8 @@ def measure_wire_sizes(model_config=None, chunk: int = 4096) -> tuple[WireSizes,
     start = capture_state(model, trainer)
     trainer.optimizer.step()
     end = capture_state(model, trainer)
-    segment = len(
-        segment_to_bytes(Segment(0, start, end, first_optimizer_hash=start.optimizer_hash, first_step=1))
+    segment = len(  # a segment as a verifier first asks for it: its start state only
+        segment_to_bytes(Segment(0, start, None, first_optimizer_hash=start.optimizer_hash, first_step=1))
     )
     final = len(final_to_bytes(end))
     vector = torch.randn(params, generator=torch.Generator().manual_seed(1))
