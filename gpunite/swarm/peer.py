@@ -209,6 +209,7 @@ class Peer:
         self._job: _TrainingJob | None = None  # with overlap: the next round training on its own thread
         self._abort_training = threading.Event()
         self._prefetched: dict[tuple[int, int, str], bytes | None] = {}  # (round, slice, trainer) -> its bytes
+        self._owners: dict[int, list[str]] = {}  # round -> its slice owners, in slice order
         if state is None:
             weights = flatten(self.params)
             state = GlobalState(0, weights, None, self.plan.state_dict(), None, None, self.layout.hash(weights))
@@ -318,6 +319,12 @@ class Peer:
 
     async def _handle_slice(self, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:
         round_index, index = int(header.get("round", -1)), int(header.get("slice", -1))
+        trainer = header.get("trainer")
+        if isinstance(trainer, str) and trainer != self.peer_id:  # the copy we keep of an owner's own slice
+            data = self._prefetched.get((round_index, index, trainer))
+            if data is None:
+                raise ValueError(f"no copy of {trainer[:12]}'s slice {index} of round {round_index} here")
+            return {"round": round_index, "slice": index}, data
         slices = self.payloads.get(round_index)
         if slices is None or not 0 <= index < len(slices):
             raise ValueError(f"no slice {index} of round {round_index} here")
@@ -764,11 +771,17 @@ class Peer:
         owners = sorted(roster_ids)
         if self.peer_id not in owners:
             return
+        self._owners[ctx.round] = owners
         index = owners.index(self.peer_id)
-        todo = [pid for pid in sorted(contributions)
-                if pid != self.peer_id and (ctx.round, index, pid) not in self._prefetched]
-        for pid, data in zip(todo, in_parallel(lambda pid: self._request_slice(ctx.round, index, pid), todo)):
-            self._prefetched[(ctx.round, index, pid)] = data  # None: tried; fetch_slice tries again later
+        todo = [(index, pid) for pid in sorted(contributions) if pid != self.peer_id]
+        # An owner's slice of its own contribution lives nowhere else: the next owner keeps a copy, so if
+        # that owner dies after the close, the peers merging its slice in its place still get it.
+        before = (index - 1) % len(owners)
+        if owners[before] in contributions and owners[before] != self.peer_id:
+            todo.append((before, owners[before]))
+        todo = [(i, pid) for i, pid in todo if (ctx.round, i, pid) not in self._prefetched]
+        for (i, pid), data in zip(todo, in_parallel(lambda job: self._request_slice(ctx.round, *job), todo)):
+            self._prefetched[(ctx.round, i, pid)] = data  # None: tried; fetch_slice tries again later
 
     def make_close(self, ctx: RoundContext, contributions: dict[str, Contribution], alive: dict, rank: int,
                    prev_block: str) -> RoundClose:
@@ -899,8 +912,11 @@ class Peer:
         self.last_close = close
         for key in [k for k in self.aggregates if k[0] < ctx.round - 1]:
             del self.aggregates[key]
-        for key in [k for k in self._prefetched if k[0] <= ctx.round]:
+        # Kept one round more: peers merging a dead owner's slice in its place may ask for our copies.
+        for key in [k for k in self._prefetched if k[0] < ctx.round]:
             del self._prefetched[key]
+        for old in [r for r in self._owners if r < ctx.round]:
+            del self._owners[old]
         self.recorder.prune(ctx.round - 1)
         self.tokens_trained += tokens
         self.rounds_done += 1
@@ -964,12 +980,21 @@ class Peer:
             slices = self.payloads.get(round_index)
             return slices[index] if slices and index < len(slices) else None
         cached = self._prefetched.get((round_index, index, peer_id))
-        return cached if cached is not None else self._request_slice(round_index, index, peer_id)
+        if cached is not None:
+            return cached
+        data = self._request_slice(round_index, index, peer_id)
+        owners = self._owners.get(round_index, [])
+        if data is None and len(owners) > 1 and index < len(owners) and owners[index] == peer_id:
+            keeper = owners[(index + 1) % len(owners)]  # the owner's own slice: the next owner keeps a copy
+            if keeper != self.peer_id:
+                data = self._request_slice(round_index, index, keeper, trainer=peer_id)
+        return data
 
-    def _request_slice(self, round_index: int, index: int, peer_id: str) -> bytes | None:
+    def _request_slice(self, round_index: int, index: int, peer_id: str, trainer: str = "") -> bytes | None:
+        """Slice `index` of a contribution from its trainer (or, with trainer, the copy peer_id keeps of it)."""
+        header = {"round": round_index, "slice": index} | ({"trainer": trainer} if trainer else {})
         try:
-            _, data = self._request(peer_id, HANDLE_SLICE, {"round": round_index, "slice": index},
-                                    self._max_slice_bytes)
+            _, data = self._request(peer_id, HANDLE_SLICE, header, self._max_slice_bytes)
             return data
         except (SwarmError, ProtocolError, PeerError) as exc:
             log.warning("no slice %d of round %d from %s: %s", index, round_index, peer_id[:12], exc)
