@@ -382,10 +382,25 @@ class TrailRecorder:
     def segment_payload(self, round_index: int, index: int, with_end: bool = True) -> bytes:
         """Bytes a verifier needs to replay segment `index` of a round: states at entries index and (with_end)
         index+1."""
-        first = self.load_state(round_index, 0)
+        first = self._entry_metadata(round_index, 0)  # only entry 0's hashes: no need to load its tensors
         end = self.load_state(round_index, index + 1) if with_end else None
-        segment = Segment(index, self.load_state(round_index, index), end, first.optimizer_hash, first.step)
+        segment = Segment(index, self.load_state(round_index, index), end, first["optimizer_hash"],
+                          int(first["step"]))
         return segment_to_bytes(segment)
+
+    def _entry_metadata(self, round_index: int, index: int) -> dict[str, str]:
+        """A stored entry's safetensors metadata, read from the file's header alone."""
+        if round_index == self._round:
+            self.flush()
+        path = self.round_dir(round_index) / f"entry-{index:04d}.safetensors"
+        try:
+            with open(path, "rb") as file:
+                head = file.read(8)
+                head += file.read(int.from_bytes(head, "little"))
+        except OSError:
+            raise TrailError(f"no trail checkpoint {index} for round {round_index} (pruned, or never "
+                             "recorded)") from None
+        return _metadata_of(head)
 
     def segment_part(self, round_index: int, index: int, part: str = "both") -> bytes:
         """What a verifier asks for about segment `index`: "start" (the segment without its end state), "end"

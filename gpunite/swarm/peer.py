@@ -650,14 +650,15 @@ class Peer:
         return True
 
     def _contributed_before_restart(self, round_index: int) -> bool:
-        """Whether the DHT holds a contribution of ours to this round that this process did not make.
+        """Whether the DHT holds a contribution of ours to this round that this process did not make
+        (asked only before this process's first commit: the DHT is not read every round).
 
         A peer killed after committing and restarted in the same round must not commit again: the new record
         would replace the old one under our subkey, while a close may already rely on a verdict on the old one,
         which the peers checking that close could then no longer find.
         """
         with self._lock:
-            if round_index in self.payloads:  # ours, from this process
+            if self.payloads:  # this process has committed before: it commits each round once, from memory
                 return False
         earlier = self.contributions(round_index).get(self.peer_id)
         if earlier is None or earlier.round != round_index:
