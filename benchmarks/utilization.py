@@ -2,9 +2,12 @@
 
 A real local swarm (peer processes on 127.0.0.1, one torch thread each) trains the tiny preset for several
 rounds. Each peer times its own inner steps and pseudo-gradient compression (`compute_s` in its status
-file) against its wall time; the window is steady state, from the end of round `--warmup-rounds` to the end
-of the last round, so process start-up and joining are excluded. compute_utilization is the mean over
-peers of compute_s / wall_s in that window; the worst peer is reported too.
+file) against its wall time; the window is steady state: from the end of round `--warmup-rounds` - 1 to the
+end of the last measured round, so process start-up and joining are left out, and so is one more round run
+after the window, the run's last: with overlap, every round's exchange runs beside the next round's inner
+steps, except the last one's, which has no next round (a shutdown cost, paid once per run, like start-up).
+compute_utilization is the mean over peers of compute_s / wall_s in that window; the worst peer is reported
+too.
 
 Baselines in the same run: 1.0 (the exchange costing nothing), and by default the same swarm with
 train.overlap off (each round's exchange after its steps), so the overlap's gain is measured side by side.
@@ -48,7 +51,7 @@ def measure(workdir: Path, peers: int, rounds: int, warmup_rounds: int, inner_st
     manifest_path.write_text(manifest_text(inner_steps, overlap, trail_interval))
     prepare_dataset(load_manifest(manifest_path))
     names = [f"peer{i}" for i in range(1, peers + 1)]
-    total_rounds = warmup_rounds + rounds
+    total_rounds = warmup_rounds + rounds + 1  # the last one is run after the window (see the docstring)
     started = time.time()
     with LocalSwarm(workdir, manifest_path) as swarm:
         swarm.start_first("peer1", wait_peers=peers, rounds=total_rounds, extra=["--speed", "1"])
@@ -57,7 +60,7 @@ def measure(workdir: Path, peers: int, rounds: int, warmup_rounds: int, inner_st
             swarm.join(name, address, rounds=total_rounds, extra=["--speed", "1"])
         swarm.wait_exit(7200)
         logs = {name: round_log(swarm.peers[name].home) for name in names}
-    first_round, last_round = warmup_rounds - 1, total_rounds - 1
+    first_round, last_round = warmup_rounds - 1, total_rounds - 2
     per_peer = {}
     for name in names:
         compute = logs[name][last_round]["compute_s"] - logs[name][first_round]["compute_s"]

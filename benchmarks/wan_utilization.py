@@ -7,7 +7,8 @@ test bed (`gpunite.sim.netbed`: tc rate limits and a delaying relay; the `home` 
 and once with it off (the synchronous baseline: the exchange after the steps).
 
 Figures, each over the steady-state window (after the warm-up rounds, so start-up and joining are left
-out):
+out, and before the run's last round, which is run after the window: its exchange has no next round to
+overlap, a shutdown cost paid once per run):
 - compute_utilization: mean over peers of inner-step time / wall time (target >= 0.95, goal 0.97), and
   `no_overlap_utilization` for the synchronous run;
 - loss_ratio: held-out loss of the overlapped run's final global weights / the synchronous run's (<= 1.03);
@@ -114,14 +115,14 @@ def main() -> None:
     from gpunite.sim.netbed import check_requirements
 
     check_requirements()
-    total = args.warmup_rounds + args.rounds
+    total = args.warmup_rounds + args.rounds + 1  # the last round runs after the window
     figures, losses = {}, {}
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="gpunite-bench-wan-") as tmp:
         for overlap in (True, False):
             run = run_swarm(Path(tmp) / ("overlap" if overlap else "sync"), args.peers, args.profile, total,
                             args.inner_steps, overlap, args.timeout_s)
-            figures[overlap] = window_figures(run["logs"], args.warmup_rounds - 1, total - 1)
+            figures[overlap] = window_figures(run["logs"], args.warmup_rounds - 1, total - 2)
             losses[overlap] = run["heldout_loss"]
     on, off = figures[True], figures[False]
     result = {

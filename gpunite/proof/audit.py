@@ -10,10 +10,10 @@ state at entry i+1 and measures
     distance = ||replayed_{i+1} - committed_{i+1}|| / ||committed_{i+1} - committed_i||.
 
 It also compares the replayed AdamW moments with the committed ones, rejects implausible second moments
-(a forged state makes updates gradient-free), and wants the segment's own loss not to rise. `audit_delta` ties the trail to the submitted pseudo-gradient
-(base - delta must land on the trail's last weights, up to compression error) and checks that held-out loss
-does not blow up. Failures on data the trainer committed to (hash-matching segments) are proven cheats: anyone
-can rerun the same replay on the same bytes.
+(a forged state makes updates gradient-free), and wants the segment's own loss not to rise. `audit_delta`
+ties the trail to the submitted pseudo-gradient (base - delta must land on the trail's last weights, up to
+compression error) and checks that held-out loss does not blow up. Failures on data the trainer committed
+to (hash-matching segments) are proven cheats: anyone can rerun the same replay on the same bytes.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from gpunite.proof.trail import (
     SequenceLoader,
     TrailState,
     batches_for_steps,
-    entry_hash,
     capture_state,
+    entry_hash,
     final_from_bytes,
     segment_from_bytes,
     state_from_bytes,
@@ -159,7 +159,11 @@ def audit_segment(
     the replay is measured against it.
     """
     from gpunite.train.checkpoint import load_model_state
-    from gpunite.train.trainer import InnerTrainer, TrainingError, unique_named_parameters
+    from gpunite.train.trainer import (
+        InnerTrainer,
+        TrainingError,
+        unique_named_parameters,
+    )
 
     index = segment.index
     rejection = check_segment_commitment(contribution, segment, expected_first_step, expected_first_optimizer_hash)
@@ -205,10 +209,10 @@ def audit_segment(
             if rejection is not None:
                 return rejection
 
-    replayed = flatten(p for _, p in named)
-    start = flat_weights(segment.start.weights, names)
-    end = flat_weights(committed.weights, names)
-    distance = relative_distance(replayed, end, end - start)
+    # A bit-exact replay is the committed state itself: both distances are 0 without measuring them.
+    distance = 0.0 if bit_exact else relative_distance(
+        flatten(p for _, p in named), flat_weights(committed.weights, names),
+        flat_weights(committed.weights, names) - flat_weights(segment.start.weights, names))
     details = {"distance": distance, "bit_exact": float(bit_exact)}
 
     optimizer_distance = 0.0
@@ -220,9 +224,9 @@ def audit_segment(
     moment_ratio = 0.0
     if replayed_opt:
         start_opt = segment.start.optimizer or {}
-        for key in ("exp_avg", "exp_avg_sq"):
-            start_m = _moments(start_opt, names, key) if start_opt else torch.zeros_like(replayed)
+        for key in ("exp_avg", "exp_avg_sq") if not bit_exact else ():
             end_m = _moments(committed_opt, names, key)
+            start_m = _moments(start_opt, names, key) if start_opt else torch.zeros_like(end_m)
             optimizer_distance = max(optimizer_distance,
                                      relative_distance(_moments(replayed_opt, names, key), end_m, end_m - start_m))
         if start_opt:

@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -112,7 +113,16 @@ def assign(beacon: bytes, contribution: Contribution, policy: MergePolicy, candi
     return AuditAssignment(True, tuple(verifiers), tuple(segments))
 
 
-PREFETCH_BYTES = 1 << 30  # an audit's trail states fetched at once, at most
+PREFETCH_BYTES = 1 << 30  # trail states held in memory at once by one peer's audits, at most
+AUDITS_AT_ONCE = 2
+
+
+@dataclass
+class _Fetched:
+    """What one audit pulled over the network: trail bytes and the seconds spent waiting for them."""
+
+    bytes: int = 0
+    seconds: float = 0.0
 
 
 class RoundAudits:
@@ -205,6 +215,7 @@ class RoundAudits:
         with self._lock:
             for signer in beacons:
                 self._beacon_seen.setdefault((ctx.round, signer), time.time())
+        drawn: list[tuple[Contribution, tuple[int, ...]]] = []
         for signer, record in beacons.items():
             if signer not in candidates or record.run_id != self.peer.run_id or record.round != ctx.round:
                 continue
@@ -228,7 +239,11 @@ class RoundAudits:
                     if cid in done:
                         continue
                     done.add(cid)
-                self.audit(ctx, contribution, assignment.segments)
+                drawn.append((contribution, assignment.segments))
+        # Two at once while their trail states fit in memory: one audit's transfers overlap the other's replay.
+        state_bytes = self.peer.numel * 4 * (1 + 3 * self.policy.segments_per_audit)
+        workers = AUDITS_AT_ONCE if AUDITS_AT_ONCE * state_bytes <= PREFETCH_BYTES else 1
+        in_parallel(lambda job: self.audit(ctx, *job), drawn, max_workers=workers)
 
     def _worth_auditing(self, contribution: Contribution, ctx: RoundContext) -> bool:
         """No replay for what cannot merge anyway: a banned signer's work, or work from another base than ours
@@ -245,8 +260,9 @@ class RoundAudits:
             log.warning("cannot audit %s's round %d contribution: this peer does not hold the round's base weights",
                         contribution.peer_id[:12], ctx.round)
             return None
+        fetched = _Fetched()
         try:
-            result = self._replay(ctx, contribution, segments, base)
+            result = self._replay(ctx, contribution, segments, base, fetched)
         except GpuniteError as exc:  # e.g. its data cannot be loaded here: no verdict against the trainer
             result = AuditResult(False, f"could not replay: {exc}", False, -1, None, 0.0)
         verdict = make_verdict(self.peer.identity, contribution, result, time.time())
@@ -255,13 +271,13 @@ class RoundAudits:
         with self._lock:
             self._emitted.add(verdict.record_id)
         self.peer._emit(verdict)
-        log.info("audited %s's round %d contribution (segments %s) in %.1f s: %s, %s", contribution.peer_id[:12],
-                 ctx.round, list(segments), time.perf_counter() - started,
-                 "accept" if result.accept else "REJECT", result.reason)
+        log.info("audited %s's round %d contribution (segments %s) in %.1f s (%.1f MB of trail states in %.1f s): "
+                 "%s, %s", contribution.peer_id[:12], ctx.round, list(segments), time.perf_counter() - started,
+                 fetched.bytes / 1e6, fetched.seconds, "accept" if result.accept else "REJECT", result.reason)
         return verdict
 
     def _replay(self, ctx: RoundContext, contribution: Contribution, segments: Sequence[int],
-                base_weights: torch.Tensor) -> AuditResult:
+                base_weights: torch.Tensor, fetched: _Fetched) -> AuditResult:
         peer = self.peer
         delta = self._fetch_delta(ctx, contribution)
         if isinstance(delta, str):
@@ -277,6 +293,15 @@ class RoundAudits:
                 log.info("trail %s of %s: %s; retrying", what, contribution.peer_id[:12], exc)
                 return peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes)[1]
 
+        def timed_request(what: int | str, part: str = "") -> bytes:
+            started = time.perf_counter()
+            try:
+                data = request(what, part)
+            finally:
+                fetched.seconds += time.perf_counter() - started
+            fetched.bytes += len(data)
+            return data
+
         # The final weights and every drawn segment's start state are needed whatever the replays show: ask
         # for them at once, so their transfers overlap (an end state is asked for only when a replay needs it).
         # Only while they fit in PREFETCH_BYTES: a large model's states are fetched one by one.
@@ -290,12 +315,15 @@ class RoundAudits:
             except GpuniteError as exc:
                 return exc
 
+        prefetch_started = time.perf_counter()
         prefetched = dict(zip(wanted, in_parallel(attempt, wanted, max_workers=4)))
+        fetched.seconds += time.perf_counter() - prefetch_started
+        fetched.bytes += sum(len(v) for v in prefetched.values() if isinstance(v, bytes))
 
         def fetch(what: int | str, part: str = "") -> bytes:
             found = prefetched.pop((what, part), None)
             if found is None:
-                return request(what, part)
+                return timed_request(what, part)
             if isinstance(found, GpuniteError):
                 raise found
             return found
