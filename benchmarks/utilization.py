@@ -19,6 +19,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -83,11 +84,17 @@ def main() -> None:
                         help="proof.trail_interval (default: the manifest's default)")
     parser.add_argument("--overlap", choices=["on", "off", "both"], default="both",
                         help="measure with train.overlap on, off, or both side by side (default)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="run the swarms in this new folder and keep it (peers' logs), not in a temporary one")
     args = parser.parse_args()
 
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.overlap]
     results = {}
-    with tempfile.TemporaryDirectory(prefix="gpunite-bench-util-") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True)
+    place = contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(
+        prefix="gpunite-bench-util-")
+    with place as tmp:
         for overlap in modes:
             results[overlap] = measure(Path(tmp) / ("overlap" if overlap else "sync"), args.peers, args.rounds,
                                        args.warmup_rounds, args.inner_steps, overlap, args.trail_interval)
