@@ -35,7 +35,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,7 +47,12 @@ from gpunite.model import build_model, config_from_manifest
 from gpunite.swarm.aggregation import clip_factors, contribution_norm, robust_aggregate, slice_bounds
 from gpunite.swarm.assignment import WorkPlan
 from gpunite.train.compression import (
-    COMPRESSIONS, compress, decompress, payload_from_bytes, payload_to_bytes, slice_payload,
+    COMPRESSIONS,
+    compress,
+    decompress,
+    payload_from_bytes,
+    payload_to_bytes,
+    slice_payload,
 )
 from gpunite.train.diloco import OuterOptimizer, pseudo_gradient
 from gpunite.train.trainer import InnerTrainer

@@ -27,12 +27,22 @@ import tempfile
 import time
 from pathlib import Path
 
+BATCH, SEQ_LEN = 8, 64
+TOKENS_PER_MB = 250_000  # the built-in corpus under the tiny preset's 4096-token vocabulary (~254k per MB)
 
-def manifest_text(inner_steps: int, overlap: bool, trail_interval: int | None) -> str:
+
+def corpus_mb(peers: int, rounds: int, inner_steps: int) -> float:
+    """Enough built-in text that no round of the run runs out of data (half again for the held-out split and
+    the uneven ends of shards): a round that trains fewer steps would leave its peers idle in the window."""
+    tokens = peers * rounds * inner_steps * BATCH * (SEQ_LEN + 1)
+    return round(max(1.0, 1.5 * tokens / TOKENS_PER_MB), 1)
+
+
+def manifest_text(inner_steps: int, overlap: bool, trail_interval: int | None, corpus: float = 1.0) -> str:
     lines = [
         "[run]", 'name = "bench-utilization"', "[model]", 'preset = "tiny"', "[data]",
-        'sources = ["builtin:python-docs"]', "max_builtin_mb = 1.0", "seq_len = 64", "[train]",
-        f"inner_steps = {inner_steps}", "batch_size = 8", "warmup_steps = 4", "round_deadline_s = 1800",
+        'sources = ["builtin:python-docs"]', f"max_builtin_mb = {corpus}", f"seq_len = {SEQ_LEN}", "[train]",
+        f"inner_steps = {inner_steps}", f"batch_size = {BATCH}", "warmup_steps = 4", "round_deadline_s = 1800",
         f"overlap = {'true' if overlap else 'false'}", "[proof]",
     ]
     if trail_interval is not None:
@@ -49,10 +59,11 @@ def measure(workdir: Path, peers: int, rounds: int, warmup_rounds: int, inner_st
 
     workdir.mkdir(parents=True)
     manifest_path = workdir / "run.toml"
-    manifest_path.write_text(manifest_text(inner_steps, overlap, trail_interval))
-    prepare_dataset(load_manifest(manifest_path))
     names = [f"peer{i}" for i in range(1, peers + 1)]
     total_rounds = warmup_rounds + rounds + 1  # the last one is run after the window (see the docstring)
+    manifest_path.write_text(manifest_text(inner_steps, overlap, trail_interval,
+                                           corpus_mb(peers, total_rounds, inner_steps)))
+    prepare_dataset(load_manifest(manifest_path))
     started = time.time()
     with LocalSwarm(workdir, manifest_path) as swarm:
         swarm.start_first("peer1", wait_peers=peers, rounds=total_rounds, extra=["--speed", "1"])

@@ -39,7 +39,7 @@ sources = ["builtin:python-docs"]
 vocab_size = 2048
 seq_len = 64
 shard_tokens = 65536
-max_builtin_mb = 1.0
+max_builtin_mb = {corpus}
 [train]
 batch_size = 8
 inner_steps = {inner_steps}
@@ -60,7 +60,10 @@ def run_swarm(workdir: Path, peers: int, profile: str, rounds: int, inner_steps:
 
     workdir.mkdir(parents=True)
     manifest_path = workdir / "run.toml"
-    manifest_path.write_text(MANIFEST.format(inner_steps=inner_steps, overlap=str(overlap).lower()))
+    from utilization import corpus_mb  # benchmarks/utilization.py: enough text that no round runs short
+
+    manifest_path.write_text(MANIFEST.format(inner_steps=inner_steps, overlap=str(overlap).lower(),
+                                             corpus=corpus_mb(peers, rounds, inner_steps)))
     prepare_dataset(load_manifest(manifest_path))
     with Netbed(peers, profile, tag="wanu") as bed:
         run_peers(workdir, manifest_path, peers, rounds, bed, timeout_s, extra_args=["--save-final"])
