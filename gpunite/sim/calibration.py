@@ -397,7 +397,7 @@ def run_peers(
 # What gpunite.swarm.peer and gpunite.swarm.audits log at INFO after each round's steps, each audit and each
 # merge (the byte counters are exact)
 _TRAINED = re.compile(r"round (\d+): trained \d+ steps in ([\d.]+) s")
-_AUDITED = re.compile(r"audited \w+'s round (\d+) contribution .*? in ([\d.]+) s:")
+_AUDITED = re.compile(r"audited \w+'s round (\d+) contribution \(segments [^)]*\) in ([\d.]+) s\b")
 _MERGED = re.compile(
     r"^(\d\d):(\d\d):(\d\d) .*round (\d+) merged (\d+) contributions.* sent (\d+) B, received (\d+) B so far",
     re.MULTILINE,

@@ -130,6 +130,7 @@ class SimConfig:
     trail_interval: int = 10  # k: inner steps per trail segment
     segments_per_audit: int = 2  # an audit fetches and replays this many segments (proof.segments_per_audit)
     audit_timeout_s: float = 30.0  # the floor of the coordinator's wait for verdicts (see verdict_wait_s)
+    audits_at_once: int = 2  # a verifier's audits run this many at a time (gpunite.swarm.audits.AUDITS_AT_ONCE)
     deadline_slack: float = 0.25
     speed_jitter: float = 0.05  # sigma of the log-normal per-round speed noise
     overlap: bool = True
@@ -166,8 +167,8 @@ class SimConfig:
             raise SimError(f"--churn (mean session hours) must be > 0, got {self.session_hours}")
         if not 0 <= self.audit_fraction <= 1 or not 0 <= self.cheater_fraction <= 1:
             raise SimError("audit_fraction and cheater_fraction must be between 0 and 1")
-        if min(self.inner_steps, self.trail_interval, self.segments_per_audit) < 1:
-            raise SimError("inner_steps, trail_interval and segments_per_audit must be >= 1")
+        if min(self.inner_steps, self.trail_interval, self.segments_per_audit, self.audits_at_once) < 1:
+            raise SimError("inner_steps, trail_interval, segments_per_audit and audits_at_once must be >= 1")
 
     def param_count(self) -> int:
         if self.params is not None:
@@ -409,15 +410,17 @@ def draw_verifiers(trainer: np.ndarray, coordinator: int, n: int, rng: np.random
     return pick + ((pick >= high) & ~same)
 
 
-def verdict_wait_s(cfg: SimConfig, roster: int) -> float:
-    """How long a coordinator waits for verdicts after its beacon (gpunite.swarm.peer.Peer.audit_timeout_s):
-    the floor plus 3 x the replays the busiest verifier owes in expectation, at the trainer's step time
-    (doubled with overlap, when the verifier's next round shares its device). The trail's download time is
-    not in it."""
+def verdict_wait_s(cfg: SimConfig, roster: int, typical_Bps: float) -> float:
+    """How long a coordinator waits for verdicts after its beacon, as gpunite.swarm.peer.Peer.audit_timeout_s
+    plans it: the floor plus 3 x what the busiest verifier owes in expectation, each audit a replay at the
+    trainer's step time (doubled with overlap, when the verifier's next round shares its device) and a download
+    of the peer's planning figure for an audit's bytes (the delta, both states of every segment and the final
+    weights) at `typical_Bps`, the speed the peer measured on its recent big transfers."""
     per_verifier = math.ceil(cfg.audit_fraction * roster / max(1, roster - 1))
     step_s = cfg.round_compute_s / cfg.inner_steps
     replay_s = cfg.segments_per_audit * cfg.trail_interval * step_s * (2 if cfg.overlap else 1)
-    return cfg.audit_timeout_s + 3.0 * per_verifier * replay_s
+    fetch_s = cfg.param_count() * (1 + 24 * cfg.segments_per_audit + 4) / typical_Bps
+    return cfg.audit_timeout_s + 3.0 * per_verifier * (replay_s + fetch_s)
 
 
 @dataclass
@@ -440,12 +443,16 @@ def audit_round(
     request_rtts: float,
     rtt_s: float,
     rng: np.random.Generator,
+    lanes: int = 1,
 ) -> _Audits:
     """When the verdicts of a round's audits come in (arrays over roster peers; `audited` marks trainers).
 
-    A verifier runs its audits one after another, in the beacon's (random) order: each downloads
-    `audit_bytes` from the trainer at the slower of the two links, in `request_rtts` sequential requests,
-    then replays `replay_flops[trainer]` at its own `train_flops`."""
+    A verifier runs its audits `lanes` at a time (gpunite.swarm.audits.AUDITS_AT_ONCE), in the beacon's
+    (random) order, each starting as soon as one of its lanes is free: each downloads `audit_bytes` from the
+    trainer at the slower of the two links, in `request_rtts` sequential requests, then replays
+    `replay_flops[trainer]` at its own `train_flops`."""
+    if lanes < 1:
+        raise SimError(f"a verifier needs at least one audit lane, got {lanes}")
     n = audited.size
     trainer = np.flatnonzero(audited)
     if trainer.size == 0:
@@ -456,15 +463,21 @@ def audit_round(
     replay = replay_flops[trainer] / train_flops[verifier]
     duration = transfer_s + replay
     order = np.lexsort((rng.random(trainer.size), verifier))
-    sorted_duration, sorted_verifier = duration[order], verifier[order]
-    running = np.cumsum(sorted_duration)
+    sorted_verifier = verifier[order]
     first = np.r_[True, sorted_verifier[1:] != sorted_verifier[:-1]]
-    before_group = (running - sorted_duration)[first][np.cumsum(first) - 1]
+    group_start = np.flatnonzero(first)[np.cumsum(first) - 1]
+    position = np.arange(trainer.size) - group_start  # place of each audit in its verifier's queue
+    # list scheduling, one queue place at a time over every verifier at once: the earliest free lane
+    free_at = np.zeros((n, lanes))
     verdict_s = np.empty(trainer.size)
-    verdict_s[order] = running - before_group
-    busy = np.bincount(verifier, weights=duration, minlength=n)
+    for place in range(int(position.max()) + 1):
+        at = order[position == place]
+        who = verifier[at]
+        lane = np.argmin(free_at[who], axis=1)
+        free_at[who, lane] += duration[at]
+        verdict_s[at] = free_at[who, lane]
     replay_busy = np.bincount(verifier, weights=replay, minlength=n)
-    return _Audits(trainer, verifier, verdict_s, float(busy.max()), float(replay_busy.max()))
+    return _Audits(trainer, verifier, verdict_s, float(free_at.max()), float(replay_busy.max()))
 
 
 class _Run:
@@ -610,8 +623,9 @@ class _Run:
             slices + self.audit_segments + 1,
             rtt_s,
             rng,
+            cfg.audits_at_once,
         )
-        on_time = audits.verdict_s <= verdict_wait_s(cfg, n)
+        on_time = audits.verdict_s <= verdict_wait_s(cfg, n, float(np.median(np.minimum(up, down))))
         detected = cheater[audits.trainer] & (rng.random(audits.trainer.size) < cfg.detect_probability)
         # a verdict that misses the close keeps its contribution out without blaming anyone (its work is lost)
         caught = audits.trainer[detected & on_time]
