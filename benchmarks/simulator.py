@@ -1,13 +1,17 @@
 """Benchmark: the simulator against real swarms it was not calibrated on, its speed at a million peers, and the
 seed's goal.
 
-1. Calibration set: real swarms (by default one loopback swarm of 4 peers: `gpunite run start` + `gpunite
-   join`, a 1-layer 128-wide model, every contribution audited) give the two costs a formula cannot know:
-   the audit's CPU time per replayed step and the per-round protocol overhead, both relative to the run's
-   own inner-step time (gpunite.sim.calibration.calibrate). Bytes are not calibrated at all: they follow
-   from the wire formats (gpunite.sim.traffic), with fixed parts measured by serializing the run's model.
-2. Held-out set: real swarms on the WAN test bed with another peer count and another link profile (by
-   default 8 peers, `home`: 100/20 Mbit, 50 ms one way). The simulator predicts their round time, compute
+1. Calibration set: real swarms (by default one swarm of 4 peers on the WAN test bed's `home` links, or on
+   loopback where the test bed cannot run: `gpunite run start` + `gpunite join`, a 1-layer 64-wide model,
+   every contribution audited) give the costs a formula cannot know: the audit's CPU time per replayed step,
+   and the per-round protocol overhead, a CPU part relative to the run's own inner-step time plus sequential
+   round trips (told apart when the calibration runs have different latencies:
+   gpunite.sim.calibration.calibrate). Loopback runs are not mixed with test-bed ones by default: on the
+   test bed the delaying relays and network namespaces add CPU work of their own, so a loopback run's
+   overhead per inner-step second is several times lower. Bytes are not calibrated at all: they follow from
+   the wire formats (gpunite.sim.traffic), with fixed parts measured by serializing the run's model.
+2. Held-out set: real swarms on the WAN test bed with another peer count (by default 8 peers, `home`:
+   100/20 Mbit, 50 ms one way). The simulator predicts their round time, compute
    utilization (inner-step time of merged work / wall time) and bytes per peer per round from the
    calibration plus each run's measured inner-step time (an input). `sim_vs_testbed_error` is the largest
    relative error over every held-out run and figure (target <= 0.10); `calibration_error` is the same on
@@ -123,9 +127,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=Path, nargs="*", default=[], help="Saved calibration runs.")
     parser.add_argument("--held-out", type=Path, nargs="*", default=[], help="Saved held-out runs.")
-    parser.add_argument("--calibration-peers", type=int, default=4, help="Loopback peers to calibrate with.")
+    parser.add_argument("--calibration-peers", type=int, default=4,
+                        help="Peers of the calibration run (on the test bed's --profile, else loopback).")
     parser.add_argument("--peers", type=int, default=8, help="Test-bed peers of the held-out run (2-16).")
-    parser.add_argument("--profile", default="home", help="Link profile of the held-out run.")
+    parser.add_argument("--profile", default="home", help="Link profile of the test-bed runs.")
     parser.add_argument("--rounds", type=int, default=4, help="Measured rounds per real run.")
     parser.add_argument("--save-dir", type=Path, help="Save the measurements made here.")
     parser.add_argument("--sim-rounds", type=int, default=20)
@@ -147,17 +152,20 @@ def main() -> None:
         return result
 
     calibration_runs = [load_measurement(path) for path in args.calibration]
-    if not calibration_runs:
-        calibration_runs = [measured(args.calibration_peers, None, f"loopback{args.calibration_peers}")]
     held_out_runs = [load_measurement(path) for path in args.held_out]
     bed_note = None
-    if not held_out_runs:
+    if not calibration_runs or not held_out_runs:  # some runs are measured here
         try:
             check_requirements()
-            held_out_runs = [measured(args.peers, args.profile, f"{args.profile}{args.peers}")]
         except NetbedError as exc:
-            bed_note = f"test bed unavailable ({exc}); held-out run is a loopback swarm of {args.peers} peers"
-            held_out_runs = [measured(args.peers, None, f"loopback{args.peers}")]
+            bed_note = f"test bed unavailable ({exc}); the runs measured here are loopback swarms"
+    if not calibration_runs:
+        calibration_runs = ([measured(args.calibration_peers, None, f"loopback{args.calibration_peers}")]
+                            if bed_note else
+                            [measured(args.calibration_peers, args.profile, f"{args.profile}{args.calibration_peers}")])
+    if not held_out_runs:
+        held_out_runs = ([measured(args.peers, None, f"loopback{args.peers}")] if bed_note else
+                         [measured(args.peers, args.profile, f"{args.profile}{args.peers}")])
     calibration = calibrate(calibration_runs)
     in_sample = [compare(run, calibration) for run in calibration_runs]
     held_out = [compare(run, calibration) for run in held_out_runs]

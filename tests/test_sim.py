@@ -17,6 +17,7 @@ from gpunite.sim.calibration import (
     _figures,
     calibrate,
     compare,
+    fit_overhead,
     parse_peer_log,
 )
 from gpunite.sim.model import (
@@ -380,6 +381,33 @@ def test_calibration_recovers_the_costs_it_was_measured_with_and_predicts_anothe
     # bytes are not calibrated: they follow from the wire sizes, whatever the costs measured
     other = compare(testbed, calibrate([replace(loopback, audit_s=2 * loopback.audit_s)]))
     assert [r["simulated"] for r in other["rows"][2:]] == [r["simulated"] for r in held_out["rows"][2:]]
+
+
+def test_calibration_on_the_test_bed_separates_cpu_overhead_from_round_trips():
+    """Loopback shows only the CPU part of the overhead; a test-bed run adds the round trips (50 ms each way
+    on `home`): from both, calibrate finds each part and predicts a larger test-bed swarm exactly."""
+    truth = ProtocolCosts(audit_compute_scale=0.4, round_overhead_s=2.0, round_overhead_rtts=40.0)
+    loopback = _measured_by_simulation("loopback", 4, 10.0, truth)
+    home4 = _measured_by_simulation("netbed:home", 4, 20.0, replace(truth, round_overhead_s=4.0))
+    home8 = _measured_by_simulation("netbed:home", 8, 30.0, replace(truth, round_overhead_s=6.0))
+    calibration = calibrate([loopback, home4])
+    assert calibration.costs.round_overhead_s == pytest.approx(2.0, rel=1e-6)
+    assert calibration.costs.round_overhead_rtts == pytest.approx(40.0, rel=1e-6)
+    assert compare(home8, calibration)["max_abs_error"] < 1e-6
+    # loopback alone cannot see the round trips: it keeps the default count and mispredicts the test bed
+    blind = calibrate([loopback])
+    assert blind.costs.round_overhead_rtts == ProtocolCosts().round_overhead_rtts
+    assert compare(home8, blind)["max_abs_error"] > 0.05
+
+
+def test_overhead_fit_never_goes_negative():
+    # round trips that seem to shrink the overhead are not believed: all of it is CPU
+    assert fit_overhead([4.0, 1.0], [2.0, 2.0], [0.0, 0.2], 6.0) == (pytest.approx(1.25), 0.0)
+    # a CPU part below 0 is clamped: the round trips carry it all (least squares through the origin)
+    per_compute, per_rtt = fit_overhead([0.0, 10.0], [1.0, 1.0], [0.05, 0.1], 6.0)
+    assert per_compute == 0.0 and per_rtt == pytest.approx(80.0)
+    # runs that share one x cannot tell the parts apart: the default round trips, the rest is CPU
+    assert fit_overhead([3.0, 6.0], [1.0, 2.0], [0.1, 0.2], 10.0) == (pytest.approx(2.0), 10.0)
 
 
 def test_bad_settings_are_one_line_errors():

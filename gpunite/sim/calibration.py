@@ -173,28 +173,66 @@ def audit_transfer_s(measured: SwarmMeasurement) -> float:
 
 
 def calibrate(runs: list[SwarmMeasurement], base: ProtocolCosts | None = None) -> Calibration:
-    """Audit CPU scale and per-round overhead from real runs (each relative to its inner-step time, then
-    averaged over the runs). An audit's time is its download at the links' rate plus replay CPU; the round
-    time that is neither compute, nor audits, nor the exchange is the protocol's overhead."""
+    """Audit CPU scale and per-round overhead from real runs. An audit's time is its download at the links'
+    rate plus replay CPU (relative to the run's inner-step time, averaged over the runs). The round time that
+    is neither compute, nor audits, nor the exchange is the protocol's overhead: a CPU part that grows with
+    the run's inner-step time (a shared CPU slows both) and a part of sequential round trips (DHT polls and
+    stores, stream set-ups) that grows with the links' RTT. Loopback runs see only the first; runs on the
+    test bed's links tell the two apart (`fit_overhead`). Without any, the round trips keep `base`'s count."""
     if not runs:
         raise CalibrationError("calibrate needs at least one measured run")
     base = base or ProtocolCosts()
-    scales, overhead_ratios = [], []
+    scales, residuals = [], []
     for run in runs:
         replay_s = max(run.audit_s - audit_transfer_s(run), 0.0)
         scale = replay_s / (_replay_share(run) * run.compute_s) if run.audits_per_round > 0 else None
         scales.append(base.audit_compute_scale if scale is None else scale)
-        probe_costs = replace(base, wire=run.wire, audit_compute_scale=scales[-1], round_overhead_s=0.0)
+        probe_costs = replace(base, wire=run.wire, audit_compute_scale=scales[-1], round_overhead_s=0.0,
+                              round_overhead_rtts=0.0)
         probe = simulate(_config_for(run, probe_costs))
-        overhead_ratios.append(max(run.round_s - probe.mean_round_s, 0.0) / run.compute_s)
+        residuals.append(max(run.round_s - probe.mean_round_s, 0.0))
+    per_compute, per_rtt = fit_overhead(residuals, [run.compute_s for run in runs], [rtt_s(run) for run in runs],
+                                        base.round_overhead_rtts)
     reference = runs[0].compute_s
     costs = replace(
         base,
         wire=runs[0].wire,
         audit_compute_scale=sum(scales) / len(scales),
-        round_overhead_s=sum(overhead_ratios) / len(overhead_ratios) * reference,
+        round_overhead_s=per_compute * reference,
+        round_overhead_rtts=per_rtt,
     )
     return Calibration(costs, reference, tuple(run.label for run in runs))
+
+
+def rtt_s(measured: SwarmMeasurement) -> float:
+    """The round trip the simulator uses for a run (twice the median one-way latency; 0 on loopback)."""
+    if measured.testbed == "loopback":
+        return 0.0
+    profile = LINKS.get(measured.testbed.removeprefix("netbed:"), LINKS["datacenter"])
+    one_way_ms = sorted(profile.for_peer(i)[2] for i in range(measured.peers))
+    return 2.0 * one_way_ms[len(one_way_ms) // 2] / 1e3
+
+
+def fit_overhead(residuals: Sequence[float], compute_s: Sequence[float], rtts: Sequence[float],
+                 default_rtts: float) -> tuple[float, float]:
+    """(overhead per second of inner steps, round trips per round) with residual ~= a x compute + b x rtt.
+
+    Each run's equation is divided by its compute time, so runs weigh alike whatever their size: a least
+    squares line y = a + b x through y = residual / compute, x = rtt / compute, neither coefficient below 0.
+    Runs that all share one x (e.g. loopback only, x = 0) cannot tell a from b: b is then `default_rtts`."""
+    ys = [r / c for r, c in zip(residuals, compute_s)]
+    xs = [t / c for t, c in zip(rtts, compute_s)]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    if spread == 0.0:  # the runs cannot tell the parts apart: keep the default round trips, the rest is CPU
+        return max(mean_y - default_rtts * mean_x, 0.0), default_rtts
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread
+    intercept = mean_y - slope * mean_x
+    if slope < 0.0:
+        return mean_y, 0.0
+    if intercept < 0.0:
+        return 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    return intercept, slope
 
 
 def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
