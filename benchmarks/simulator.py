@@ -129,7 +129,8 @@ def main() -> None:
     parser.add_argument("--held-out", type=Path, nargs="*", default=[], help="Saved held-out runs.")
     parser.add_argument("--calibration-peers", type=int, default=4,
                         help="Peers of the calibration run (on the test bed's --profile, else loopback).")
-    parser.add_argument("--peers", type=int, default=8, help="Test-bed peers of the held-out run (2-16).")
+    parser.add_argument("--peers", type=int, nargs="+", default=[8],
+                        help="Test-bed peers of each held-out run (2-16; several values: one run each).")
     parser.add_argument("--profile", default="home", help="Link profile of the test-bed runs.")
     parser.add_argument("--rounds", type=int, default=4, help="Measured rounds per real run.")
     parser.add_argument("--save-dir", type=Path, help="Save the measurements made here.")
@@ -164,8 +165,8 @@ def main() -> None:
                             if bed_note else
                             [measured(args.calibration_peers, args.profile, f"{args.profile}{args.calibration_peers}")])
     if not held_out_runs:
-        held_out_runs = ([measured(args.peers, None, f"loopback{args.peers}")] if bed_note else
-                         [measured(args.peers, args.profile, f"{args.profile}{args.peers}")])
+        held_out_runs = [measured(peers, None, f"loopback{peers}") if bed_note else
+                         measured(peers, args.profile, f"{args.profile}{peers}") for peers in args.peers]
     calibration = calibrate(calibration_runs)
     in_sample = [compare(run, calibration) for run in calibration_runs]
     held_out = [compare(run, calibration) for run in held_out_runs]

@@ -72,3 +72,21 @@ def test_bans_most_live_peers_contradict_are_refused():
     # peers further on may know newer bans: they do not vote; one liar among honest voters changes nothing
     check_bans(state, [*honest, _beat(b"p4", 9, "0" * 64), _beat(b"liar", 5, "1" * 64)])
     check_bans(state, [])  # nobody to ask: taken as sent
+
+
+def test_a_weights_only_frame_carries_the_weights_and_bans_but_no_optimizer_state():
+    """What a host following the run asks for: a fifth of a joiner's frame, and still hash-checked."""
+    model = torch.nn.Linear(256, 64)
+    layout = ParamLayout.of(model)
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    full = GlobalState(5, weights, torch.randn_like(weights), {}, None, None, layout.hash(weights),
+                       inner_optimizer={"0.exp_avg": torch.randn(64, 256), "0.exp_avg_sq": torch.rand(64, 256)},
+                       previous_weights=torch.randn_like(weights), bans=BANS)
+    _, joiner_body = state_to_frame(full)
+    header, body = state_to_frame(full, weights_only=True)
+    slim = state_from_frame(header, body, layout, RUN_ID)
+    assert torch.equal(slim.weights, weights) and slim.bans == BANS and slim.weights_hash == full.weights_hash
+    assert slim.momentum is None and slim.inner_optimizer is None and slim.previous_weights is None
+    assert len(body) < 0.3 * len(joiner_body) and 4 * layout.numel <= len(body) < 4 * layout.numel + 4096
+    with pytest.raises(StateSyncError, match="hash"):  # still checked against the hash the peer sent
+        state_from_frame({**header, "weights_hash": "0" * 64}, body, layout, RUN_ID)

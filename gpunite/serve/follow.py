@@ -189,7 +189,9 @@ class RunSource:
         from gpunite.swarm.protocol import HANDLE_STATE
         from gpunite.swarm.state_sync import max_state_bytes, state_from_frame
 
-        header, body = self.node.request(beat.p2p_id, HANDLE_STATE, {"run": self.run_id},
+        # Weights only: the host serves them and never trains, so the optimizer states would be a waste (a peer
+        # that sends them anyway is still within the joiner's bound, and the host does not use them).
+        header, body = self.node.request(beat.p2p_id, HANDLE_STATE, {"run": self.run_id, "weights_only": True},
                                          max_reply_bytes=max_state_bytes(self.layout.numel),
                                          maddrs=list(beat.maddrs), timeout=self.state_timeout_s)
         return state_from_frame(header, body, self.layout, self.run_id)

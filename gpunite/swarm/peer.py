@@ -305,14 +305,19 @@ class Peer:
 
         with self._lock:
             state = self.state
-        log.info("serving global state of round %d to %s", state.round, caller[-8:])
+        weights_only = header.get("weights_only") is True  # a host following the run: no optimizer states
+        log.info("serving global state of round %d to %s%s", state.round, caller[-8:],
+                 " (weights only)" if weights_only else "")
 
         previous = self._weights_at.get(state.round - 1) if self.lag else None
 
         def build() -> tuple[dict, bytes]:
+            bans = self.audits.bans_before(state.round)
+            if weights_only:
+                return state_to_frame(replace(state, bans=bans), weights_only=True)
             # Our AdamW moments as a warm start for the joiner (copies; a read racing a step only blurs advice).
             return state_to_frame(replace(state, inner_optimizer=self.trainer.optimizer_state_tensors(),
-                                          previous_weights=previous, bans=self.audits.bans_before(state.round)))
+                                          previous_weights=previous, bans=bans))
 
         # Serialising a model's worth of tensors must not stall the loop that answers heartbeats and the DHT.
         return await asyncio.get_running_loop().run_in_executor(None, build)

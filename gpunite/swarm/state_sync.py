@@ -5,15 +5,16 @@ plan, the block of round r - 1 (whose weights_hash must equal the hash of W_r) a
 (the roster of round r). It travels as one frame: a JSON header and safetensors bytes. The serving peer's
 own AdamW moments ride along (`inner/...`, not part of the agreed state): a joiner that starts its inner
 optimizer from them makes a first contribution of the usual size, where a fresh AdamW's first steps
-(update ~ lr per coordinate) make one several times larger than its peers' and the norm bound rejects it. Data files (the
-shard index, the tokenizer, shards) travel by hash and are written only after their hash checks out.
+(update ~ lr per coordinate) make one several times larger than its peers' and the norm bound rejects it.
+Data files (the shard index, the tokenizer, shards) travel by hash and are written only after their hash
+checks out. A host following the run asks for the weights alone (`state_to_frame(..., weights_only=True)`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,12 @@ class GlobalState:
 INNER = "inner/"
 
 
-def state_to_frame(state: GlobalState) -> tuple[dict[str, Any], bytes]:
+def state_to_frame(state: GlobalState, weights_only: bool = False) -> tuple[dict[str, Any], bytes]:
+    """The frame a peer serves its global state in; weights_only (what a host following the run asks for)
+    leaves out the outer momentum, the previous weights and the AdamW warm start: 4 bytes per parameter of
+    the 20 a joiner takes."""
+    if weights_only:
+        state = replace(state, momentum=None, inner_optimizer=None, previous_weights=None)
     tensors = {"weights": state.weights}
     if state.momentum is not None:
         tensors["momentum"] = state.momentum
