@@ -923,7 +923,9 @@ class Peer:
             del self._prefetched[key]
         for old in [r for r in self._owners if r < ctx.round]:
             del self._owners[old]
-        self.recorder.prune(ctx.round - 1)
+        # Round ctx.round's trail stays one round more (a backup coordinator's beacon may still draw audits of
+        # it); older ones go: a trail is H / k full states (weights and both moments), 12 bytes per parameter each.
+        self.recorder.prune(ctx.round)
         self.tokens_trained += tokens
         self.rounds_done += 1
         if self.peer_id in accepted:
