@@ -214,3 +214,21 @@ def test_replayed_old_work_commits_to_this_round_and_its_slicing(honest_submissi
     payload = payload_from_bytes(honest_submission.delta_bytes, NUMEL, 256)
     assert record.slice_hashes == [payload_hash(payload_to_bytes(slice_payload(payload, lo, hi)))
                                    for lo, hi in work.slice_bounds]
+
+
+def test_a_rising_own_loss_rejects_only_replays_that_are_not_exact(honest_submission):
+    """Bounds under which any loss counts as risen: an exact replay (the committed computation itself) still
+    passes; a bf16 replay, within tolerance but not exact, is rejected on its own loss."""
+    contribution = parse_record(honest_submission.record)
+    steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
+    batches = batches_for_steps(contribution.work_units, range(steps[0], steps[1]), BATCH, load)
+    strict = AuditBounds(own_loss_rise=-1.0)
+
+    def audit(part, **kw):
+        served = segment_from_bytes(honest_submission.recorder.segment_part(0, 0, part), SHAPES)
+        return audit_segment(contribution, served, batches, MICRO, CFG, total_steps=20, bounds=strict,
+                             expected_first_step=0, expected_first_optimizer_hash=optimizer_hash({}), **kw)
+
+    assert audit("start").accept and audit("both").accept
+    inexact = audit("both", autocast_dtype=torch.bfloat16)
+    assert not inexact.accept and "own loss rose" in inexact.reason, inexact.reason
