@@ -160,13 +160,15 @@ def main() -> None:
             check_requirements()
         except NetbedError as exc:
             bed_note = f"test bed unavailable ({exc}); the runs measured here are loopback swarms"
+    def measured_here(peers: int):
+        """A run on the test bed's --profile, or on loopback where the bed cannot run."""
+        profile = None if bed_note else args.profile
+        return measured(peers, profile, f"{profile or 'loopback'}{peers}")
+
     if not calibration_runs:
-        calibration_runs = ([measured(args.calibration_peers, None, f"loopback{args.calibration_peers}")]
-                            if bed_note else
-                            [measured(args.calibration_peers, args.profile, f"{args.profile}{args.calibration_peers}")])
+        calibration_runs = [measured_here(args.calibration_peers)]
     if not held_out_runs:
-        held_out_runs = [measured(peers, None, f"loopback{peers}") if bed_note else
-                         measured(peers, args.profile, f"{args.profile}{peers}") for peers in args.peers]
+        held_out_runs = [measured_here(peers) for peers in args.peers]
     calibration = calibrate(calibration_runs)
     in_sample = [compare(run, calibration) for run in calibration_runs]
     held_out = [compare(run, calibration) for run in held_out_runs]

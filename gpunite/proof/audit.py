@@ -159,11 +159,7 @@ def audit_segment(
     the replay is measured against it.
     """
     from gpunite.train.checkpoint import load_model_state
-    from gpunite.train.trainer import (
-        InnerTrainer,
-        TrainingError,
-        unique_named_parameters,
-    )
+    from gpunite.train.trainer import InnerTrainer, TrainingError, unique_named_parameters
 
     index = segment.index
     rejection = check_segment_commitment(contribution, segment, expected_first_step, expected_first_optimizer_hash)
@@ -210,9 +206,11 @@ def audit_segment(
                 return rejection
 
     # A bit-exact replay is the committed state itself: both distances are 0 without measuring them.
-    distance = 0.0 if bit_exact else relative_distance(
-        flatten(p for _, p in named), flat_weights(committed.weights, names),
-        flat_weights(committed.weights, names) - flat_weights(segment.start.weights, names))
+    distance = 0.0
+    if not bit_exact:
+        end = flat_weights(committed.weights, names)
+        start = flat_weights(segment.start.weights, names)
+        distance = relative_distance(flatten(p for _, p in named), end, end - start)
     details = {"distance": distance, "bit_exact": float(bit_exact)}
 
     optimizer_distance = 0.0
@@ -224,11 +222,12 @@ def audit_segment(
     moment_ratio = 0.0
     if replayed_opt:
         start_opt = segment.start.optimizer or {}
-        for key in ("exp_avg", "exp_avg_sq") if not bit_exact else ():
-            end_m = _moments(committed_opt, names, key)
-            start_m = _moments(start_opt, names, key) if start_opt else torch.zeros_like(end_m)
-            optimizer_distance = max(optimizer_distance,
-                                     relative_distance(_moments(replayed_opt, names, key), end_m, end_m - start_m))
+        if not bit_exact:
+            for key in ("exp_avg", "exp_avg_sq"):
+                end_m = _moments(committed_opt, names, key)
+                start_m = _moments(start_opt, names, key) if start_opt else torch.zeros_like(end_m)
+                optimizer_distance = max(optimizer_distance, relative_distance(
+                    _moments(replayed_opt, names, key), end_m, end_m - start_m))
         if start_opt:
             moment_ratio = _second_moment_ratio(start_opt, replayed_opt, names, train_cfg.beta2, n_steps)
     details |= {"optimizer_distance": optimizer_distance, "moment_ratio": moment_ratio}
@@ -253,7 +252,7 @@ def audit_segment(
                        distance, details)
     # A replay that matches the committed end exactly is the specified computation on the committed data: a
     # loss that rose on one batch is then noise of honest training (seen in a live swarm), not evidence.
-    exact = bit_exact or (distance == 0.0 and optimizer_distance == 0.0)
+    exact = distance == 0.0 and optimizer_distance == 0.0  # bit-exact replays included (both 0 above)
     if not exact and end_loss > start_loss * (1 + bounds.own_loss_rise):
         return _reject(f"segment {index}'s own loss rose from {start_loss:.4f} to {end_loss:.4f}", index, True,
                        flops, distance, details)

@@ -117,6 +117,11 @@ PREFETCH_BYTES = 1 << 30  # trail states held in memory at once by one peer's au
 AUDITS_AT_ONCE = 2
 
 
+def audit_state_bytes(numel: int, segments: int) -> int:
+    """Trail bytes one audit holds once its prefetch is in: the final weights and each segment's start state."""
+    return numel * 4 * (1 + 3 * segments)
+
+
 @dataclass
 class _Fetched:
     """What one audit pulled over the network: trail bytes and the seconds spent waiting for them."""
@@ -241,7 +246,7 @@ class RoundAudits:
                     done.add(cid)
                 drawn.append((contribution, assignment.segments))
         # Two at once while their trail states fit in memory: one audit's transfers overlap the other's replay.
-        state_bytes = self.peer.numel * 4 * (1 + 3 * self.policy.segments_per_audit)
+        state_bytes = audit_state_bytes(self.peer.numel, self.policy.segments_per_audit)
         workers = AUDITS_AT_ONCE if AUDITS_AT_ONCE * state_bytes <= PREFETCH_BYTES else 1
         in_parallel(lambda job: self.audit(ctx, *job), drawn, max_workers=workers)
 
@@ -306,7 +311,7 @@ class RoundAudits:
         # for them at once, so their transfers overlap (an end state is asked for only when a replay needs it).
         # Only while they fit in PREFETCH_BYTES: a large model's states are fetched one by one.
         wanted: list[tuple[int | str, str]] = [("final", ""), *((index, "start") for index in segments)]
-        if peer.numel * 4 * (1 + 3 * len(segments)) > PREFETCH_BYTES:
+        if audit_state_bytes(peer.numel, len(segments)) > PREFETCH_BYTES:
             wanted = []
 
         def attempt(job: tuple[int | str, str]) -> bytes | GpuniteError:
