@@ -9,6 +9,9 @@ killed at the end, whatever happens.
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -211,6 +214,32 @@ def test_coordinator_order_is_deterministic_and_depends_on_the_round_seed():
     peers = [f"{i:040x}" for i in range(6)]
     assert coordinator_order("a" * 64, peers) == coordinator_order("a" * 64, list(reversed(peers)))
     assert coordinator_order("a" * 64, peers) != coordinator_order("b" * 64, peers)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are a Linux feature")
+def test_an_overlapped_training_thread_yields_the_cpu_to_the_exchange():
+    """The training thread (and the trail writer it starts) runs at a lower priority; the caller's is unchanged."""
+    from gpunite.swarm.peer import TRAINING_NICE, lower_thread_priority
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = nice()
+    seen: dict[str, int] = {}
+
+    def train() -> None:
+        seen["lowered"] = lower_thread_priority()
+        seen["trainer"] = nice()
+        child = threading.Thread(target=lambda: seen.__setitem__("writer", nice()))
+        child.start()
+        child.join()
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    thread.join()
+    assert seen["lowered"] is True
+    assert seen["trainer"] == min(19, before + TRAINING_NICE) == seen["writer"]
+    assert nice() == before
 
 
 def test_demo_manifest_is_valid(tmp_path: Path):
