@@ -12,7 +12,9 @@ too.
 Baselines in the same run: 1.0 (the exchange costing nothing), and by default the same swarm with
 train.overlap off (each round's exchange after its steps), so the overlap's gain is measured side by side.
 What is missing below 1.0 is time spent recording the trail, committing, auditing, waiting for the round
-close, aggregating and fetching slices, and waiting for the slowest peer of the round.
+close, aggregating and fetching slices, and waiting for the slowest peer of the round; `time_shares` splits
+it (mean over peers, `gpunite.swarm.demo.time_shares`): inner steps, trail recording on the training thread,
+the rest of training a round (data, commit, publish) and waiting (not training at all).
 Prints one JSON line.
 """
 
@@ -55,7 +57,7 @@ def measure(workdir: Path, peers: int, rounds: int, warmup_rounds: int, inner_st
     """One real local swarm; per-peer compute_s / wall_s over the steady-state window."""
     from gpunite.data.prepare import prepare_dataset
     from gpunite.manifest import load_manifest
-    from gpunite.swarm.demo import LocalSwarm, round_log
+    from gpunite.swarm.demo import LocalSwarm, round_log, time_shares
 
     workdir.mkdir(parents=True)
     manifest_path = workdir / "run.toml"
@@ -73,15 +75,14 @@ def measure(workdir: Path, peers: int, rounds: int, warmup_rounds: int, inner_st
         swarm.wait_exit(7200)
         logs = {name: round_log(swarm.peers[name].home) for name in names}
     first_round, last_round = warmup_rounds - 1, total_rounds - 2
-    per_peer = {}
-    for name in names:
-        compute = logs[name][last_round]["compute_s"] - logs[name][first_round]["compute_s"]
-        wall = logs[name][last_round]["wall_s"] - logs[name][first_round]["wall_s"]
-        per_peer[name] = round(compute / wall, 4)
+    shares = {name: time_shares(logs[name], first_round, last_round) for name in names}
+    per_peer = {name: shares[name]["compute"] for name in names}
     values = list(per_peer.values())
     round_s = (logs["peer1"][last_round]["time"] - logs["peer1"][first_round]["time"]) / rounds
     merged = [logs["peer1"][r]["merged"] for r in range(first_round + 1, last_round + 1)]
+    mean_shares = {key: round(sum(shares[n][key] for n in names) / len(names), 4) for key in shares[names[0]]}
     return {"mean": round(sum(values) / len(values), 4), "worst": min(values), "per_peer": per_peer,
+            "time_shares": mean_shares,
             "round_s": round(round_s, 2), "merged_per_round": merged, "wall_s": round(time.time() - started, 1)}
 
 
@@ -120,6 +121,7 @@ def main() -> None:
         "overlap": modes[0],
         "round_s": main_result["round_s"],
         "merged_per_round": main_result["merged_per_round"],
+        "time_shares": main_result["time_shares"],
         "baseline_utilization": 1.0,
         "peers": args.peers,
         "rounds": args.rounds,
@@ -135,6 +137,7 @@ def main() -> None:
         result["no_overlap_worst_peer"] = results[False]["worst"]
         result["no_overlap_round_s"] = results[False]["round_s"]
         result["no_overlap_merged_per_round"] = results[False]["merged_per_round"]
+        result["no_overlap_time_shares"] = results[False]["time_shares"]
     sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -93,16 +93,18 @@ def heldout_loss(home: Path, manifest_path: Path) -> float:
 
 
 def window_figures(logs: list[dict[int, dict]], first_round: int, last_round: int) -> dict:
-    utilization, sent = [], []
-    for log in logs:
-        start, end = log[first_round], log[last_round]
-        utilization.append((end["compute_s"] - start["compute_s"]) / (end["wall_s"] - start["wall_s"]))
-        sent.append((end["bytes_sent"] - start["bytes_sent"]) / (last_round - first_round))
+    from gpunite.swarm.demo import time_shares
+
+    shares = [time_shares(log, first_round, last_round) for log in logs]
+    utilization = [share["compute"] for share in shares]
+    sent = [(log[last_round]["bytes_sent"] - log[first_round]["bytes_sent"]) / (last_round - first_round)
+            for log in logs]
     round_s = (logs[0][last_round]["time"] - logs[0][first_round]["time"]) / (last_round - first_round)
     merged = [logs[0][r]["merged"] for r in range(first_round + 1, last_round + 1)]
     return {"utilization": round(sum(utilization) / len(utilization), 4), "worst": round(min(utilization), 4),
             "bytes_per_peer_per_round": round(sum(sent) / len(sent)), "round_s": round(round_s, 2),
-            "merged_per_round": merged}
+            "merged_per_round": merged,
+            "time_shares": {key: round(sum(share[key] for share in shares) / len(shares), 4) for key in shares[0]}}
 
 
 def main() -> None:
@@ -145,6 +147,8 @@ def main() -> None:
         "no_overlap_round_s": off["round_s"],
         "merged_per_round": on["merged_per_round"],
         "no_overlap_merged_per_round": off["merged_per_round"],
+        "time_shares": on["time_shares"],
+        "no_overlap_time_shares": off["time_shares"],
         "peers": args.peers, "profile": args.profile, "rounds": args.rounds, "inner_steps": args.inner_steps,
         "cpu_cores": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
         "wall_s": round(time.time() - started, 1),

@@ -144,9 +144,25 @@ class _TrainingJob:
 class RoundTiming:
     """Where a peer's wall time went, for the status file and the utilization benchmark."""
 
-    compute_s: float = 0.0
+    compute_s: float = 0.0  # inner steps and the pseudo-gradient's compression
+    trail_s: float = 0.0  # the training thread's share of recording the trail (checkpoint copies, write backlog)
     wall_s: float = 0.0
     started: float = 0.0
+    # The whole time spent training rounds (compute, trail, data, commit and publish) before the round in
+    # training now, and when that one began (perf_counter; None between rounds): one tuple, swapped whole.
+    training: tuple[float, float | None] = (0.0, None)
+
+    def begin_training(self) -> None:
+        self.training = (self.training[0], time.perf_counter())
+
+    def end_training(self) -> None:
+        done, since = self.training
+        self.training = (done + (time.perf_counter() - since if since is not None else 0.0), None)
+
+    def training_s(self) -> float:
+        """Time spent training, the round in training now included: never behind compute_s and trail_s."""
+        done, since = self.training
+        return done + (time.perf_counter() - since if since is not None else 0.0)
 
 
 def coordinator_order(round_seed: str, peer_ids: list[str]) -> list[str]:
@@ -538,11 +554,14 @@ class Peer:
         log.info("assigned %d units (%d sequences) in round %d", len(mine), sum(u.count for u in mine), ctx.round)
         # The round may close this long after the close before it; with overlap it starts one round early.
         deadline = self.state.close.time + (1 + self.lag) * self.train_cfg.round_deadline_s
+        self.timing.begin_training()
         try:
             return self.train_and_commit(ctx, mine, self.slice_bounds(ctx), deadline, base)
         except PeerError as exc:  # e.g. no live peer serves a shard we need: sit this round out, not die
             log.warning("round %d: no contribution: %s", ctx.round, exc)
             return False
+        finally:
+            self.timing.end_training()
 
     def _start_training(self, round_index: int) -> _TrainingJob | None:
         """Train round_index on a thread while this one runs the exchange of the round before."""
@@ -634,8 +653,8 @@ class Peer:
             self._publish_contribution(ctx, contribution, slices)
             log.info("round %d: committed a %s contribution (adversary)", ctx.round, self.config.adversary)
             return True
-        self.recorder.start_round(ctx.round, steps)
-        self.recorder.record(self.model, self.trainer)
+        self._record_trail(lambda: self.recorder.start_round(ctx.round, steps))
+        self._record_trail(lambda: self.recorder.record(self.model, self.trainer))
         losses = []
         started = time.perf_counter()
         for batch in iter_batches(units, steps, batch_size, self._load_sequences, self.recorder.interval_k):
@@ -648,7 +667,7 @@ class Peer:
             step_s = time.perf_counter() - step_start
             self.timing.compute_s += step_s
             self.step_s = step_s if not self.step_s else 0.8 * self.step_s + 0.2 * step_s
-            self.recorder.record(self.model, self.trainer)
+            self._record_trail(lambda: self.recorder.record(self.model, self.trainer))
             self.last_loss = losses[-1]
             if len(losses) % max(1, steps // 4) == 0:
                 self.write_status("training")
@@ -662,9 +681,10 @@ class Peer:
         norm = contribution_norm(pseudo_grad if self.config.cheat == "nan" else decompress(payload))
         self.timing.compute_s += time.perf_counter() - compress_start
         tokens = steps * batch_size * ctx.seq_len
+        trail = self._record_trail(lambda: self.recorder.trail)  # waits for the last checkpoint writes
         contribution = sign_record(self.identity, Contribution(
             run_id=self.run_id, round=ctx.round, base_hash=ctx.base_hash, work_units=units, inner_steps=steps,
-            tokens=tokens, trail_interval=ctx.trail_interval, trail=self.recorder.trail,
+            tokens=tokens, trail_interval=ctx.trail_interval, trail=trail,
             delta_hash=payload_hash(payload_to_bytes(payload)), slice_hashes=[payload_hash(s) for s in slices],
             delta_norm=norm,
             claimed_flops=float(flops_per_token(self.model_config, ctx.seq_len)) * tokens, time=time.time()))
@@ -672,6 +692,13 @@ class Peer:
         log.info("round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, committed delta norm %.4g",
                  ctx.round, steps, time.perf_counter() - started, losses[0], losses[-1], norm)
         return True
+
+    def _record_trail(self, work: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            return work()
+        finally:
+            self.timing.trail_s += time.perf_counter() - started
 
     def _contributed_before_restart(self, round_index: int) -> bool:
         """Whether the DHT holds a contribution of ours to this round that this process did not make
@@ -1125,6 +1152,7 @@ class Peer:
         """One line per merged round: the figures the benchmarks and the simulator calibrate from."""
         line = {"round": round_index, "merged": merged, "tokens": tokens, "time": time.time(),
                 "wall_s": time.time() - self.timing.started, "compute_s": self.timing.compute_s,
+                "trail_s": self.timing.trail_s, "training_s": self.timing.training_s(),
                 "bytes_sent": self.node.counter.sent, "bytes_received": self.node.counter.received}
         with open(self.run_dir / "rounds.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
