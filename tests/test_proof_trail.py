@@ -68,6 +68,11 @@ def test_recorder_serves_segments_that_match_the_trail(tmp_path):
     recorder = TrailRecorder(2, tmp_path)
     losses = train_with_trail(trainer, model, units, 2, load, 4, recorder, round_index=3)
     assert len(losses) == 4 and len(recorder.trail) == 3
+    # The recorder copies states unhashed and its writer hashes them: the entries are those of hashed copies.
+    from gpunite.proof.trail import capture_state
+
+    assert recorder.trail[-1] == capture_state(model, trainer).entry
+    assert capture_state(model, trainer, hashed=False).optimizer_hash == ""
     shapes = weight_shapes(model)
     for index in range(2):
         segment = segment_from_bytes(recorder.segment_payload(3, index), shapes)
