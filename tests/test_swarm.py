@@ -238,29 +238,41 @@ def test_coordinator_order_is_deterministic_and_depends_on_the_round_seed():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are a Linux feature")
-def test_an_overlapped_training_thread_yields_the_cpu_to_the_exchange():
+def test_an_overlapped_training_thread_yields_the_cpu_to_the_exchange(tmp_path):
     """The training thread (and the trail writer it starts) runs at a lower priority; the caller's is unchanged."""
+    from gpunite.proof.trail import TrailRecorder, TrailState
     from gpunite.swarm.peer import TRAINING_NICE, lower_thread_priority
 
-    def nice() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    def nice(native_id: int | None = None) -> int:
+        return os.getpriority(os.PRIO_PROCESS, native_id or threading.get_native_id())
+
+    def writers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("trail-writer")]
 
     before = nice()
-    seen: dict[str, int] = {}
+    others = set(writers())  # idle writers of recorders other tests left behind in this process
+    recorder = TrailRecorder(1, tmp_path)
+    state = TrailState({"w": torch.zeros(4)}, {}, "", 0)
+    seen: dict[str, object] = {}
 
-    def train() -> None:
-        seen["lowered"] = lower_thread_priority()
+    def train(round_index: int, lower: bool) -> None:
+        if lower:
+            seen["lowered"] = lower_thread_priority()
         seen["trainer"] = nice()
-        child = threading.Thread(target=lambda: seen.__setitem__("writer", nice()))
-        child.start()
-        child.join()
+        recorder.start_round(round_index, 1)  # ends the previous round's writer; the next starts from here
+        recorder.record_state(state)
+        seen["writers"] = [nice(t.native_id) for t in writers() if t not in others]
+        recorder.flush()
 
-    thread = threading.Thread(target=train)
-    thread.start()
-    thread.join()
+    for round_index, lower in ((0, False), (1, True)):  # an inline round, then an overlapped one
+        thread = threading.Thread(target=train, args=(round_index, lower))
+        thread.start()
+        thread.join()
+        expected = min(19, before + TRAINING_NICE) if lower else before
+        assert seen["trainer"] == expected and seen["writers"] == [expected]
     assert seen["lowered"] is True
-    assert seen["trainer"] == min(19, before + TRAINING_NICE) == seen["writer"]
     assert nice() == before
+    assert len(recorder.trail) == 1
 
 
 def test_demo_manifest_is_valid(tmp_path: Path):

@@ -324,6 +324,12 @@ class TrailRecorder:
     def start_round(self, round_index: int, inner_steps: int) -> None:
         """Begin a round's trail; anything stored earlier for this round is discarded."""
         self.flush()
+        with self._lock:
+            # A fresh writer thread each round, started by the first record_state: it inherits the recording
+            # thread's CPU priority (an overlapped round's training yields the CPU, and so does its writer).
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
         shutil.rmtree(self.round_dir(round_index), ignore_errors=True)
         self._round = round_index
         self._steps = trail_steps(inner_steps, self.interval_k)
