@@ -42,7 +42,7 @@ import torch
 from gpunite.data.batches import heldout_sequences, load_sequences
 from gpunite.data.prepare import prepare_dataset
 from gpunite.data.shards import ShardIndex
-from gpunite.manifest import parse_manifest
+from gpunite.manifest import TrainSection, parse_manifest
 from gpunite.model import build_model, config_from_manifest
 from gpunite.swarm.aggregation import clip_factors, contribution_norm, robust_aggregate, slice_bounds
 from gpunite.swarm.assignment import WorkPlan
@@ -77,6 +77,9 @@ def parse_args() -> argparse.Namespace:
         "--overlap", choices=("none",) + OVERLAP_MODES, default="none",
         help="also run the workers with a one-round-delayed outer step (see DilocoRun); adds sync_loss",
     )
+    parser.add_argument("--overlap-lr-scale", type=float, default=TrainSection().overlap_lr_scale,
+                        help="the overlapped run's outer lr is --outer-lr times this (train.overlap_lr_scale; "
+                        "the synchronous run keeps --outer-lr)")
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--aggregation", choices=("trimmed_mean", "median", "mean"), default="trimmed_mean")
     parser.add_argument("--trim-fraction", type=float, default=0.2)
@@ -157,16 +160,18 @@ class DilocoRun:
              whole merge it has not seen yet.
     """
 
-    def __init__(self, mode: str, model_cfg, train_cfg, total_steps: int, args: argparse.Namespace) -> None:
+    def __init__(self, mode: str, model_cfg, train_cfg, total_steps: int, args: argparse.Namespace,
+                 outer_lr: float | None = None) -> None:
         self.mode = mode
         self.args = args
+        self.outer_lr = args.outer_lr if outer_lr is None else outer_lr
         self.workers = [
             InnerTrainer(build_model(model_cfg, seed=args.seed), train_cfg, total_steps=total_steps)
             for _ in range(args.workers)
         ]
         # history[k] = global weights after k merges.
         self.history = [flatten(trainable_state(self.workers[0].model).values())]
-        self.outer = OuterOptimizer(args.outer_lr, args.outer_momentum, nesterov=True)
+        self.outer = OuterOptimizer(self.outer_lr, args.outer_momentum, nesterov=True)
         self.own_pseudo_grads: list[torch.Tensor | None] = [None] * args.workers
 
     def base_for(self, round_: int, worker: int) -> torch.Tensor:
@@ -177,7 +182,7 @@ class DilocoRun:
         if self.mode == "delayed" or own is None or round_ == 0:
             return newest
         share = 1 if self.mode == "eager_full" else self.args.workers
-        lr = torch.tensor(self.args.outer_lr / share, dtype=torch.float32)
+        lr = torch.tensor(self.outer_lr / share, dtype=torch.float32)
         return torch.sub(newest, torch.mul(own, lr))
 
     def train_round(self, round_: int, batches_per_worker: list[list[torch.Tensor]]) -> None:
@@ -213,7 +218,9 @@ def main() -> None:
 
         baseline = InnerTrainer(build_model(model_cfg, seed=args.seed), train_cfg, total_steps=total_steps)
         modes = ["sync"] + ([] if args.overlap == "none" else [args.overlap])
-        runs = {mode: DilocoRun(mode, model_cfg, train_cfg, total_steps, args) for mode in modes}
+        runs = {mode: DilocoRun(mode, model_cfg, train_cfg, total_steps, args,
+                                outer_lr=args.outer_lr * args.overlap_lr_scale if mode != "sync" else None)
+                for mode in modes}
         plan = WorkPlan.from_index(index, seq_len, seed=args.seed, sequences_per_unit=args.batch_size)
         roster = [(f"worker-{k}", 1.0) for k in range(args.workers)]
 
@@ -243,6 +250,7 @@ def main() -> None:
         "sync_loss": round(losses["sync"], 4),
         "sync_loss_ratio": round(losses["sync"] / baseline_loss, 4),
         "loss_ratio_vs_sync": round(diloco_loss / losses["sync"], 4),
+        "overlap_outer_lr": runs[modes[-1]].outer_lr,
     }
     print(json.dumps({
         "name": "diloco_quality",

@@ -98,8 +98,18 @@ class TrainSection(_Section):
     overlap: bool = Field(
         False, description="Train round r + 1 while round r's exchange runs: its steps start from the newest "
         "global weights and its pseudo-gradient lands one round late (a one-round-delayed outer step). Off by "
-        "default: measured 3-5% worse held-out loss over 8 short rounds, and LoRA runs of a few rounds "
-        "overshoot (benchmarks/diloco_quality.py --overlap, benchmarks/finetune.py); on for slow links.")
+        "default: measured 2% worse held-out loss over 8 short rounds (at overlap_lr_scale), and LoRA runs of "
+        "a few rounds overshoot (benchmarks/diloco_quality.py --overlap, benchmarks/finetune.py); on for slow "
+        "links.")
+    overlap_lr_scale: float = Field(
+        0.5, gt=0, le=1, description="With overlap on, the outer lr is multiplied by this: a one-round-delayed "
+        "step overshoots at the synchronous lr (benchmarks/diloco_quality.py --overlap delayed, 8 rounds: "
+        "1.054x the synchronous run's held-out loss at outer lr 1.4, 1.033x at 1.0, 1.021x at 0.7).")
+
+    @property
+    def effective_outer_lr(self) -> float:
+        """The outer SGD lr the swarm steps with: outer_lr, scaled down while overlap is on."""
+        return self.outer_lr * (self.overlap_lr_scale if self.overlap else 1.0)
 
     @field_validator("compression_chunk")
     @classmethod

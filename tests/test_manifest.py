@@ -33,6 +33,7 @@ def test_run_id_changes_with_content():
          "[train.compression_chunk] int4 packs two values per byte, so compression_chunk must be even, "
          "got 4097"),
         ("[train]\ncompression = 'int2'\n", "[train.compression]"),
+        ("[train]\noverlap_lr_scale = 1.5\n", "[train.overlap_lr_scale] Input should be less than or equal to 1"),
     ],
 )
 def test_bad_manifests_give_one_line_errors(text, expected):
@@ -49,6 +50,15 @@ def test_every_compression_method_is_a_manifest_choice():
     for name in COMPRESSIONS:
         assert payload_method(parse_manifest(f"[train]\ncompression = '{name}'\n").train.compression) == name
     assert parse_manifest("[train]\ncompression_chunk = 4097\n").train.compression_chunk == 4097  # int8: any
+
+
+def test_overlap_scales_the_outer_lr_and_synchronous_rounds_keep_it():
+    sync = parse_manifest("[train]\nouter_lr = 1.2\n").train
+    assert sync.effective_outer_lr == 1.2
+    overlapped = parse_manifest("[train]\nouter_lr = 1.2\noverlap = true\n").train
+    assert overlapped.effective_outer_lr == pytest.approx(1.2 * overlapped.overlap_lr_scale)
+    assert overlapped.overlap_lr_scale == 0.5
+    assert parse_manifest("[train]\noverlap = true\noverlap_lr_scale = 1.0\n").train.effective_outer_lr == 1.4
 
 
 def test_missing_data_file_is_named(tmp_path):

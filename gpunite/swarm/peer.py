@@ -113,7 +113,8 @@ CHEATS = ("scaled", "random", "nan")
 CLOSE_RETRY_S = 15.0  # a refused round close is checked again after this long
 HOME_UPLINK_BITS_PER_S = 20e6  # a trainer's upload speed assumed for the verdict wait until one is measured
 # With overlap, the next round's steps yield the CPU to this round's exchange and audits, which every peer of
-# the swarm waits on (nice +10: about a tenth of a core's share against them). Linux only (per-thread nice).
+# the swarm waits on (nice +10: about a tenth of a core's share against them). Linux only (per-thread nice);
+# torch's intra-op worker threads, started before, keep their priority (the benchmarks train on one thread).
 TRAINING_NICE = 10
 
 
@@ -231,7 +232,8 @@ class Peer:
                   for r in training_units(self.index, manifest.data.seq_len)]
         self.plan = WorkPlan(ranges, manifest.run.seed, sequences_per_unit=self.train_cfg.batch_size)
         self._ranges = ranges
-        self.outer = OuterOptimizer(self.train_cfg.outer_lr, self.train_cfg.outer_momentum, self.train_cfg.nesterov)
+        self.outer = OuterOptimizer(self.train_cfg.effective_outer_lr, self.train_cfg.outer_momentum,
+                                    self.train_cfg.nesterov)
         self.error_feedback = ErrorFeedback(self.train_cfg.compression, self.train_cfg.compression_chunk)
         self.recorder = TrailRecorder(manifest.proof.trail_interval, self.run_dir / "trail")
         self.trainer = InnerTrainer(self.model, self.train_cfg, device=config.device)
