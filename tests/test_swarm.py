@@ -81,6 +81,34 @@ def test_two_peers_end_each_round_with_the_same_weights(swarm):
     assert abs(sum(shares.values()) - 1.0) < 1e-3 and min(shares.values()) >= 0
 
 
+def test_a_slice_owner_that_answers_is_waited_for_even_while_its_heartbeat_lapses():
+    """fetch_aggregate gives up on an owner only when it neither answers nor heartbeats."""
+    from types import SimpleNamespace
+
+    from gpunite.swarm.node import SwarmError
+    from gpunite.swarm.peer import Peer
+
+    def stand_in(replies: list) -> SimpleNamespace:
+        def request(peer_id, handler, header, max_reply):
+            reply = replies.pop(0)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+
+        return SimpleNamespace(
+            peer_id="me", aggregates={}, config=SimpleNamespace(takeover_s=5.0, poll_s=0.01),
+            stopping=threading.Event(), _request=request, _max_slice_bytes=1 << 20,
+            membership=SimpleNamespace(alive=lambda: {}))  # no fresh heartbeat from anyone
+
+    ctx = SimpleNamespace(round=3)
+    pending = ({"pending": True}, b"")
+    answering = stand_in([pending, pending, ({}, b"merged")])
+    assert Peer.fetch_aggregate(answering, ctx, 0, "owner") == b"merged"
+    replies = [SwarmError("stream reset"), ({}, b"never asked")]
+    assert Peer.fetch_aggregate(stand_in(replies), ctx, 0, "owner") is None
+    assert len(replies) == 1  # gave up after the one failed request
+
+
 def test_time_shares_split_a_window_of_the_round_log():
     from gpunite.swarm.demo import time_shares
 

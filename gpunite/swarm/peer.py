@@ -1069,9 +1069,14 @@ class Peer:
                                              self._max_slice_bytes)
                 if not header.get("pending"):
                     return data
+                answered = True
             except (SwarmError, ProtocolError, PeerError) as exc:
                 log.info("slice %d owner %s: %s", index, owner[:12], exc)
-            if owner not in self.membership.alive():
+                answered = False
+            # An owner that just answered "pending" is alive, whatever its heartbeat says: on loaded machines
+            # and saturated uplinks heartbeats lapse for seconds (seen on the WAN test bed), and taking the
+            # owner for gone then makes every peer fetch and merge that slice itself.
+            if not answered and owner not in self.membership.alive():
                 return None
             time.sleep(self.config.poll_s)
         return None
