@@ -98,9 +98,9 @@ class TrainSection(_Section):
     overlap: bool = Field(
         False, description="Train round r + 1 while round r's exchange runs: its steps start from the newest "
         "global weights and its pseudo-gradient lands one round late (a one-round-delayed outer step). Off by "
-        "default: measured 2% worse held-out loss over 8 short rounds (at overlap_lr_scale), and LoRA runs of "
-        "a few rounds overshoot (benchmarks/diloco_quality.py --overlap, benchmarks/finetune.py); on for slow "
-        "links.")
+        "default: measured 2% worse held-out loss over 8 short rounds, with the outer lr scaled by "
+        "overlap_lr_scale (benchmarks/diloco_quality.py --overlap, benchmarks/finetune.py --overlap on); on for "
+        "slow links.")
     overlap_lr_scale: float = Field(
         0.5, gt=0, le=1, description="With overlap on, the outer lr is multiplied by this: a one-round-delayed "
         "step overshoots at the synchronous lr (benchmarks/diloco_quality.py --overlap delayed, 8 rounds: "
