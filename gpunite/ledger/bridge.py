@@ -157,6 +157,10 @@ class LedgerBridge:
         """Stop the thread; with final_sync, exchange records once with each live peer first (bounded)."""
         self._stop.set()
         self._thread.join(timeout=SYNC_TIMEOUT_S * 4 + 5)
+        try:  # the run's host records (names for the credit table), even where no tick reached them: short runs
+            self._store_host_records()
+        except Exception as exc:
+            log.warning("ledger host records: %s", exc)
         if final_sync:
             try:
                 beats = self._live_peers()
