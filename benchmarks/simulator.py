@@ -160,6 +160,7 @@ def main() -> None:
             check_requirements()
         except NetbedError as exc:
             bed_note = f"test bed unavailable ({exc}); the runs measured here are loopback swarms"
+
     def measured_here(peers: int):
         """A run on the test bed's --profile, or on loopback where the bed cannot run."""
         profile = None if bed_note else args.profile
