@@ -129,9 +129,13 @@ def test_real_streams_scaled_reply_a_broken_stream_retried_and_a_silent_peer():
             assert client.request(server.p2p_id, "test.flaky", {}, max_reply_bytes=1 << 20,
                                   maddrs=server.maddrs)[1] == b"z" * 50_000
             assert len(calls) == 2
+            before = time.time()
             header, body = client.request(server.p2p_id, "test.big", {}, max_reply_bytes=2 << 20,
                                           maddrs=server.maddrs)
             assert header == {"size": 1 << 20} and body == payload
+            # Each side saw the other alive: the server got a request frame, the client a reply header.
+            assert client.last_contact[server.p2p_id] >= before
+            assert server.last_contact[client.p2p_id] >= before
             assert len(client.budget._measured) == 1  # a 1 MiB body is a bandwidth measurement
             with pytest.raises(SwarmError, match="got no reply within 1 s"):
                 client.request(server.p2p_id, "test.silent", {}, max_reply_bytes=1 << 30, maddrs=server.maddrs)

@@ -1,7 +1,8 @@
 """Membership: signed heartbeats and host records in the DHT, and who is alive right now.
 
 A peer republishes its heartbeat (run, round, global weights hash, roles, libp2p id and addresses) every
-`interval_s` with an expiry of three intervals; a peer whose last heartbeat is older than that is gone.
+`interval_s` with an expiry of three intervals (at least 8 s); a peer neither heartbeating nor talking to us
+on a stream for that long is gone.
 The heartbeat is also what binds a gpunite peer id (Ed25519 key) to the libp2p id its streams come from.
 """
 
@@ -86,12 +87,23 @@ class Membership:
                         record_bytes(sign_record(self.identity, host)), ttl_s=3600)
 
     def alive(self) -> dict[str, Heartbeat]:
-        """Peers of this run with a fresh heartbeat, by peer id; logs arrivals and departures."""
+        """Peers of this run heard from within ttl_s, by peer id; logs arrivals and departures.
+
+        Heard from: a heartbeat published that recently, or a request or reply that recently on a stream
+        from the libp2p id its last heartbeat names. On a saturated link (a home uplink sending a model's
+        worth of slices) a heartbeat can reach the DHT tens of seconds late, or a read can miss it, while
+        the peer keeps answering; a peer that died or was cut off sends neither, so it is gone as soon as it
+        would be from heartbeats alone.
+        """
         now = time.time()
         beats = self.node.get_records(run_key(self.run_id, "heartbeat"), parse_heartbeat)
-        beats = {pid: hb for pid, hb in beats.items() if hb.run_id == self.run_id}
-        self.last_seen.update(beats)
-        live = {pid: hb for pid, hb in beats.items() if now - hb.time <= self.ttl_s}
+        for pid, beat in beats.items():
+            known = self.last_seen.get(pid)
+            if beat.run_id == self.run_id and (known is None or beat.time >= known.time):
+                self.last_seen[pid] = beat
+        contact = getattr(self.node, "last_contact", {})
+        live = {pid: hb for pid, hb in self.last_seen.items()
+                if now - max(hb.time, contact.get(hb.p2p_id, 0.0)) <= self.ttl_s}
         for pid in sorted(set(live) - self._known):
             if pid != self.identity.peer_id:
                 log.info("peer %s joined (round %d)", pid[:12], live[pid].round)

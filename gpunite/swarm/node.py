@@ -96,6 +96,9 @@ class SwarmNode:
         self.request_timeout_s = request_timeout_s  # open a stream, send a request, get the reply header
         self.budget = TransferBudget(floor_bits_per_s=floor_bits_per_s)
         self.counter = ByteCounter()
+        # libp2p id -> time.time() of the last request frame it sent us or reply header it sent back: proof
+        # of life that needs no DHT round trip (read by Membership when a heartbeat is late).
+        self.last_contact: dict[str, float] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gpunite-swarm", daemon=True)
         self._p2p: Any = None
@@ -216,6 +219,7 @@ class SwarmNode:
             try:
                 header, body = await asyncio.wait_for(read_frame(reader, max_request_bytes, self.counter),
                                                       self.request_timeout_s)
+                self.last_contact[caller] = time.time()
                 reply_header, reply_body = await handler(header, body, caller)
             except (ProtocolError, GpuniteError, ValueError, asyncio.TimeoutError) as exc:
                 log.warning("%s request from %s refused: %s", name, caller[-8:], exc)
@@ -263,6 +267,7 @@ class SwarmNode:
         header_arrived = asyncio.Event()
 
         def body_timeout(body_len: int) -> float:
+            self.last_contact[p2p_id] = time.time()
             reply_started.append((body_len, time.monotonic()))
             header_arrived.set()
             return self.budget.seconds_for(body_len)
