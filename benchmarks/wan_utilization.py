@@ -12,7 +12,9 @@ overlap, a shutdown cost paid once per run):
 - compute_utilization: mean over peers of inner-step time / wall time (target >= 0.95, goal 0.97), and
   `no_overlap_utilization` for the synchronous run;
 - loss_ratio: held-out loss of the overlapped run's final global weights / the synchronous run's (<= 1.03);
-- bytes_per_peer_per_round: bytes each peer sent per round, counted by its own node (the wire, DHT included).
+- bytes_per_peer_per_round: bytes each peer sent per round, counted by its own node (the wire, DHT included);
+- false_departures: "peer X left" lines in all peers' logs over the whole run (nobody leaves, so each is a
+  live peer taken for gone), and slices_merged_elsewhere: slices merged by a peer other than their owner.
 
 Needs root (network namespaces); on a 2-core machine 8 peers share the CPU, so each inner step is slow and
 the exchange is small next to it, as on a real volunteer swarm with big rounds. Prints one JSON line.
@@ -21,12 +23,19 @@ the exchange is small next to it, as on a real volunteer swarm with big rounds. 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Nobody leaves these runs: every "peer X left" a peer logs is a live peer taken for gone, and every slice
+# merged by a peer other than its owner is work done twice because of it (or of a stalled owner).
+DEPARTED = re.compile(r"peer \w+ left")
+MERGED_HERE = re.compile(r"owner of slice \d+ of round \d+ is gone or sent a bad slice")
 
 MANIFEST = """
 [run]
@@ -68,7 +77,10 @@ def run_swarm(workdir: Path, peers: int, profile: str, rounds: int, inner_steps:
     with Netbed(peers, profile, tag="wanu") as bed:
         run_peers(workdir, manifest_path, peers, rounds, bed, timeout_s, extra_args=["--save-final"])
     logs = [round_log(workdir / f"peer{index}") for index in range(peers)]
-    return {"logs": logs, "heldout_loss": heldout_loss(workdir / "peer0", manifest_path)}
+    texts = [(workdir / f"peer{index}.log").read_text(errors="replace") for index in range(peers)]
+    return {"logs": logs, "heldout_loss": heldout_loss(workdir / "peer0", manifest_path),
+            "false_departures": sum(len(DEPARTED.findall(text)) for text in texts),
+            "slices_merged_elsewhere": sum(len(MERGED_HERE.findall(text)) for text in texts)}
 
 
 def heldout_loss(home: Path, manifest_path: Path) -> float:
@@ -115,20 +127,28 @@ def main() -> None:
     parser.add_argument("--warmup-rounds", type=int, default=1)
     parser.add_argument("--inner-steps", type=int, default=30)
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="per swarm")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="run the swarms in this new folder and keep it (peers' logs), not in a temporary one")
     args = parser.parse_args()
 
     from gpunite.sim.netbed import check_requirements
 
     check_requirements()
     total = args.warmup_rounds + args.rounds + 1  # the last round runs after the window
-    figures, losses = {}, {}
+    figures, losses, flaps = {}, {}, {}
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="gpunite-bench-wan-") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True)
+    place = contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(
+        prefix="gpunite-bench-wan-")
+    with place as tmp:
         for overlap in (True, False):
             run = run_swarm(Path(tmp) / ("overlap" if overlap else "sync"), args.peers, args.profile, total,
                             args.inner_steps, overlap, args.timeout_s)
             figures[overlap] = window_figures(run["logs"], args.warmup_rounds - 1, total - 2)
             losses[overlap] = run["heldout_loss"]
+            flaps[overlap] = {"false_departures": run["false_departures"],
+                              "slices_merged_elsewhere": run["slices_merged_elsewhere"]}
     on, off = figures[True], figures[False]
     result = {
         "name": "wan_utilization",
@@ -149,6 +169,8 @@ def main() -> None:
         "no_overlap_merged_per_round": off["merged_per_round"],
         "time_shares": on["time_shares"],
         "no_overlap_time_shares": off["time_shares"],
+        **flaps[True],
+        **{f"no_overlap_{key}": value for key, value in flaps[False].items()},
         "peers": args.peers, "profile": args.profile, "rounds": args.rounds, "inner_steps": args.inner_steps,
         "cpu_cores": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
         "wall_s": round(time.time() - started, 1),
