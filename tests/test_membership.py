@@ -70,3 +70,44 @@ def test_an_older_heartbeat_read_later_does_not_replace_a_newer_one():
     watcher.alive()
     node.beats[other.peer_id] = beat(other, "QmOther", now - 5, round_index=6)  # a stale replica answered
     assert watcher.alive()[other.peer_id].round == 7
+
+
+def test_a_peer_whose_heartbeats_arrive_late_is_allowed_that_lateness_and_is_gone_once_they_stop():
+    node, other = FakeNode(), Identity.from_seed(b"\x02" * 32)
+    watcher = membership(node)  # ttl 8 s
+    now = time.time()
+    # Its heartbeats reach the DHT 12 s after they were signed (a store behind a saturated uplink): a new
+    # one every 2 s, each read here once, at that age.
+    verdicts = []
+    for tick in range(12):
+        node.beats[other.peer_id] = beat(other, "QmOther", now + 2 * tick - 12)
+        verdicts.append(other.peer_id in alive_at(watcher, now + 2 * tick))
+    assert not verdicts[0] and all(verdicts[4:])  # taken for gone at first sight, then allowed the lateness
+    assert 9 < watcher.lateness[other.peer_id] < 12.5
+    last = now + 2 * 11 - 12
+    # It stops (killed): still counted until its last heartbeat is ttl + its lateness old, then gone.
+    assert other.peer_id in alive_at(watcher, last + 8 + 8)
+    assert other.peer_id not in alive_at(watcher, last + 8 + 13)
+
+
+def test_lateness_is_capped_and_a_postdated_heartbeat_buys_nothing():
+    node, other = FakeNode(), Identity.from_seed(b"\x02" * 32)
+    watcher = membership(node)
+    now = time.time()
+    for tick in range(30):  # arriving 60 s late, far past the cap
+        node.beats[other.peer_id] = beat(other, "QmOther", now + tick - 60)
+        alive_at(watcher, now + tick)
+    last = now + 29 - 60
+    assert other.peer_id not in alive_at(watcher, last + watcher.ttl_s + watcher.most_lateness_s + 1)
+    node.beats[other.peer_id] = beat(other, "QmOther", now + 3600)  # claims to be from an hour ahead
+    assert other.peer_id in alive_at(watcher, now + 100)
+    assert other.peer_id not in alive_at(watcher, now + 100 + watcher.ttl_s + watcher.most_lateness_s + 1)
+
+
+def alive_at(watcher: Membership, at: float) -> dict[str, Heartbeat]:
+    real = time.time
+    time.time = lambda: at
+    try:
+        return watcher.alive()
+    finally:
+        time.time = real
