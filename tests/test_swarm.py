@@ -109,6 +109,77 @@ def test_a_slice_owner_that_answers_is_waited_for_even_while_its_heartbeat_lapse
     assert len(replies) == 1  # gave up after the one failed request
 
 
+def test_a_slice_its_owner_cannot_fetch_leaves_its_contribution_out_only_if_the_coordinator_cannot_either():
+    """A trainer killed right after committing: the owner's SliceMissing note, checked by the coordinator."""
+    from types import SimpleNamespace
+
+    from gpunite.identity import Identity
+    from gpunite.records import sign_record
+    from gpunite.swarm.peer import Peer, parse_slice_missing
+    from gpunite.swarm.protocol import SliceMissing
+    from gpunite.train.compression import payload_hash
+
+    run_id = "cd" * 32
+    owners = sorted((Identity.from_seed(bytes([i]) * 32) for i in range(1, 5)), key=lambda i: i.peer_id)
+    gone, serving, other, reporter = [o.peer_id for o in owners]  # reporter owns slice 3
+    served = {gone: None, serving: b"slice-3-of-serving"}
+    contributions = {gone: SimpleNamespace(slice_hashes=[payload_hash(b"never served")] * 4),
+                     serving: SimpleNamespace(slice_hashes=[payload_hash(b"slice-3-of-serving")] * 4),
+                     other: SimpleNamespace(slice_hashes=[payload_hash(b"x")] * 4)}
+
+    def note(owner: Identity, index: int, trainers: list[str]) -> SliceMissing:
+        signed = sign_record(owner, SliceMissing(run_id=run_id, round=5, slice=index, trainers=sorted(trainers),
+                                                 time=time.time()))
+        return parse_slice_missing(json.dumps(signed.model_dump(mode="json")).encode())
+
+    notes = {
+        reporter: note(owners[3], 3, [gone, serving]),  # gone really is; serving answers the coordinator
+        other: note(owners[2], 0, [serving]),  # slice 0 is not other's to merge: ignored
+    }
+    fetched = []
+
+    def fetch_slice(round_index, index, pid):
+        fetched.append((round_index, index, pid))
+        return served.get(pid)
+
+    stand_in = SimpleNamespace(run_id=run_id, fetch_slice=fetch_slice,
+                               node=SimpleNamespace(get_records=lambda key, parse: dict(notes)))
+    ctx = SimpleNamespace(round=5, assigned={o.peer_id: [] for o in owners})
+    left_out = Peer.unfetchable(stand_in, ctx, contributions)
+    assert sorted(left_out) == [gone] and "fetched neither" in left_out[gone]
+    assert sorted(fetched) == sorted([(5, 3, gone), (5, 3, serving)])  # the misplaced note was not acted on
+    # A slice that arrives but does not hash to the committed one counts as not fetched.
+    served[serving] = b"tampered"
+    assert sorted(Peer.unfetchable(stand_in, ctx, contributions)) == sorted([gone, serving])
+
+
+def test_an_owner_reports_a_slice_it_failed_to_fetch_twice_and_takes_the_report_back_once_it_has_it():
+    from types import SimpleNamespace
+
+    from gpunite.identity import Identity
+    from gpunite.swarm.peer import Peer, parse_slice_missing
+
+    stored = []
+    me = Identity.from_seed(b"\x07" * 32)
+    stand_in = SimpleNamespace(
+        peer_id=me.peer_id, identity=me, run_id="ef" * 32, _prefetched={}, _prefetch_failures={},
+        _reported_missing={}, train_cfg=SimpleNamespace(round_deadline_s=60.0),
+        node=SimpleNamespace(store=lambda key, subkey, data, ttl_s: stored.append((key, subkey, data))))
+    ctx = SimpleNamespace(round=2)
+    contributions = {"a" * 40: None, "b" * 40: None, me.peer_id: None}
+    stand_in._prefetched = {(2, 1, "a" * 40): None, (2, 1, "b" * 40): None}
+    stand_in._prefetch_failures = {(2, 1, "a" * 40): 1, (2, 1, "b" * 40): 2}
+    Peer._report_missing(stand_in, ctx, 1, contributions)
+    assert len(stored) == 1 and stored[0][1] == me.peer_id and stored[0][0].endswith("slice_missing/2")
+    first = parse_slice_missing(stored[0][2])
+    assert (first.slice, first.trainers, first.peer_id) == (1, ["b" * 40], me.peer_id)  # a failed only once
+    Peer._report_missing(stand_in, ctx, 1, contributions)
+    assert len(stored) == 1  # nothing new: not stored again
+    stand_in._prefetched[(2, 1, "b" * 40)] = b"arrived after all"
+    Peer._report_missing(stand_in, ctx, 1, contributions)
+    assert parse_slice_missing(stored[-1][2]).trainers == []
+
+
 def test_time_shares_split_a_window_of_the_round_log():
     from gpunite.swarm.demo import time_shares
 

@@ -69,6 +69,7 @@ from gpunite.swarm.protocol import (
     ProtocolError,
     RosterEntry,
     RoundClose,
+    SliceMissing,
     parse_announcement,
     parse_swarm_message,
     run_key,
@@ -111,6 +112,7 @@ class PeerConfig:
 
 CHEATS = ("scaled", "random", "nan")
 CLOSE_RETRY_S = 15.0  # a refused round close is checked again after this long
+PREFETCH_TRIES = 3  # times a slice owner tries a trainer for its slice while the round waits to close
 HOME_UPLINK_BITS_PER_S = 20e6  # a trainer's upload speed assumed for the verdict wait until one is measured
 # With overlap, the next round's steps yield the CPU to this round's exchange and audits, which every peer of
 # the swarm waits on (nice +10: about a tenth of a core's share against them). Linux only (per-thread nice);
@@ -189,6 +191,10 @@ def parse_block(data: bytes) -> Block:
     return parse_record_as(data, Block)
 
 
+def parse_slice_missing(data: bytes) -> SliceMissing:
+    return parse_swarm_message(data, SliceMissing)  # type: ignore[return-value]
+
+
 def parse_close(data: bytes) -> RoundClose:
     return parse_swarm_message(data, RoundClose)  # type: ignore[return-value]
 
@@ -245,6 +251,8 @@ class Peer:
         self._job: _TrainingJob | None = None  # with overlap: the next round training on its own thread
         self._abort_training = threading.Event()
         self._prefetched: dict[tuple[int, int, str], bytes | None] = {}  # (round, slice, trainer) -> its bytes
+        self._prefetch_failures: dict[tuple[int, int, str], int] = {}  # failed tries of the same key
+        self._reported_missing: dict[int, list[str]] = {}  # round -> trainers our SliceMissing names
         self._owners: dict[int, list[str]] = {}  # round -> its slice owners, in slice order
         if state is None:
             weights = flatten(self.params)
@@ -833,9 +841,56 @@ class Peer:
         before = (index - 1) % len(owners)
         if owners[before] in contributions and owners[before] != self.peer_id:
             todo.append((before, owners[before]))
-        todo = [(i, pid) for i, pid in todo if (ctx.round, i, pid) not in self._prefetched]
+        # A slice that failed is tried again on the next polls, up to PREFETCH_TRIES times in all.
+        todo = [(i, pid) for i, pid in todo if self._prefetched.get((ctx.round, i, pid)) is None
+                and self._prefetch_failures.get((ctx.round, i, pid), 0) < PREFETCH_TRIES]
         for (i, pid), data in zip(todo, in_parallel(lambda job: self._request_slice(ctx.round, *job), todo)):
             self._prefetched[(ctx.round, i, pid)] = data  # None: tried; fetch_slice tries again later
+            if data is None:
+                self._prefetch_failures[(ctx.round, i, pid)] = self._prefetch_failures.get((ctx.round, i, pid), 0) + 1
+        self._report_missing(ctx, index, contributions)
+
+    def _report_missing(self, ctx: RoundContext, index: int, contributions: dict[str, Contribution]) -> None:
+        """Tell the coordinator which contributions' slice `index` (ours to merge) we could not fetch, twice."""
+        missing = sorted(pid for pid in contributions if pid != self.peer_id
+                         and self._prefetched.get((ctx.round, index, pid)) is None
+                         and self._prefetch_failures.get((ctx.round, index, pid), 0) >= 2)
+        if missing == self._reported_missing.get(ctx.round, []):
+            return
+        self._reported_missing[ctx.round] = missing
+        note = sign_record(self.identity, SliceMissing(run_id=self.run_id, round=ctx.round, slice=index,
+                                                       trainers=missing, time=time.time()))
+        self.node.store(run_key(self.run_id, "slice_missing", ctx.round), self.peer_id, record_bytes(note),
+                        ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
+        if missing:
+            log.warning("round %d: could not fetch slice %d of %s's contribution: told the coordinator", ctx.round,
+                        index, ", ".join(pid[:12] for pid in missing))
+
+    def unfetchable(self, ctx: RoundContext, contributions: dict[str, Contribution]) -> dict[str, str]:
+        """Contributions whose slice its owner reported it cannot fetch and this peer (coordinating) cannot
+        fetch either, with the reason. Such a contribution merged would be merged short of a slice (its
+        verified work lost), so the close leaves it out: its units go back to the pool. A note is checked, not
+        believed, so an owner cannot drop someone's work by claiming its slice is missing."""
+        from gpunite.train.compression import payload_hash
+
+        owners = sorted(ctx.assigned)
+        notes = self.node.get_records(run_key(self.run_id, "slice_missing", ctx.round), parse_slice_missing)
+        found: dict[str, str] = {}
+        for owner_id, note in sorted(notes.items()):
+            if (note.run_id != self.run_id or note.round != ctx.round or owner_id not in owners
+                    or owners.index(owner_id) != note.slice):
+                continue
+            for pid in note.trainers:
+                contribution = contributions.get(pid)
+                if contribution is None or pid in found or pid == owner_id:
+                    continue
+                if note.slice < len(contribution.slice_hashes):
+                    data = self.fetch_slice(ctx.round, note.slice, pid)
+                    if data is not None and payload_hash(data) == contribution.slice_hashes[note.slice]:
+                        continue  # it serves: the owner's fetch failed for its own reasons
+                found[pid] = (f"its slice {note.slice} could be fetched neither by that slice's owner "
+                              f"{owner_id[:12]} nor by the coordinator (trainer gone after committing?)")
+        return found
 
     def make_close(self, ctx: RoundContext, contributions: dict[str, Contribution], alive: dict, rank: int,
                    prev_block: str) -> RoundClose:
@@ -844,8 +899,14 @@ class Peer:
         norms = [c.delta_norm for c in contributions.values() if math.isfinite(c.delta_norm) and c.delta_norm > 0]
         median = lower_median(norms) if norms else 0.0
         accepted, rejected = [], []
+        unfetchable = self.unfetchable(ctx, contributions)
         for pid in sorted(contributions):
             contribution = contributions[pid]
+            if pid in unfetchable:
+                log.warning("left %s's round %d contribution out: %s", pid[:12], ctx.round, unfetchable[pid])
+                rejected.append(Rejection(contribution=contribution.record_id, trainer=pid,
+                                          reason=unfetchable[pid][:1024]))
+                continue
             result = check_contribution(contribution, ctx, median, self.contribution_checks)
             if result.accept:
                 accepted.append(contribution)
@@ -969,6 +1030,10 @@ class Peer:
         # Kept one round more: peers merging a dead owner's slice in its place may ask for our copies.
         for key in [k for k in self._prefetched if k[0] < ctx.round]:
             del self._prefetched[key]
+        for key in [k for k in self._prefetch_failures if k[0] < ctx.round]:
+            del self._prefetch_failures[key]
+        for old in [r for r in self._reported_missing if r < ctx.round]:
+            del self._reported_missing[old]
         for old in [r for r in self._owners if r < ctx.round]:
             del self._owners[old]
         # Round ctx.round's trail stays one round more (a backup coordinator's beacon may still draw audits of

@@ -101,7 +101,21 @@ class AuditBeacon(_Record):
     time: float
 
 
-SWARM_KINDS: dict[str, type[_Record]] = {"run": RunAnnouncement, "close": RoundClose, "beacon": AuditBeacon}
+class SliceMissing(_Record):
+    """A slice owner's note that it could not fetch its slice of some contributions from their trainers (a
+    trainer killed right after committing). The coordinator tries those slices itself and leaves out of the
+    close the contributions it cannot fetch either, so nothing accepted is merged short of a slice."""
+
+    kind: Literal["slice_missing"] = "slice_missing"
+    run_id: HEX64
+    round: int = Field(ge=0)
+    slice: int = Field(ge=0)
+    trainers: list[str] = Field(max_length=4096)  # peer ids, sorted
+    time: float
+
+
+SWARM_KINDS: dict[str, type[_Record]] = {"run": RunAnnouncement, "close": RoundClose, "beacon": AuditBeacon,
+                                         "slice_missing": SliceMissing}
 
 
 def parse_swarm_message(data: bytes, expected: type[_Record]) -> _Record:
