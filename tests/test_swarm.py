@@ -180,6 +180,21 @@ def test_an_owner_reports_a_slice_it_failed_to_fetch_twice_and_takes_the_report_
     assert parse_slice_missing(stored[-1][2]).trainers == []
 
 
+def test_a_peer_restarted_after_committing_gets_its_own_slice_back_from_the_next_owner():
+    from types import SimpleNamespace
+
+    from gpunite.swarm.peer import Peer
+
+    asked = []
+    stand_in = SimpleNamespace(peer_id="b", payloads={}, _prefetched={}, _owners={3: ["a", "b", "c"]})
+    stand_in._request_slice = lambda r, i, pid, trainer="": asked.append((r, i, pid, trainer)) or b"copy"
+    assert Peer.fetch_slice(stand_in, 3, 1, "b") == b"copy"  # slice 1 is b's to merge; c keeps the copy
+    assert asked == [(3, 1, "c", "b")]
+    assert Peer.fetch_slice(stand_in, 3, 2, "b") is None  # not ours to merge: nobody keeps a copy of it
+    stand_in.payloads = {3: [b"s0", b"s1", b"s2"]}
+    assert Peer.fetch_slice(stand_in, 3, 1, "b") == b"s1" and len(asked) == 1
+
+
 def test_time_shares_split_a_window_of_the_round_log():
     from gpunite.swarm.demo import time_shares
 

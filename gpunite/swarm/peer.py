@@ -1097,14 +1097,20 @@ class Peer:
         return payload_to_bytes(compress(merged, method, self.train_cfg.compression_chunk))
 
     def fetch_slice(self, round_index: int, index: int, peer_id: str) -> bytes | None:
+        owners = self._owners.get(round_index, [])
         if peer_id == self.peer_id:
             slices = self.payloads.get(round_index)
-            return slices[index] if slices and index < len(slices) else None
+            if slices and index < len(slices):
+                return slices[index]
+            # Restarted after committing: our slices went with the old process, but the next owner keeps a
+            # copy of the one we merge ourselves.
+            if len(owners) > 1 and index < len(owners) and owners[index] == self.peer_id:
+                return self._request_slice(round_index, index, owners[(index + 1) % len(owners)], trainer=peer_id)
+            return None
         cached = self._prefetched.get((round_index, index, peer_id))
         if cached is not None:
             return cached
         data = self._request_slice(round_index, index, peer_id)
-        owners = self._owners.get(round_index, [])
         if data is None and len(owners) > 1 and index < len(owners) and owners[index] == peer_id:
             keeper = owners[(index + 1) % len(owners)]  # the owner's own slice: the next owner keeps a copy
             if keeper != self.peer_id:
