@@ -147,7 +147,7 @@ class Membership:
                 self.lateness[pid] = age if age <= self.ttl_s else 0.0
             else:
                 self.lateness[pid] = 0.7 * self.lateness.get(pid, 0.0) + 0.3 * age
-        contact = getattr(self.node, "last_contact", {})
+        contact = self.node.last_contact
         live = {pid: hb for pid, hb in self.last_seen.items() if now <= self._deadline(hb, contact)}
         if self._task is not None:  # heartbeating: this peer is alive, whatever the DHT holds of it right now
             live[self.identity.peer_id] = self.heartbeat()

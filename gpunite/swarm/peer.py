@@ -250,7 +250,7 @@ class Peer:
         self._trained: dict[int, bool] = {}  # round -> whether this peer committed a contribution to it
         self._job: _TrainingJob | None = None  # with overlap: the next round training on its own thread
         self._abort_training = threading.Event()
-        self._prefetched: dict[tuple[int, int, str], bytes | None] = {}  # (round, slice, trainer) -> its bytes
+        self._prefetched: dict[tuple[int, int, str], bytes] = {}  # (round, slice, trainer) -> its bytes
         self._prefetch_failures: dict[tuple[int, int, str], int] = {}  # failed tries of the same key
         self._reported_missing: dict[int, list[str]] = {}  # round -> trainers our SliceMissing names
         self._owners: dict[int, list[str]] = {}  # round -> its slice owners, in slice order
@@ -845,8 +845,9 @@ class Peer:
         todo = [(i, pid) for i, pid in todo if self._prefetched.get((ctx.round, i, pid)) is None
                 and self._prefetch_failures.get((ctx.round, i, pid), 0) < PREFETCH_TRIES]
         for (i, pid), data in zip(todo, in_parallel(lambda job: self._request_slice(ctx.round, *job), todo)):
-            self._prefetched[(ctx.round, i, pid)] = data  # None: tried; fetch_slice tries again later
-            if data is None:
+            if data is not None:
+                self._prefetched[(ctx.round, i, pid)] = data
+            else:  # counted; fetch_slice tries again at the merge
                 self._prefetch_failures[(ctx.round, i, pid)] = self._prefetch_failures.get((ctx.round, i, pid), 0) + 1
         self._report_missing(ctx, index, contributions)
 
@@ -1097,20 +1098,17 @@ class Peer:
         return payload_to_bytes(compress(merged, method, self.train_cfg.compression_chunk))
 
     def fetch_slice(self, round_index: int, index: int, peer_id: str) -> bytes | None:
-        owners = self._owners.get(round_index, [])
         if peer_id == self.peer_id:
             slices = self.payloads.get(round_index)
             if slices and index < len(slices):
                 return slices[index]
-            # Restarted after committing: our slices went with the old process, but the next owner keeps a
-            # copy of the one we merge ourselves.
-            if len(owners) > 1 and index < len(owners) and owners[index] == self.peer_id:
-                return self._request_slice(round_index, index, owners[(index + 1) % len(owners)], trainer=peer_id)
-            return None
-        cached = self._prefetched.get((round_index, index, peer_id))
-        if cached is not None:
-            return cached
-        data = self._request_slice(round_index, index, peer_id)
+            data = None  # restarted after committing: our slices went with the old process
+        else:
+            cached = self._prefetched.get((round_index, index, peer_id))
+            if cached is not None:
+                return cached
+            data = self._request_slice(round_index, index, peer_id)
+        owners = self._owners.get(round_index, [])
         if data is None and len(owners) > 1 and index < len(owners) and owners[index] == peer_id:
             keeper = owners[(index + 1) % len(owners)]  # the owner's own slice: the next owner keeps a copy
             if keeper != self.peer_id:
