@@ -341,10 +341,14 @@ def test_a_host_follows_the_runs_verified_rounds_without_dropping_requests(tmp_p
             problems: list[str] = []
             stop = threading.Event()
 
+            first_seen: dict[int, str] = {}  # the weights each thread saw before its first request
+
             def ask(seed: int) -> None:
                 with httpx.Client(base_url=url, timeout=60) as client:
+                    # each request's "before" is the previous one's "after": no gap a swap could fall into
+                    after = first_seen.setdefault(seed, client.get("/health").json()["weights_hash"])
                     while not stop.is_set():
-                        before = client.get("/health").json()["weights_hash"]
+                        before = after
                         try:
                             answer = client.post("/v1/completions", json={
                                 "model": "follow-test", "prompt": "def ", "max_tokens": 24,
@@ -364,8 +368,14 @@ def test_a_host_follows_the_runs_verified_rounds_without_dropping_requests(tmp_p
             for thread in threads:
                 thread.start()
             try:
-                later = wait_until(lambda: served_round(first["round"] + 1, other_than=first["weights_hash"]),
-                                   180, "a later verified round with new weights", host_alive)
+                # a swap after both threads started asking (the host may have swapped while the chains were read)
+                def swapped_while_asking():
+                    if len(first_seen) < len(threads):
+                        return None
+                    status = served_round(first["round"] + 1)
+                    return status if status and status["weights_hash"] not in first_seen.values() else None
+
+                later = wait_until(swapped_while_asking, 180, "a later verified round with new weights", host_alive)
             finally:
                 stop.set()
                 for thread in threads:
