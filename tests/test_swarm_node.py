@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -152,3 +153,34 @@ def test_typical_speed_is_the_median_of_big_transfers():
         budget.observe(1_000_000, seconds)
     budget.observe(1000, 100.0)  # too small to say anything about the link
     assert budget.typical_bits_per_s(unmeasured=20e6) == 4e6
+
+
+def test_many_keys_in_one_read_and_reads_ahead_answered_once():
+    server = SwarmNode().start()
+    try:
+        client = SwarmNode(initial_peers=server.maddrs).start()
+        try:
+            for key, subkey, value in (("k/a", "p1", b"a1"), ("k/a", "p2", b"a2"), ("k/b", "p1", b"b1"),
+                                       ("k/bad", "p1", b"not a record")):
+                assert server.store(key, subkey, value, ttl_s=60)
+            assert client.get_many(["k/a", "k/b", "k/none", "k/a"]) == {
+                "k/a": {"p1": b"a1", "p2": b"a2"}, "k/b": {"p1": b"b1"}, "k/none": {}}
+
+            def parse(raw: bytes):
+                if not raw[:1].isalpha() or b" " in raw:
+                    raise ValueError("not a record")
+                return SimpleNamespace(peer_id="p1" if raw.endswith(b"1") else "p2", raw=raw)
+
+            found = client.get_many_records({"k/a": parse, "k/bad": parse})
+            assert {sub: r.raw for sub, r in found["k/a"].items()} == {"p1": b"a1", "p2": b"a2"}
+            assert found["k/bad"] == {}  # dropped (and logged once), the other key still read
+            with client.read_ahead(["k/a", "k/b"]):
+                assert server.store("k/a", "p3", b"a3", ttl_s=60)
+                assert client.get("k/a") == {"p1": b"a1", "p2": b"a2"}  # the read made when the block began
+                assert client.get("k/a")["p3"] == b"a3"  # a second read goes to the network again
+                assert client.get("k/b") == {"p1": b"b1"}
+            assert set(client.get("k/a")) == {"p1", "p2", "p3"}
+        finally:
+            client.close()
+    finally:
+        server.close()

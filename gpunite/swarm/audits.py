@@ -416,17 +416,18 @@ class RoundAudits:
         beacon = beacon_from_signature(record.signer, record.beacon, ctx.run_id, ctx.round, prev_block,
                                        record.contributions)
         candidates = self.candidates(ctx.round)
-        pool: list[Verdict] = []
-        missing: list[str] = []  # the drawn verifiers whose verdicts are not in yet
+        drawn = {}  # audited contribution id -> its drawn verifiers
         for contribution in frozen.values():
             if not self._worth_auditing(contribution, ctx):
                 continue
             assignment = assign(beacon, contribution, self.policy, candidates, self.peer.peer_id)
-            if not assignment.audited:
-                continue
-            found = self._verdicts(ctx.round, contribution.record_id)
-            pool += found
-            missing += sorted(set(assignment.verifiers) - {v.peer_id for v in found})
+            if assignment.audited:
+                drawn[contribution.record_id] = assignment.verifiers
+        found, _ = self._verdicts(ctx.round, list(drawn))
+        pool = [v for cid in drawn for v in found[cid]]
+        # the drawn verifiers whose verdicts are not in yet
+        missing = [pid for cid, verifiers in drawn.items()
+                   for pid in sorted(set(verifiers) - {v.peer_id for v in found[cid]})]
         if missing and time.time() - published < self.audit_timeout_s:
             return None
         if missing:
@@ -466,9 +467,10 @@ class RoundAudits:
         contributions: dict[str, Contribution] = {}
         pool: dict[str, Verdict] = {}
         for attempt in range(polls):  # records may still be on their way through the DHT
-            contributions |= self._contributions(ctx.round)
-            for cid in sorted(decided) if len(pool) < len(wanted) else ():
-                pool |= {v.record_id: v for v in self._verdicts(ctx.round, cid) if v.record_id in wanted}
+            found, listed = self._verdicts(ctx.round, sorted(decided) if len(pool) < len(wanted) else [],
+                                           with_contributions=True)
+            contributions |= listed
+            pool |= {v.record_id: v for verdicts in found.values() for v in verdicts if v.record_id in wanted}
             needed = {v.contribution for v in pool.values()} | {r.contribution for r in bans}
             if len(pool) == len(wanted) and needed <= set(contributions):
                 break
@@ -560,21 +562,27 @@ class RoundAudits:
             elif was_suspect and not now_suspect:
                 log.info("%s passed its round %d audit: no longer a suspect", trainer[:12], close.round)
 
-    def _contributions(self, round_index: int) -> dict[str, Contribution]:
-        """The round's signed contributions in the DHT, by record id."""
-        found = self.peer.node.get_records(run_key(self.peer.run_id, "contrib", round_index), parse_contribution)
-        return {c.record_id: c for c in found.values() if c.round == round_index}
-
-    def _verdicts(self, round_index: int, contribution_id: str) -> list[Verdict]:
-        found = self.peer.node.get_records(verdict_key(self.peer.run_id, round_index, contribution_id),
-                                           parse_verdict)
-        verdicts = [v for v in found.values() if v.contribution == contribution_id and v.round == round_index]
+    def _verdicts(self, round_index: int, contribution_ids: list[str], with_contributions: bool = False
+                  ) -> tuple[dict[str, list[Verdict]], dict[str, Contribution]]:
+        """The signed verdicts on each of these contributions, by contribution id, and (with_contributions) the
+        round's contributions by record id: one DHT traversal for all of them (a coordinator waiting on a
+        round's audits, or a peer checking a close, would otherwise pay a read's round trips per contribution)."""
+        run_id = self.peer.run_id
+        keys = {cid: verdict_key(run_id, round_index, cid) for cid in contribution_ids}
+        parsers = dict.fromkeys(keys.values(), parse_verdict)
+        contrib_key = run_key(run_id, "contrib", round_index)
+        if with_contributions:
+            parsers[contrib_key] = parse_contribution
+        found = self.peer.node.get_many_records(parsers) if parsers else {}
+        verdicts = {cid: [v for v in found[key].values() if v.contribution == cid and v.round == round_index]
+                    for cid, key in keys.items()}
+        contributions = {c.record_id: c for c in found.get(contrib_key, {}).values() if c.round == round_index}
         with self._lock:
-            fresh = [v for v in verdicts if v.record_id not in self._emitted]
+            fresh = [v for found in verdicts.values() for v in found if v.record_id not in self._emitted]
             self._emitted.update(v.record_id for v in fresh)
         for verdict in fresh:
             self.peer._emit(verdict)
-        return verdicts
+        return verdicts, contributions
 
 
 async def serve_trail(peer: Peer, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:

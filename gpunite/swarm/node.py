@@ -13,12 +13,13 @@ global state or a shard that takes minutes, while a peer that stops answering is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from gpunite.errors import GpuniteError
@@ -106,6 +107,7 @@ class SwarmNode:
         self.p2p_id = ""
         self.maddrs: list[str] = []
         self._bad_seen: set[bytes] = set()
+        self._prefetched = threading.local()  # per thread: key -> values read ahead (`read_ahead`)
 
     # ----- life cycle -----
     def start(self) -> SwarmNode:
@@ -178,29 +180,63 @@ class SwarmNode:
 
     def get(self, key: str) -> dict[str, bytes]:
         """The live values under key, by subkey (raw bytes; callers verify them)."""
-        found = self.run(self._dht.get(key, latest=True), timeout=30)
-        if found is None or not isinstance(found.value, dict):
-            return {}
-        return {str(sub): item.value for sub, item in found.value.items() if isinstance(item.value, bytes)}
+        return self.get_many([key])[key]
+
+    @contextlib.contextmanager
+    def read_ahead(self, keys: Sequence[str]) -> Iterator[None]:
+        """Read these keys in one traversal now; inside the block, this thread's first read of each is answered
+        from it (later reads of a key go to the network again, so a loop waiting for records still sees them
+        arrive). A polling loop that reads several keys an iteration pays one read's round trips, not one per key."""
+        ahead = self.get_many(keys)
+        self._prefetched.values = ahead
+        try:
+            yield
+        finally:
+            self._prefetched.values = {}
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, bytes]]:
+        """The live values under each key, by subkey, found in one DHT traversal: each node visited is asked
+        for every key in one request, so reading n keys costs the round trips of one read, not n."""
+        keys = list(dict.fromkeys(keys))
+        ahead: dict[str, dict[str, bytes]] = getattr(self._prefetched, "values", {})
+        values = {key: ahead.pop(key) for key in keys if key in ahead}
+        wanted = [key for key in keys if key not in values]
+        if not wanted:
+            return values
+        found = self.run(self._dht.get_many(wanted, sufficient_expiration_time=float("inf")), timeout=30)
+        for key in wanted:
+            item = found.get(key)
+            values[key] = (
+                {str(sub): v.value for sub, v in item.value.items() if isinstance(v.value, bytes)}
+                if item is not None and isinstance(item.value, dict) else {}
+            )
+        return values
 
     def get_records(self, key: str, parse: Callable[[bytes], Any], signer_subkey: bool = True) -> dict[str, Any]:
         """Values under key that parse (signature and schema checked); bad ones are logged and dropped.
 
         With signer_subkey, a record counts only under its own signer's peer id (no one speaks for another).
         """
-        records = {}
-        for subkey, raw in self.get(key).items():
-            try:
-                record = parse(raw)
-            except (RecordError, ValueError) as exc:
-                self._log_bad(raw, "dropped a bad record under %s/%s: %s", key, subkey[:16], exc)
-                continue
-            if signer_subkey and record.peer_id != subkey:
-                self._log_bad(raw, "dropped a record under %s stored at subkey %s by peer %s", key, subkey[:16],
-                              record.peer_id[:16])
-                continue
-            records[subkey] = record
-        return records
+        return self.get_many_records({key: parse}, signer_subkey)[key]
+
+    def get_many_records(self, parsers: Mapping[str, Callable[[bytes], Any]], signer_subkey: bool = True
+                         ) -> dict[str, dict[str, Any]]:
+        """`get_records` of several keys (each with its parser) in one DHT traversal (`get_many`), by key."""
+        found = {}
+        for key, values in self.get_many(list(parsers)).items():
+            records = found[key] = {}
+            for subkey, raw in values.items():
+                try:
+                    record = parsers[key](raw)
+                except (RecordError, ValueError) as exc:
+                    self._log_bad(raw, "dropped a bad record under %s/%s: %s", key, subkey[:16], exc)
+                    continue
+                if signer_subkey and record.peer_id != subkey:
+                    self._log_bad(raw, "dropped a record under %s stored at subkey %s by peer %s", key, subkey[:16],
+                                  record.peer_id[:16])
+                    continue
+                records[subkey] = record
+        return found
 
     def _log_bad(self, raw: bytes, message: str, *args: Any) -> None:
         """Warn once per bad value (polling reads the same one again and again)."""

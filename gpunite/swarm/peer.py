@@ -778,47 +778,51 @@ class Peer:
         rejected_closes: dict[str, float] = {}
         seen_at: dict[str, float] = {}
         self.write_status("waiting")
+        # the records each poll reads, in one DHT traversal (each read costs its round trips on a slow link)
+        polled = [run_key(self.run_id, kind, ctx.round) for kind in ("close", "contrib", "beacon")]
+        polled.append(run_key(self.run_id, "heartbeat"))
         while True:
-            closes = self.node.get_records(run_key(self.run_id, "close", ctx.round), parse_close)
-            alive = self.membership.alive()
-            for close in sorted(closes.values(), key=lambda c: c.coordinator_rank):
-                if time.time() - rejected_closes.get(close.record_id, -math.inf) < CLOSE_RETRY_S:
-                    continue
-                # A backup's close counts once the candidates before it are gone or had their chance.
-                first_seen = seen_at.setdefault(close.record_id, time.time())
-                earlier_alive = [pid for pid in order[: close.coordinator_rank] if pid in alive]
-                if earlier_alive and time.time() - first_seen < close.coordinator_rank * self.config.takeover_s:
-                    continue
-                verdict, accepted = self.verify_close(close, ctx, order)
-                if verdict.accept:
-                    return close, accepted
-                if close.record_id not in rejected_closes:
-                    log.warning("ignored round %d close by %s: %s", ctx.round, close.peer_id[:12], verdict.reason)
-                rejected_closes[close.record_id] = time.time()
-            contributions = {pid: c for pid, c in self.contributions(ctx.round).items() if pid in roster_ids}
-            self._prefetch_owned_slices(ctx, roster_ids, contributions)
-            self.audits.serve_audits(ctx, contributions)
-            missing_alive = [pid for pid in roster_ids
-                             if ctx.assigned.get(pid) and pid not in contributions and pid in alive]
-            if ready_since is None and (not missing_alive or time.time() > deadline):
-                ready_since = time.time()
-            candidates = order + sorted(pid for pid in alive if pid not in order and pid not in banned
-                                        and "trainer" in alive[pid].roles)
-            if ready_since is not None and self.peer_id in candidates:
-                rank = candidates.index(self.peer_id)
-                before_alive = [pid for pid in candidates[:rank] if pid in alive]
-                decided = None
-                if not before_alive or (time.time() - ready_since >= rank * self.config.takeover_s
-                                        and not self.audits.earlier_at_work(ctx, before_alive)):
-                    # Publishes the audit beacon first, then waits (polling here) for the drawn verifiers.
-                    decided = self.audits.ready_to_close(ctx, contributions, rank, prev_block)
-                if decided is not None:
-                    close = self.make_close(ctx, decided, alive, rank, prev_block)
-                    self.node.store(run_key(self.run_id, "close", ctx.round), self.peer_id, record_bytes(close),
-                                    ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
-                    log.info("coordinated round %d (rank %d): %d accepted, %d rejected, next roster %d peers",
-                             ctx.round, rank, len(close.accepted), len(close.rejected), len(close.next_roster))
-                    return close, {pid: decided[pid] for pid in close.contributors}
+            with self.node.read_ahead(polled):
+                closes = self.node.get_records(run_key(self.run_id, "close", ctx.round), parse_close)
+                alive = self.membership.alive()
+                for close in sorted(closes.values(), key=lambda c: c.coordinator_rank):
+                    if time.time() - rejected_closes.get(close.record_id, -math.inf) < CLOSE_RETRY_S:
+                        continue
+                    # A backup's close counts once the candidates before it are gone or had their chance.
+                    first_seen = seen_at.setdefault(close.record_id, time.time())
+                    earlier_alive = [pid for pid in order[: close.coordinator_rank] if pid in alive]
+                    if earlier_alive and time.time() - first_seen < close.coordinator_rank * self.config.takeover_s:
+                        continue
+                    verdict, accepted = self.verify_close(close, ctx, order)
+                    if verdict.accept:
+                        return close, accepted
+                    if close.record_id not in rejected_closes:
+                        log.warning("ignored round %d close by %s: %s", ctx.round, close.peer_id[:12], verdict.reason)
+                    rejected_closes[close.record_id] = time.time()
+                contributions = {pid: c for pid, c in self.contributions(ctx.round).items() if pid in roster_ids}
+                self._prefetch_owned_slices(ctx, roster_ids, contributions)
+                self.audits.serve_audits(ctx, contributions)
+                missing_alive = [pid for pid in roster_ids
+                                 if ctx.assigned.get(pid) and pid not in contributions and pid in alive]
+                if ready_since is None and (not missing_alive or time.time() > deadline):
+                    ready_since = time.time()
+                candidates = order + sorted(pid for pid in alive if pid not in order and pid not in banned
+                                            and "trainer" in alive[pid].roles)
+                if ready_since is not None and self.peer_id in candidates:
+                    rank = candidates.index(self.peer_id)
+                    before_alive = [pid for pid in candidates[:rank] if pid in alive]
+                    decided = None
+                    if not before_alive or (time.time() - ready_since >= rank * self.config.takeover_s
+                                            and not self.audits.earlier_at_work(ctx, before_alive)):
+                        # Publishes the audit beacon first, then waits (polling here) for the drawn verifiers.
+                        decided = self.audits.ready_to_close(ctx, contributions, rank, prev_block)
+                    if decided is not None:
+                        close = self.make_close(ctx, decided, alive, rank, prev_block)
+                        self.node.store(run_key(self.run_id, "close", ctx.round), self.peer_id, record_bytes(close),
+                                        ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
+                        log.info("coordinated round %d (rank %d): %d accepted, %d rejected, next roster %d peers",
+                                 ctx.round, rank, len(close.accepted), len(close.rejected), len(close.next_roster))
+                        return close, {pid: decided[pid] for pid in close.contributors}
             if self.stopping.is_set():
                 raise PeerError("stopped while waiting for the round to close")
             time.sleep(self.config.poll_s)
