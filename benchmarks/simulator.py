@@ -1,16 +1,17 @@
 """Benchmark: the simulator against real swarms it was not calibrated on, its speed at a million peers, and the
 seed's goal.
 
-1. Calibration set: real swarms (by default one swarm of 4 peers on the WAN test bed's `home` links, or on
-   loopback where the test bed cannot run: `gpunite run start` + `gpunite join`, a 1-layer 64-wide model,
-   every contribution audited) give the costs a formula cannot know: the audit's CPU time per replayed step,
-   and the per-round protocol overhead, a CPU part relative to the run's own inner-step time plus sequential
-   round trips (told apart when the calibration runs have different latencies:
-   gpunite.sim.calibration.calibrate). Loopback runs are not mixed with test-bed ones by default: on the
-   test bed the delaying relays and network namespaces add CPU work of their own, so a loopback run's
-   overhead per inner-step second is several times lower. Bytes are not calibrated at all: they follow from
-   the wire formats (gpunite.sim.traffic), with fixed parts measured by serializing the run's model.
-2. Held-out set: real swarms on the WAN test bed with another peer count (by default 8 peers, `home`:
+1. Calibration set: real swarms (by default two swarms of 4 peers on the WAN test bed, one on `datacenter`
+   links (1 ms) and one on `home` links (50 ms), or one on loopback where the test bed cannot run:
+   `gpunite run start` + `gpunite join`, a 1-layer 64-wide model, every contribution audited) give the
+   costs a formula cannot know: the audit's CPU time per replayed step, and the per-round protocol overhead,
+   a CPU part relative to the run's own inner-step time plus sequential DHT reads whose round trips grow
+   with the RTT and the swarm (the two latencies tell them apart: gpunite.sim.calibration.calibrate).
+   Loopback runs are not mixed with test-bed ones by default: on the test bed the delaying relays and
+   network namespaces add CPU work of their own, so a loopback run's overhead per inner-step second is
+   several times lower. Bytes are not calibrated at all: they follow from the wire formats
+   (gpunite.sim.traffic), with fixed parts measured by serializing the run's model.
+2. Held-out set: real swarms on the WAN test bed with other peer counts (by default 8 and 12 peers, `home`:
    100/20 Mbit, 50 ms one way). The simulator predicts their round time, compute
    utilization (inner-step time of merged work / wall time) and bytes per peer per round from the
    calibration plus each run's measured inner-step time (an input). `sim_vs_testbed_error` is the largest
@@ -128,8 +129,10 @@ def main() -> None:
     parser.add_argument("--calibration", type=Path, nargs="*", default=[], help="Saved calibration runs.")
     parser.add_argument("--held-out", type=Path, nargs="*", default=[], help="Saved held-out runs.")
     parser.add_argument("--calibration-peers", type=int, default=4,
-                        help="Peers of the calibration run (on the test bed's --profile, else loopback).")
-    parser.add_argument("--peers", type=int, nargs="+", default=[8],
+                        help="Peers of each calibration run (on the test bed, else one run on loopback).")
+    parser.add_argument("--calibration-profiles", nargs="+", default=["datacenter", "home"],
+                        help="Link profiles of the calibration runs (one run each; latencies should differ).")
+    parser.add_argument("--peers", type=int, nargs="+", default=[8, 12],
                         help="Test-bed peers of each held-out run (2-16; several values: one run each).")
     parser.add_argument("--profile", default="home", help="Link profile of the test-bed runs.")
     parser.add_argument("--rounds", type=int, default=4, help="Measured rounds per real run.")
@@ -161,15 +164,16 @@ def main() -> None:
         except NetbedError as exc:
             bed_note = f"test bed unavailable ({exc}); the runs measured here are loopback swarms"
 
-    def measured_here(peers: int):
-        """A run on the test bed's --profile, or on loopback where the bed cannot run."""
-        profile = None if bed_note else args.profile
-        return measured(peers, profile, f"{profile or 'loopback'}{peers}")
+    def measured_here(peers: int, profile: str):
+        """A run on the test bed's `profile`, or on loopback where the bed cannot run."""
+        on_bed = None if bed_note else profile
+        return measured(peers, on_bed, f"{on_bed or 'loopback'}{peers}")
 
     if not calibration_runs:
-        calibration_runs = [measured_here(args.calibration_peers)]
+        profiles = args.calibration_profiles[:1] if bed_note else args.calibration_profiles
+        calibration_runs = [measured_here(args.calibration_peers, profile) for profile in profiles]
     if not held_out_runs:
-        held_out_runs = [measured_here(peers) for peers in args.peers]
+        held_out_runs = [measured_here(peers, args.profile) for peers in args.peers]
     calibration = calibrate(calibration_runs)
     in_sample = [compare(run, calibration) for run in calibration_runs]
     held_out = [compare(run, calibration) for run in held_out_runs]

@@ -28,6 +28,7 @@ from gpunite.sim.model import (
     SimConfig,
     SimError,
     audit_round,
+    dht_hops,
     draw_verifiers,
     exchange_round,
     parse_mix,
@@ -102,7 +103,7 @@ def _homogeneous(overlap: bool, n: int = 16, audit_fraction: float = 0.0) -> tup
     comm_s = (
         costs.round_overhead_s
         + transfer_s
-        + costs.round_overhead_rtts * rtt
+        + costs.dht_reads * dht_hops(n) * rtt
         + messages * costs.message_overhead_s
         + busiest_s
     )
@@ -304,11 +305,12 @@ def test_adaptive_links_keep_one_slow_peer_from_stalling_the_exchange():
     everyone = np.ones(8, dtype=bool)
     param_bytes = config.params * config.costs.wire.slice_bytes_per_param
     group = np.zeros(8, dtype=np.int64)
-    blocking = exchange_round(param_bytes, everyone, everyone, up, down, group, config.costs, 0.3, False)
+    costs = replace(config.costs, dht_reads=0.0)  # the reads' round trips are the same either way
+    blocking = exchange_round(param_bytes, everyone, everyone, up, down, group, costs, 0.3, False)
     # what the round does with `adaptive`: the 1 Mbit peer (index 7) neither owns a slice nor contributes
     fast = everyone.copy()
     fast[7] = False
-    adaptive = exchange_round(param_bytes, fast, fast, up, down, group, config.costs, 0.3, True)
+    adaptive = exchange_round(param_bytes, fast, fast, up, down, group, costs, 0.3, True)
     assert blocking.seconds > 4 * adaptive.seconds
     # it still fetches the 7 merged slices: only their requests' framing goes up its link
     assert adaptive.sent[7] == pytest.approx(7 * config.costs.wire.request_bytes / 2)
@@ -386,17 +388,17 @@ def test_calibration_recovers_the_costs_it_was_measured_with_and_predicts_anothe
 def test_calibration_on_the_test_bed_separates_cpu_overhead_from_round_trips():
     """Loopback shows only the CPU part of the overhead; a test-bed run adds the round trips (50 ms each way
     on `home`): from both, calibrate finds each part and predicts a larger test-bed swarm exactly."""
-    truth = ProtocolCosts(audit_compute_scale=0.4, round_overhead_s=2.0, round_overhead_rtts=40.0)
+    truth = ProtocolCosts(audit_compute_scale=0.4, round_overhead_s=2.0, dht_reads=15.0)
     loopback = _measured_by_simulation("loopback", 4, 10.0, truth)
     home4 = _measured_by_simulation("netbed:home", 4, 20.0, replace(truth, round_overhead_s=4.0))
     home8 = _measured_by_simulation("netbed:home", 8, 30.0, replace(truth, round_overhead_s=6.0))
     calibration = calibrate([loopback, home4])
     assert calibration.costs.round_overhead_s == pytest.approx(2.0, rel=1e-6)
-    assert calibration.costs.round_overhead_rtts == pytest.approx(40.0, rel=1e-6)
+    assert calibration.costs.dht_reads == pytest.approx(15.0, rel=1e-6)
     assert compare(home8, calibration)["max_abs_error"] < 1e-6
     # loopback alone cannot see the round trips: it keeps the default count and mispredicts the test bed
     blind = calibrate([loopback])
-    assert blind.costs.round_overhead_rtts == ProtocolCosts().round_overhead_rtts
+    assert blind.costs.dht_reads == ProtocolCosts().dht_reads
     assert compare(home8, blind)["max_abs_error"] > 0.05
 
 
@@ -496,3 +498,16 @@ def test_peer_log_figures_between_first_and_last_merge():
     # rounds 1 and 2 are in the window: two peers' audits of them, 2 per round, of 3 s on average
     assert measured.audits_per_round == 2.0 and measured.audit_s == 3.0
     assert measured.merged_fraction == 0.75 and measured.utilization == pytest.approx(12.5 / 18.0 * 0.75)
+
+
+def test_a_dht_read_takes_more_round_trips_in_a_larger_swarm():
+    # every other node of the beam is visited, 4 at a time; past one bucket (20) a lookup narrows in first
+    assert [dht_hops(n) for n in (1, 2, 5, 6, 9, 12, 16, 20)] == [1, 1, 1, 2, 2, 3, 4, 5]
+    assert dht_hops(80) == 5 + 1 and dht_hops(1_000_000) == 5 + 8
+    # the simulated round grows by those round trips when the links are slow to answer
+    slow = SimConfig(peers=12, link_mix={"home": 1.0}, model="tiny", rounds=5, round_compute_s=10.0,
+                     speed_jitter=0.0, audit_fraction=0.0, overlap=False, seed=0)
+    fast = replace(slow, costs=replace(slow.costs, dht_reads=0.0))
+    home = LINKS["home"]
+    assert simulate(slow).mean_round_s - simulate(fast).mean_round_s == pytest.approx(
+        slow.costs.dht_reads * 3 * 2 * home.one_way_ms / 1e3, rel=1e-6)

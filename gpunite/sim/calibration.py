@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 
 from gpunite.errors import GpuniteError
-from gpunite.sim.model import LINKS, ProtocolCosts, SimConfig, simulate
+from gpunite.sim.model import LINKS, ProtocolCosts, SimConfig, dht_hops, simulate
 from gpunite.sim.traffic import WireSizes
 
 MANIFEST = """[run]
@@ -50,7 +50,7 @@ intermediate_size = 172
 [train]
 batch_size = 4
 inner_steps = {inner_steps}
-round_deadline_s = 600
+round_deadline_s = {round_deadline_s}
 overlap = {overlap}
 [proof]
 audit_fraction = {audit_fraction}
@@ -62,6 +62,7 @@ audit_fraction = {audit_fraction}
 # and on a shared, loaded CPU.
 AUDIT_FRACTION = 1.0
 TRAIL_INTERVAL, SEGMENTS_PER_AUDIT, AUDIT_TIMEOUT_S = 2, 2, 30.0  # manifest and PeerConfig defaults
+ROUND_DEADLINE_S = 600.0  # the calibration runs' train.round_deadline_s: no peer misses it
 _MADDR = re.compile(r"(/ip4/\S+/tcp/\d+/p2p/\w+)")
 
 
@@ -176,9 +177,11 @@ def calibrate(runs: list[SwarmMeasurement], base: ProtocolCosts | None = None) -
     """Audit CPU scale and per-round overhead from real runs. An audit's time is its download at the links'
     rate plus replay CPU (relative to the run's inner-step time, averaged over the runs). The round time that
     is neither compute, nor audits, nor the exchange is the protocol's overhead: a CPU part that grows with
-    the run's inner-step time (a shared CPU slows both) and a part of sequential round trips (DHT polls and
-    stores, stream set-ups) that grows with the links' RTT. Loopback runs see only the first; runs on the
-    test bed's links tell the two apart (`fit_overhead`). Without any, the round trips keep `base`'s count."""
+    the run's inner-step time (a shared CPU slows both) and sequential DHT reads (each waits for the
+    commits, the audit beacon, the verdicts or the close to show up), whose round trips grow with the links'
+    RTT and the swarm (`gpunite.sim.model.dht_hops`). Loopback runs see only the first; runs on links of
+    different latency (the test bed's datacenter and home profiles) tell the two apart (`fit_overhead`).
+    Without them, the reads keep `base`'s count."""
     if not runs:
         raise CalibrationError("calibrate needs at least one measured run")
     base = base or ProtocolCosts()
@@ -188,18 +191,18 @@ def calibrate(runs: list[SwarmMeasurement], base: ProtocolCosts | None = None) -
         scale = replay_s / (_replay_share(run) * run.compute_s) if run.audits_per_round > 0 else None
         scales.append(base.audit_compute_scale if scale is None else scale)
         probe_costs = replace(base, wire=run.wire, audit_compute_scale=scales[-1], round_overhead_s=0.0,
-                              round_overhead_rtts=0.0)
+                              dht_reads=0.0)
         probe = simulate(_config_for(run, probe_costs))
         residuals.append(max(run.round_s - probe.mean_round_s, 0.0))
-    per_compute, per_rtt = fit_overhead(residuals, [run.compute_s for run in runs], [rtt_s(run) for run in runs],
-                                        base.round_overhead_rtts)
+    per_compute, reads = fit_overhead(residuals, [run.compute_s for run in runs], [read_s(run) for run in runs],
+                                      base.dht_reads)
     reference = runs[0].compute_s
     costs = replace(
         base,
         wire=runs[0].wire,
         audit_compute_scale=sum(scales) / len(scales),
         round_overhead_s=per_compute * reference,
-        round_overhead_rtts=per_rtt,
+        dht_reads=reads,
     )
     return Calibration(costs, reference, tuple(run.label for run in runs))
 
@@ -213,19 +216,25 @@ def rtt_s(measured: SwarmMeasurement) -> float:
     return 2.0 * one_way_ms[len(one_way_ms) // 2] / 1e3
 
 
-def fit_overhead(residuals: Sequence[float], compute_s: Sequence[float], rtts: Sequence[float],
-                 default_rtts: float) -> tuple[float, float]:
-    """(overhead per second of inner steps, round trips per round) with residual ~= a x compute + b x rtt.
+def read_s(measured: SwarmMeasurement) -> float:
+    """What one DHT read costs in the simulation of a run: its round trips in a swarm of that size."""
+    return dht_hops(measured.peers) * rtt_s(measured)
+
+
+def fit_overhead(residuals: Sequence[float], compute_s: Sequence[float], reads_s: Sequence[float],
+                 default_reads: float) -> tuple[float, float]:
+    """(overhead per second of inner steps, DHT reads per round) with residual ~= a x compute + b x read_s,
+    where read_s is what one DHT read costs in that run (its round trips x the RTT).
 
     Each run's equation is divided by its compute time, so runs weigh alike whatever their size: a least
-    squares line y = a + b x through y = residual / compute, x = rtt / compute, neither coefficient below 0.
-    Runs that all share one x (e.g. loopback only, x = 0) cannot tell a from b: b is then `default_rtts`."""
+    squares line y = a + b x through y = residual / compute, x = read_s / compute, neither coefficient below 0.
+    Runs that all share one x (e.g. loopback only, x = 0) cannot tell a from b: b is then `default_reads`."""
     ys = [r / c for r, c in zip(residuals, compute_s)]
-    xs = [t / c for t, c in zip(rtts, compute_s)]
+    xs = [t / c for t, c in zip(reads_s, compute_s)]
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     spread = sum((x - mean_x) ** 2 for x in xs)
-    if spread == 0.0:  # the runs cannot tell the parts apart: keep the default round trips, the rest is CPU
-        return max(mean_y - default_rtts * mean_x, 0.0), default_rtts
+    if spread == 0.0:  # the runs cannot tell the parts apart: keep the default reads, the rest is CPU
+        return max(mean_y - default_reads * mean_x, 0.0), default_reads
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread
     intercept = mean_y - slope * mean_x
     if slope < 0.0:
@@ -241,7 +250,7 @@ def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
     profile = measured.testbed.removeprefix("netbed:")
     link_mix = {profile: 1.0} if profile in LINKS else {"datacenter": 1.0}
     if measured.testbed == "loopback":
-        costs = replace(costs, round_overhead_rtts=0.0)
+        costs = replace(costs, dht_reads=0.0)
     return SimConfig(
         peers=measured.peers,
         gpu_mix={"cpu": 1.0},
@@ -254,7 +263,7 @@ def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
         segments_per_audit=SEGMENTS_PER_AUDIT,
         audit_timeout_s=AUDIT_TIMEOUT_S,
         speed_jitter=measured.compute_spread,
-        deadline_slack=10.0,
+        deadline_slack=max(ROUND_DEADLINE_S / measured.compute_s - 1.0, 0.0),  # the real run's deadline
         overlap=measured.overlap,
         adaptive=False,
         audit_fraction=measured.audit_fraction,
@@ -328,7 +337,8 @@ def measure_swarm(
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / "run.toml"
     manifest_path.write_text(
-        MANIFEST.format(inner_steps=inner_steps, audit_fraction=AUDIT_FRACTION, overlap=str(overlap).lower())
+        MANIFEST.format(inner_steps=inner_steps, audit_fraction=AUDIT_FRACTION, overlap=str(overlap).lower(),
+                        round_deadline_s=int(ROUND_DEADLINE_S))
     )
     model_config = config_from_manifest(load_manifest(manifest_path))
     params = param_count(model_config)

@@ -40,6 +40,20 @@ class SimError(GpuniteError, ValueError):
     """A simulation setting that cannot be used."""
 
 
+# hivemind's DHT (gpunite.swarm.node reads with latest=True): a read visits every node of its beam, the
+# bucket_size nodes nearest the key, num_workers requests at a time.
+DHT_BUCKET, DHT_WORKERS = 20, 4
+
+
+def dht_hops(peers: int) -> int:
+    """Round trips one latest-value DHT read takes in a swarm of `peers`: the other nodes of the beam, visited
+    DHT_WORKERS at a time; past one bucket, a Kademlia lookup first narrows in on the key (about one hop per
+    halving of the distance, DHT_WORKERS candidates at a time)."""
+    beam = math.ceil((min(peers, DHT_BUCKET) - 1) / DHT_WORKERS)
+    lookup = math.ceil(math.log2(peers / DHT_BUCKET) / math.log2(DHT_WORKERS)) if peers > DHT_BUCKET else 0
+    return max(beam, 1) + lookup
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     name: str
@@ -106,9 +120,10 @@ class ProtocolCosts:
     # the replay itself and the held-out loss
     audit_compute_scale: float = 1.5
     round_overhead_s: float = 1.0  # fixed per-round time: signing, hashing, DHT polling, outer step
-    round_overhead_rtts: float = (
-        6.0  # sequential request rounds per round (commit, close, slices, aggregates)
-    )
+    # Sequential DHT reads on a round's critical path (commits seen, audit beacon, verdicts, close), each
+    # dht_hops(roster) round trips. Default: calibrated on the WAN test bed's datacenter and home links
+    # (4 peers each, 2026-12-02).
+    dht_reads: float = 40.0
     message_overhead_s: float = 2e-4  # CPU time per request sent or served (stream set-up, framing)
     failover_s: float = 10.0  # time to notice a vanished slice owner or coordinator and take over
     compute_scale: float = 1.0  # measured compute time / ideal (FLOPs / (peak x mfu)) time
@@ -386,7 +401,7 @@ def exchange_round(
         np.max(np.maximum(scatter_sent / up_Bps, scatter_received / down_Bps) + cpu_s, initial=0.0)
     )
     serve_s = float(np.max(gather_sent / up_Bps, initial=0.0))
-    merged_at = scatter_s + cross_s + costs.round_overhead_rtts * rtt_s
+    merged_at = scatter_s + cross_s + costs.dht_reads * dht_hops(n) * rtt_s
     ready_s = merged_at + np.maximum(gather_received / down_Bps, serve_s)
     return _Exchange(
         seconds=merged_at + serve_s,
