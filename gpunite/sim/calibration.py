@@ -9,8 +9,9 @@ traffic).
 
 Bytes are not calibrated: the simulator derives them from the wire formats (gpunite.sim.traffic, with the
 fixed parts measured by serializing the run's own model). `calibrate` measures only what a formula cannot
-know, from one set of runs: the audit's CPU time per replayed step and the per-round protocol overhead,
-both relative to the run's inner-step time (on a shared CPU they slow down together). `compare` then
+know, from one set of runs: the audit's CPU time per replayed step (relative to the run's inner-step time)
+and the per-round protocol overhead (a CPU part that grows with the peers sharing the machine, and DHT reads
+whose round trips grow with the RTT and the swarm). `compare` then
 simulates a different run (other peer count or link profile) with those costs and reports the errors.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -62,6 +64,7 @@ audit_fraction = {audit_fraction}
 # and on a shared, loaded CPU.
 AUDIT_FRACTION = 1.0
 TRAIL_INTERVAL, SEGMENTS_PER_AUDIT, AUDIT_TIMEOUT_S = 2, 2, 30.0  # manifest and PeerConfig defaults
+CPU_CORES = os.cpu_count() or 1  # the machine every measured peer runs on
 ROUND_DEADLINE_S = 600.0  # the calibration runs' train.round_deadline_s: no peer misses it
 _MADDR = re.compile(r"(/ip4/\S+/tcp/\d+/p2p/\w+)")
 
@@ -88,6 +91,7 @@ class SwarmMeasurement:
     merged_fraction: float  # merged contributions / peers, per round
     wire: WireSizes  # fixed parts measured by serializing this run's model (gpunite.sim.traffic)
     audit_fraction: float = AUDIT_FRACTION  # the run's proof.audit_fraction
+    host_cores: int = 0  # CPU cores of the machine it ran on (0: not recorded, taken as this machine's)
 
     @property
     def label(self) -> str:
@@ -114,7 +118,7 @@ def load_measurement(path: Path) -> SwarmMeasurement:
         values = {
             f.name: data[f.name]
             for f in fields(SwarmMeasurement)
-            if f.name in data or f.name != "audit_fraction"
+            if f.name in data or f.name not in ("audit_fraction", "host_cores")
         }
         values["wire"] = WireSizes(**values["wire"])
         return SwarmMeasurement(**values)
@@ -132,17 +136,17 @@ def load_costs(path: Path) -> ProtocolCosts:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Costs measured on some runs. The audit replay and the per-round protocol overhead are CPU work
-    (hashing, signing, (de)serializing, replay, robust merge, DHT polling); on a shared CPU they slow by
-    the same factor as the inner steps, so another run gets the overhead scaled by its compute time per
-    round over the reference's (the audit's scale is already relative to the inner steps)."""
+    """Costs measured on some runs. The CPU part of the per-round protocol overhead (hashing, signing,
+    (de)serializing, robust merge, serving DHT requests) is measured where every peer shares one machine's
+    cores, so another run gets it scaled by how many peers share them (`host_share`); the audit's replay
+    scale is relative to the run's own inner steps, which the same sharing slows alike."""
 
     costs: ProtocolCosts
-    reference_compute_s: float
+    reference_share: float  # host_share of the runs the CPU overhead is stated for
     runs: tuple[str, ...] = ()  # the runs it was measured on, e.g. ("loopback, 8 peers",)
 
     def costs_for(self, measured: SwarmMeasurement) -> ProtocolCosts:
-        scale = measured.compute_s / self.reference_compute_s
+        scale = host_share(measured) / self.reference_share
         return replace(self.costs, round_overhead_s=self.costs.round_overhead_s * scale, wire=measured.wire)
 
 
@@ -177,7 +181,7 @@ def calibrate(runs: list[SwarmMeasurement], base: ProtocolCosts | None = None) -
     """Audit CPU scale and per-round overhead from real runs. An audit's time is its download at the links'
     rate plus replay CPU (relative to the run's inner-step time, averaged over the runs). The round time that
     is neither compute, nor audits, nor the exchange is the protocol's overhead: a CPU part that grows with
-    the run's inner-step time (a shared CPU slows both) and sequential DHT reads (each waits for the
+    the peers sharing the machine's cores (`host_share`) and sequential DHT reads (each waits for the
     commits, the audit beacon, the verdicts or the close to show up), whose round trips grow with the links'
     RTT and the swarm (`gpunite.sim.model.dht_hops`). Loopback runs see only the first; runs on links of
     different latency (the test bed's datacenter and home profiles) tell the two apart (`fit_overhead`).
@@ -194,14 +198,14 @@ def calibrate(runs: list[SwarmMeasurement], base: ProtocolCosts | None = None) -
                               dht_reads=0.0)
         probe = simulate(_config_for(run, probe_costs))
         residuals.append(max(run.round_s - probe.mean_round_s, 0.0))
-    per_compute, reads = fit_overhead(residuals, [run.compute_s for run in runs], [read_s(run) for run in runs],
+    per_share, reads = fit_overhead(residuals, [host_share(run) for run in runs], [read_s(run) for run in runs],
                                       base.dht_reads)
-    reference = runs[0].compute_s
+    reference = host_share(runs[0])
     costs = replace(
         base,
         wire=runs[0].wire,
         audit_compute_scale=sum(scales) / len(scales),
-        round_overhead_s=per_compute * reference,
+        round_overhead_s=per_share * reference,
         dht_reads=reads,
     )
     return Calibration(costs, reference, tuple(run.label for run in runs))
@@ -216,21 +220,31 @@ def rtt_s(measured: SwarmMeasurement) -> float:
     return 2.0 * one_way_ms[len(one_way_ms) // 2] / 1e3
 
 
+def host_share(measured: SwarmMeasurement) -> float:
+    """How many peers share each of the machine's cores (at least 1): the loopback swarm and the test bed run
+    every peer on one machine, so a fixed amount of per-round protocol CPU work takes peers / cores times as
+    long as alone (each peer process is runnable about as often: a fair share).
+    Not the inner steps' time: the overlapped training thread runs at nice +10 and yields to the protocol
+    threads, so it slows far more than they do as peers are added (overhead per inner-step second fell from
+    11.9 to 5.7 between 4 and 12 peers in the runs of 2026-12-01)."""
+    return max(measured.peers / (measured.host_cores or CPU_CORES), 1.0)
+
+
 def read_s(measured: SwarmMeasurement) -> float:
     """What one DHT read costs in the simulation of a run: its round trips in a swarm of that size."""
     return dht_hops(measured.peers) * rtt_s(measured)
 
 
-def fit_overhead(residuals: Sequence[float], compute_s: Sequence[float], reads_s: Sequence[float],
+def fit_overhead(residuals: Sequence[float], shares: Sequence[float], reads_s: Sequence[float],
                  default_reads: float) -> tuple[float, float]:
-    """(overhead per second of inner steps, DHT reads per round) with residual ~= a x compute + b x read_s,
-    where read_s is what one DHT read costs in that run (its round trips x the RTT).
+    """(CPU overhead per unit of host share, DHT reads per round) with residual ~= a x share + b x read_s,
+    where share is the run's `host_share` and read_s what one DHT read costs in it (round trips x RTT).
 
-    Each run's equation is divided by its compute time, so runs weigh alike whatever their size: a least
-    squares line y = a + b x through y = residual / compute, x = read_s / compute, neither coefficient below 0.
+    Each run's equation is divided by its share, so runs weigh alike whatever their size: a least squares
+    line y = a + b x through y = residual / share, x = read_s / share, neither coefficient below 0.
     Runs that all share one x (e.g. loopback only, x = 0) cannot tell a from b: b is then `default_reads`."""
-    ys = [r / c for r, c in zip(residuals, compute_s)]
-    xs = [t / c for t, c in zip(reads_s, compute_s)]
+    ys = [r / c for r, c in zip(residuals, shares)]
+    xs = [t / c for t, c in zip(reads_s, shares)]
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     spread = sum((x - mean_x) ** 2 for x in xs)
     if spread == 0.0:  # the runs cannot tell the parts apart: keep the default reads, the rest is CPU
@@ -527,4 +541,5 @@ def _figures(
         audit_s=float(np.mean(audit_times)) if audit_times else 0.0,
         merged_fraction=float(rows[:, 5].mean()),
         wire=wire,
+        host_cores=CPU_CORES,
     )

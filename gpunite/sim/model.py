@@ -45,13 +45,14 @@ class SimError(GpuniteError, ValueError):
 DHT_BUCKET, DHT_WORKERS = 20, 4
 
 
-def dht_hops(peers: int) -> int:
+def dht_hops(peers: int) -> float:
     """Round trips one latest-value DHT read takes in a swarm of `peers`: the other nodes of the beam, visited
-    DHT_WORKERS at a time; past one bucket, a Kademlia lookup first narrows in on the key (about one hop per
-    halving of the distance, DHT_WORKERS candidates at a time)."""
-    beam = math.ceil((min(peers, DHT_BUCKET) - 1) / DHT_WORKERS)
+    DHT_WORKERS at a time (each worker asks the next node as soon as its last one answers, so the visits
+    pipeline: (beam - 1) / workers round trips, at least one); past one bucket, a Kademlia lookup first narrows
+    in on the key (about one hop per halving of the distance, DHT_WORKERS candidates at a time)."""
+    beam = (min(peers, DHT_BUCKET) - 1) / DHT_WORKERS
     lookup = math.ceil(math.log2(peers / DHT_BUCKET) / math.log2(DHT_WORKERS)) if peers > DHT_BUCKET else 0
-    return max(beam, 1) + lookup
+    return max(beam, 1.0) + lookup
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,10 @@ class ProtocolCosts:
     # the replay itself and the held-out loss
     audit_compute_scale: float = 1.5
     round_overhead_s: float = 1.0  # fixed per-round time: signing, hashing, DHT polling, outer step
-    # Sequential DHT reads on a round's critical path (commits seen, audit beacon, verdicts, close), each
-    # dht_hops(roster) round trips. Default: calibrated on the WAN test bed's datacenter and home links
-    # (4 peers each, 2026-12-02).
-    dht_reads: float = 40.0
+    # Sequential DHT reads and stores on a round's critical path (each poll for the commits, the audit
+    # beacon, the verdicts or the close, and the stores behind them), each dht_hops(roster) round trips.
+    # Default: calibrated on the WAN test bed's datacenter and home links (4 peers each, 2026-12-02: 32.4).
+    dht_reads: float = 32.0
     message_overhead_s: float = 2e-4  # CPU time per request sent or served (stream set-up, framing)
     failover_s: float = 10.0  # time to notice a vanished slice owner or coordinator and take over
     compute_scale: float = 1.0  # measured compute time / ideal (FLOPs / (peak x mfu)) time

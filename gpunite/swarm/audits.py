@@ -439,6 +439,15 @@ class RoundAudits:
             self._relied[ctx.round] = set()
         return frozen
 
+    def awaited_keys(self, round_index: int) -> list[str]:
+        """The verdict keys our published beacon of this round waits on: a coordinator's poll reads them with
+        the round's other records, in one traversal."""
+        with self._lock:
+            own = self._own.get(round_index)
+        if own is None:
+            return []
+        return [verdict_key(self.peer.run_id, round_index, c.record_id) for c in own[1].values()]
+
     def close_fields(self, round_index: int) -> dict:
         """What our close carries about the audits: the beacon and the verdicts its decisions relied on."""
         with self._lock:

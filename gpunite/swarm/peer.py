@@ -782,7 +782,7 @@ class Peer:
         polled = [run_key(self.run_id, kind, ctx.round) for kind in ("close", "contrib", "beacon")]
         polled.append(run_key(self.run_id, "heartbeat"))
         while True:
-            with self.node.read_ahead(polled):
+            with self.node.read_ahead(polled + self.audits.awaited_keys(ctx.round)):
                 closes = self.node.get_records(run_key(self.run_id, "close", ctx.round), parse_close)
                 alive = self.membership.alive()
                 for close in sorted(closes.values(), key=lambda c: c.coordinator_rank):
