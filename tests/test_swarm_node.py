@@ -180,7 +180,20 @@ def test_many_keys_in_one_read_and_reads_ahead_answered_once():
                 assert client.get("k/a")["p3"] == b"a3"  # a second read goes to the network again
                 assert client.get("k/b") == {"p1": b"b1"}
             assert set(client.get("k/a")) == {"p1", "p2", "p3"}
+            # each read and store was timed: on loopback they take well under the 4 s takeover wait
+            assert 0.0 < client.slow_dht_s < 4.0 and 0.0 < server.slow_dht_s < 4.0
         finally:
             client.close()
     finally:
         server.close()
+
+
+def test_a_backup_coordinator_waits_longer_while_the_dht_is_slow():
+    from gpunite.swarm.peer import TAKEOVER_DHT_FACTOR, Peer
+
+    def peer(slow_dht_s: float):
+        return SimpleNamespace(config=SimpleNamespace(takeover_s=4.0), node=SimpleNamespace(slow_dht_s=slow_dht_s))
+
+    assert Peer.takeover_wait_s(peer(0.05)) == 4.0  # at rest: the configured wait
+    # records taking 6 s to get through: a better-ranked beacon gets 3 x that to show up before we draw audits
+    assert Peer.takeover_wait_s(peer(6.0)) == pytest.approx(TAKEOVER_DHT_FACTOR * 6.0) == pytest.approx(18.0)

@@ -388,7 +388,7 @@ class RoundAudits:
     def earlier_at_work(self, ctx: RoundContext, earlier_alive: Sequence[str]) -> bool:
         """Whether a better-ranked live coordinator published its beacon and may still be waiting for verdicts
         (a backup must not close the round then: two closes would split the swarm)."""
-        patience = self.audit_timeout_s + 2 * self.peer.config.takeover_s
+        patience = self.audit_timeout_s + 2 * self.peer.takeover_wait_s()
         with self._lock:
             seen = {pid: self._beacon_seen.get((ctx.round, pid), -float("inf")) for pid in earlier_alive}
         return any(time.time() - when < patience for when in seen.values())

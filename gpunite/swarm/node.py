@@ -42,6 +42,7 @@ class StreamBrokenError(SwarmError):
 
 # The slowest link a peer of a run may have ("bad" test-bed profile: one peer at 1 Mbit/s).
 FLOOR_BITS_PER_S = 1e6
+DHT_TIMES_KEPT = 20  # reads and stores whose durations slow_dht_s looks at
 
 
 class TransferBudget:
@@ -108,6 +109,8 @@ class SwarmNode:
         self.maddrs: list[str] = []
         self._bad_seen: set[bytes] = set()
         self._prefetched = threading.local()  # per thread: key -> values read ahead (`read_ahead`)
+        self._dht_times: deque[float] = deque(maxlen=DHT_TIMES_KEPT)  # seconds the last reads and stores took
+        self._dht_times_lock = threading.Lock()
 
     # ----- life cycle -----
     def start(self) -> SwarmNode:
@@ -176,7 +179,23 @@ class SwarmNode:
     def store(self, key: str, subkey: str, value: bytes, ttl_s: float) -> bool:
         from hivemind.utils import get_dht_time
 
-        return self.run(self._dht.store(key, value, get_dht_time() + ttl_s, subkey=subkey), timeout=30)
+        return self._timed(self._dht.store(key, value, get_dht_time() + ttl_s, subkey=subkey), timeout=30)
+
+    def _timed(self, coro: Awaitable[T], timeout: float) -> T:
+        """`run` a DHT read or store, keeping how long it took (`slow_dht_s`)."""
+        started = time.monotonic()
+        try:
+            return self.run(coro, timeout=timeout)
+        finally:
+            with self._dht_times_lock:
+                self._dht_times.append(time.monotonic() - started)
+
+    @property
+    def slow_dht_s(self) -> float:
+        """The slowest of the last DHT_TIMES_KEPT reads and stores made here: about how long a record takes to
+        get through the DHT now (seconds on a saturated link or a busy CPU, where it is milliseconds at rest)."""
+        with self._dht_times_lock:
+            return max(self._dht_times, default=0.0)
 
     def get(self, key: str) -> dict[str, bytes]:
         """The live values under key, by subkey (raw bytes; callers verify them)."""
@@ -203,7 +222,7 @@ class SwarmNode:
         wanted = [key for key in keys if key not in values]
         if not wanted:
             return values
-        found = self.run(self._dht.get_many(wanted, sufficient_expiration_time=float("inf")), timeout=30)
+        found = self._timed(self._dht.get_many(wanted, sufficient_expiration_time=float("inf")), timeout=30)
         for key in wanted:
             item = found.get(key)
             values[key] = (

@@ -113,6 +113,7 @@ class PeerConfig:
 CHEATS = ("scaled", "random", "nan")
 CLOSE_RETRY_S = 15.0  # a refused round close is checked again after this long
 PREFETCH_TRIES = 3  # times a slice owner tries a trainer for its slice while the round waits to close
+TAKEOVER_DHT_FACTOR = 3.0  # a backup waits this many times the slowest recent DHT read or store (store + read + margin)
 HOME_UPLINK_BITS_PER_S = 20e6  # a trainer's upload speed assumed for the verdict wait until one is measured
 # With overlap, the next round's steps yield the CPU to this round's exchange and audits, which every peer of
 # the swarm waits on (nice +10: about a tenth of a core's share against them). Linux only (per-thread nice);
@@ -456,6 +457,13 @@ class Peer:
             self.merge(ctx, close, accepted, roster_ids, bounds, prev_block, self._trained.pop(r, False))
         finally:
             self._finish_training(job)
+
+    def takeover_wait_s(self) -> float:
+        """How long a backup coordinator waits per better-ranked live candidate before it publishes a beacon
+        itself: takeover_s, or longer while DHT records take long to get through (a better-ranked beacon
+        still on its way would otherwise draw a second set of audits; 16 peers on 2 cores saw 27 audits a
+        round instead of 16)."""
+        return max(self.config.takeover_s, TAKEOVER_DHT_FACTOR * self.node.slow_dht_s)
 
     def audit_timeout_s(self, roster_size: int) -> float:
         """How long a coordinator waits for verdicts: the configured floor plus the replays its verifiers owe.
@@ -812,7 +820,7 @@ class Peer:
                     rank = candidates.index(self.peer_id)
                     before_alive = [pid for pid in candidates[:rank] if pid in alive]
                     decided = None
-                    if not before_alive or (time.time() - ready_since >= rank * self.config.takeover_s
+                    if not before_alive or (time.time() - ready_since >= rank * self.takeover_wait_s()
                                             and not self.audits.earlier_at_work(ctx, before_alive)):
                         # Publishes the audit beacon first, then waits (polling here) for the drawn verifiers.
                         decided = self.audits.ready_to_close(ctx, contributions, rank, prev_block)
