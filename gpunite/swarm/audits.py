@@ -587,7 +587,7 @@ class RoundAudits:
                     for cid, key in keys.items()}
         contributions = {c.record_id: c for c in found.get(contrib_key, {}).values() if c.round == round_index}
         with self._lock:
-            fresh = [v for found in verdicts.values() for v in found if v.record_id not in self._emitted]
+            fresh = [v for listed in verdicts.values() for v in listed if v.record_id not in self._emitted]
             self._emitted.update(v.record_id for v in fresh)
         for verdict in fresh:
             self.peer._emit(verdict)
