@@ -5,8 +5,9 @@ seed's goal.
    links (1 ms) and one on `home` links (50 ms), or one on loopback where the test bed cannot run:
    `gpunite run start` + `gpunite join`, a 1-layer 64-wide model, every contribution audited) give the
    costs a formula cannot know: the audit's CPU time per replayed step, and the per-round protocol overhead,
-   a CPU part relative to the run's own inner-step time plus sequential DHT reads whose round trips grow
-   with the RTT and the swarm (the two latencies tell them apart: gpunite.sim.calibration.calibrate).
+   a CPU part that grows with the peers sharing the machine's cores plus sequential DHT reads whose round
+   trips grow with the RTT and the swarm (the two latencies tell them apart:
+   gpunite.sim.calibration.calibrate).
    Loopback runs are not mixed with test-bed ones by default: on the test bed the delaying relays and
    network namespaces add CPU work of their own, so a loopback run's overhead per inner-step second is
    several times lower. Bytes are not calibrated at all: they follow from the wire formats
