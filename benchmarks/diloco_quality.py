@@ -44,6 +44,7 @@ from gpunite.data.prepare import prepare_dataset
 from gpunite.data.shards import ShardIndex
 from gpunite.manifest import TrainSection, parse_manifest
 from gpunite.model import build_model, config_from_manifest
+from gpunite.proof.trail import trail_steps
 from gpunite.swarm.aggregation import clip_factors, contribution_norm, robust_aggregate, slice_bounds
 from gpunite.swarm.assignment import WorkPlan
 from gpunite.train.compression import (
@@ -80,6 +81,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--overlap-lr-scale", type=float, default=TrainSection().overlap_lr_scale,
                         help="the overlapped run's outer lr is --outer-lr times this (train.overlap_lr_scale; "
                         "the synchronous run keeps --outer-lr)")
+    parser.add_argument("--trail-interval", type=int, default=TrainSection().trail_interval,
+                        help="k: the workers round their state to the trail's stored precision every k inner "
+                        "steps, as swarm trainers do (0: never)")
+    parser.add_argument("--compare-trail-rounding", action="store_true",
+                        help="also run synchronous workers that never round (adds unrounded_loss)")
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--aggregation", choices=("trimmed_mean", "median", "mean"), default="trimmed_mean")
     parser.add_argument("--trim-fraction", type=float, default=0.2)
@@ -161,9 +167,10 @@ class DilocoRun:
     """
 
     def __init__(self, mode: str, model_cfg, train_cfg, total_steps: int, args: argparse.Namespace,
-                 outer_lr: float | None = None) -> None:
+                 outer_lr: float | None = None, trail_interval: int | None = None) -> None:
         self.mode = mode
         self.args = args
+        self.trail_interval = args.trail_interval if trail_interval is None else trail_interval
         self.outer_lr = args.outer_lr if outer_lr is None else outer_lr
         self.workers = [
             InnerTrainer(build_model(model_cfg, seed=args.seed), train_cfg, total_steps=total_steps)
@@ -191,8 +198,15 @@ class DilocoRun:
             base = self.base_for(round_, k)
             params = list(trainable_state(worker.model).values())
             unflatten_into(base, params)
-            for batch in batches:
+            # At every trail step a swarm trainer rounds its state to what the trail stores (TrailRecorder.record)
+            rounded_at = set(trail_steps(len(batches), self.trail_interval)) if self.trail_interval else set()
+            start = {name: t.clone() for name, t in trainable_state(worker.model).items()}
+            for step, batch in enumerate(batches):
+                if step in rounded_at:
+                    worker.round_to_trail_precision(start)
                 worker.train_step(batch)
+            if len(batches) in rounded_at:
+                worker.round_to_trail_precision(start)
             pseudo_grads.append(pseudo_gradient(base, flatten(params)))
         self.own_pseudo_grads = pseudo_grads
         self.history.append(self.outer.step(self.history[round_], merge_round(pseudo_grads, self.args)))
@@ -221,6 +235,8 @@ def main() -> None:
         runs = {mode: DilocoRun(mode, model_cfg, train_cfg, total_steps, args,
                                 outer_lr=args.outer_lr * args.overlap_lr_scale if mode != "sync" else None)
                 for mode in modes}
+        if args.compare_trail_rounding:
+            runs["unrounded"] = DilocoRun("sync", model_cfg, train_cfg, total_steps, args, trail_interval=0)
         plan = WorkPlan.from_index(index, seq_len, seed=args.seed, sequences_per_unit=args.batch_size)
         roster = [(f"worker-{k}", 1.0) for k in range(args.workers)]
 
@@ -252,6 +268,10 @@ def main() -> None:
         "loss_ratio_vs_sync": round(diloco_loss / losses["sync"], 4),
         "overlap_outer_lr": runs[modes[-1]].outer_lr,
     }
+    rounding_fields = {} if "unrounded" not in losses else {
+        "unrounded_loss": round(losses["unrounded"], 4),
+        "rounded_vs_unrounded": round(losses["sync"] / losses["unrounded"], 4),
+    }
     print(json.dumps({
         "name": "diloco_quality",
         "value": round(ratio, 4),
@@ -261,6 +281,8 @@ def main() -> None:
         "loss_ratio": round(ratio, 4),
         "overlap": args.overlap,
         **overlap_fields,
+        "trail_interval": args.trail_interval,
+        **rounding_fields,
         "inner_steps": total_steps,
         "inner_steps_per_round": args.inner_steps,
         "rounds": args.rounds,

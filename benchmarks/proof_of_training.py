@@ -320,15 +320,15 @@ def _replay_faked_segments(swarm: Swarm, round_index: int, sub: Submission, tall
     from gpunite.proof.audit import audit_segment
 
     contribution = parse_record(sub.record)
-    shapes = {name: tuple(t.shape) for name, t in swarm.bases[0].items()}
+    base = swarm.bases[round_index]
     steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
     n_segments = len(steps) - 1
     for index in range((n_segments + 1) // 2, n_segments):
-        segment = segment_from_bytes(sub.recorder.segment_payload(round_index, index), shapes)
+        segment = segment_from_bytes(sub.recorder.segment_payload(round_index, index), base)
         batches = batches_for_steps(contribution.work_units, range(steps[index], steps[index + 1]), BATCH,
                                     swarm.loader)
         result = audit_segment(contribution, segment, batches, MODEL, swarm.train_cfg,
-                               total_steps=swarm.total_steps, bounds=POLICY.bounds)
+                               total_steps=swarm.total_steps, bounds=POLICY.bounds, base=base)
         tally.faked_segments += 1
         tally.faked_segments_rejected += int(not result.accept)
 
@@ -347,7 +347,6 @@ def honest_audit_sweep(swarm: Swarm, n_audits: int, tally: Tally) -> dict:
                 jobs.append((round_index, sub, contribution, segment))
     step = max(1, len(jobs) // n_audits)
     chosen = jobs[::step][:n_audits]
-    shapes = {name: tuple(t.shape) for name, t in swarm.bases[0].items()}
     from gpunite.proof.audit import audit_segment
 
     previous_threads = torch.get_num_threads()
@@ -357,14 +356,15 @@ def honest_audit_sweep(swarm: Swarm, n_audits: int, tally: Tally) -> dict:
         if n % 6 == 5:
             threads, dtype = settings[2]
         torch.set_num_threads(threads)
-        segment = segment_from_bytes(sub.recorder.segment_payload(round_index, index), shapes)
+        segment = segment_from_bytes(sub.recorder.segment_payload(round_index, index), swarm.bases[round_index])
         steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
         batches = batches_for_steps(contribution.work_units, range(steps[index], steps[index + 1]), BATCH,
                                     swarm.loader)
         result = audit_segment(contribution, segment, batches, MODEL, swarm.train_cfg,
                                total_steps=swarm.total_steps, bounds=POLICY.bounds,
                                expected_first_step=round_index * INNER_STEPS,
-                               expected_first_optimizer_hash=optimizer_hash({}), autocast_dtype=dtype)
+                               expected_first_optimizer_hash=optimizer_hash({}), autocast_dtype=dtype,
+                               base=swarm.bases[round_index])
         key = f"{threads}t-{'bf16' if dtype else 'fp32'}"
         counts[key] += 1
         distances[key].append(result.distance or 0.0)

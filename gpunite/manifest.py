@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from gpunite.errors import GpuniteError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from gpunite.errors import GpuniteError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -52,9 +52,9 @@ def _audit(submission, segment):
     contribution = parse_record(submission.record)
     steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
     batches = batches_for_steps(contribution.work_units, range(steps[segment], steps[segment + 1]), BATCH, load)
-    served = segment_from_bytes(submission.recorder.segment_payload(0, segment), SHAPES)
+    served = segment_from_bytes(submission.recorder.segment_payload(0, segment), BASE)
     return audit_segment(contribution, served, batches, MICRO, CFG, total_steps=20, expected_first_step=0,
-                         expected_first_optimizer_hash=optimizer_hash({}))
+                         expected_first_optimizer_hash=optimizer_hash({}), base=BASE)
 
 
 @pytest.fixture(scope="module")
@@ -116,17 +116,17 @@ def test_a_replay_that_is_not_bit_exact_fetches_the_end_state_and_measures_the_d
     contribution = parse_record(honest_submission.record)
     steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
     batches = batches_for_steps(contribution.work_units, range(steps[1], steps[2]), BATCH, load)
-    start_only = segment_from_bytes(honest_submission.recorder.segment_part(0, 1, "start"), SHAPES)
+    start_only = segment_from_bytes(honest_submission.recorder.segment_part(0, 1, "start"), BASE)
     assert start_only.end is None
 
     def audit(**kwargs):
-        return audit_segment(contribution, start_only, batches, MICRO, CFG, total_steps=20, **kwargs)
+        return audit_segment(contribution, start_only, batches, MICRO, CFG, total_steps=20, base=BASE, **kwargs)
 
     ends = []
 
     def fetch_end():
         ends.append(1)
-        return state_from_bytes(honest_submission.recorder.segment_part(0, 1, "end"), SHAPES)
+        return state_from_bytes(honest_submission.recorder.segment_part(0, 1, "end"), BASE)
 
     # bf16 autocast changes the replay's rounding: its hash differs, so the verifier fetches the committed end
     replay = audit(autocast_dtype=torch.bfloat16, fetch_end=fetch_end)
@@ -135,10 +135,10 @@ def test_a_replay_that_is_not_bit_exact_fetches_the_end_state_and_measures_the_d
     assert not audit(autocast_dtype=torch.bfloat16).accept  # no way to fetch the end: rejected, not a cheat
     # a trainer that serves another state as the end is refused (not proven: the segment is not the trail's)
     wrong = audit(autocast_dtype=torch.bfloat16,
-                  fetch_end=lambda: state_from_bytes(honest_submission.recorder.entry_payload(0, 0), SHAPES))
+                  fetch_end=lambda: state_from_bytes(honest_submission.recorder.entry_payload(0, 0), BASE))
     assert not wrong.accept and not wrong.cheat and "end" in wrong.reason
     with pytest.raises(GpuniteError):
-        state_from_bytes(honest_submission.recorder.entry_payload(0, 2)[:-10], SHAPES)  # truncated
+        state_from_bytes(honest_submission.recorder.entry_payload(0, 2)[:-10], BASE)  # truncated
 
 
 def test_a_cheat_is_proven_from_the_fetched_end_state(tmp_path):
@@ -225,9 +225,9 @@ def test_a_rising_own_loss_rejects_only_replays_that_are_not_exact(honest_submis
     strict = AuditBounds(own_loss_rise=-1.0)
 
     def audit(part, **kw):
-        served = segment_from_bytes(honest_submission.recorder.segment_part(0, 0, part), SHAPES)
+        served = segment_from_bytes(honest_submission.recorder.segment_part(0, 0, part), BASE)
         return audit_segment(contribution, served, batches, MICRO, CFG, total_steps=20, bounds=strict,
-                             expected_first_step=0, expected_first_optimizer_hash=optimizer_hash({}), **kw)
+                             expected_first_step=0, expected_first_optimizer_hash=optimizer_hash({}), base=BASE, **kw)
 
     assert audit("start").accept and audit("both").accept
     inexact = audit("both", autocast_dtype=torch.bfloat16)

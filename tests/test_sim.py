@@ -138,18 +138,18 @@ def test_audit_bytes_are_the_wire_formats_times_the_audits():
     config, _, _ = _homogeneous(overlap=False, audit_fraction=1.0)
     result = simulate(config)
     wire, n = config.costs.wire, config.peers
-    one_audit = config.params * (wire.slice_bytes_per_param + 2 * 12.0 + 4.0) + (n + 3) * wire.request_bytes
+    one_audit = config.params * (wire.slice_bytes_per_param + 2 * 8.0 + 4.0) + (n + 3) * wire.request_bytes
     assert wire.audit_bytes(config.params, n, 2) == pytest.approx(one_audit)
     assert result.audits == n * config.rounds
     assert result.audit_bytes_per_peer_round == pytest.approx(one_audit, rel=1e-9)  # n audits over n peers
     # replays that are not bit-exact (verifiers on other devices) fetch both segments' end states too
     inexact = replace(wire, end_state_share=1.0)
     assert inexact.audit_bytes(config.params, n, 2) == pytest.approx(
-        one_audit + 2 * (12.0 * config.params + wire.request_bytes + wire.segment_header_bytes))
-    # one segment per audit: 12 bytes per parameter and one request fewer
+        one_audit + 2 * (8.0 * config.params + wire.request_bytes + wire.segment_header_bytes))
+    # one segment per audit: 8 bytes per parameter (a stored trail state) and one request fewer
     fewer = simulate(replace(config, segments_per_audit=1))
     assert result.audit_bytes_per_peer_round - fewer.audit_bytes_per_peer_round == pytest.approx(
-        12.0 * config.params + wire.request_bytes, rel=1e-9
+        8.0 * config.params + wire.request_bytes, rel=1e-9
     )
     # a sampled fraction: the coordinator's own plus f of the others, in expectation
     sampled = simulate(replace(config, audit_fraction=0.5, rounds=400))
@@ -159,8 +159,8 @@ def test_audit_bytes_are_the_wire_formats_times_the_audits():
 def test_the_verdict_wait_plans_for_replays_and_downloads():
     config, _, _ = _homogeneous(overlap=False, audit_fraction=1.0)
     # 16 peers, all audited: 2 audits per verifier in expectation, each 2 segments of 10 steps of 1 s and a
-    # download of 53 bytes per parameter (the peer's planning figure) at the typical speed
-    fetch_s = 53 * config.params / 2.5e6
+    # download of 37 bytes per parameter (the planning figure: int8 delta, 2 segments x 2 states x 8, final 4)
+    fetch_s = 37 * config.params / 2.5e6
     assert verdict_wait_s(config, config.peers, 2.5e6) == pytest.approx(1e9 + 3 * 2 * (2 * 10 * 1.0 + fetch_s))
     assert verdict_wait_s(replace(config, audit_timeout_s=1.0, overlap=True), 16, 2.5e6) == pytest.approx(
         1.0 + 3 * 2 * (2 * 10 * 2.0 + fetch_s))
@@ -257,15 +257,16 @@ def test_wire_sizes_match_the_real_serializers():
 
     (small, small_real), (large, large_real) = measure_wire_sizes(config(32)), measure_wire_sizes(config(64))
     params = large_real["params"] - small_real["params"]
-    # the per-parameter parts are the dtypes: int8 + a scale per chunk, weights + 2 AdamW moments, weights
-    assert large_real["segment"] - small_real["segment"] == pytest.approx(12.0 * params, rel=1e-3)
+    # the per-parameter parts are the dtypes: int8 + a scale per chunk; a trail state's fp16 weight change, bf16
+    # and fp32 moments; the final weights in fp32
+    assert large_real["segment"] - small_real["segment"] == pytest.approx(8.0 * params, rel=1e-3)
     assert large_real["final"] - small_real["final"] == pytest.approx(4.0 * params, rel=1e-3)
     assert large_real["slice"] - small_real["slice"] == pytest.approx(
         small.slice_bytes_per_param * params, rel=1e-2
     )
     # and the fixed parts make the formula exact for the measured model
     assert large_real["segment"] == pytest.approx(
-        12.0 * large_real["params"] + large.segment_header_bytes, abs=1
+        8.0 * large_real["params"] + large.segment_header_bytes, abs=1
     )
     assert 200 < large.request_bytes < 1000  # two frame prefixes and headers, and a safetensors header
 

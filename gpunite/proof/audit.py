@@ -147,8 +147,12 @@ def audit_segment(
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
     fetch_end: Callable[[], TrailState] | None = None,
+    base: dict[str, torch.Tensor],
 ) -> AuditResult:
     """Replay segment i of a contribution on its batches and judge it (train_cfg: the run's TrainSection).
+
+    base: the round's start weights by name (the segment was parsed against them); the replay's end is rounded
+    against them as the trainer rounded its state at the trail step.
 
     `batches` come from `gpunite.proof.trail.batches_for_steps` for the segment's local steps. The replay
     runs in fp32 unless autocast_dtype is given (a verifier may replay as the trainer's device would).
@@ -186,6 +190,7 @@ def audit_segment(
     except TrainingError as exc:
         return _reject(f"replay of segment {index} diverged: {exc}", index, cheat=True, flops=flops)
 
+    trainer.round_to_trail_precision({name: t.to(device) for name, t in base.items()})
     committed = segment.end
     bit_exact = False
     if committed is None:
@@ -419,7 +424,7 @@ def verify_contribution(
     steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
     for index in segments:
         try:
-            segment = segment_from_bytes(fetch_segment(index, "start"), shapes, max_bytes)
+            segment = segment_from_bytes(fetch_segment(index, "start"), base, max_bytes)
         except GpuniteError as exc:
             results.append(_reject(f"could not get segment {index}: {exc}", index, cheat=False))
             break
@@ -433,7 +438,7 @@ def verify_contribution(
                                      expected_first_optimizer_hash=expected_first_optimizer_hash,
                                      autocast_dtype=autocast_dtype,
                                      fetch_end=lambda i=index: state_from_bytes(fetch_segment(i, "end"),
-                                                                                shapes, max_bytes)))
+                                                                                base, max_bytes), base=base))
         if not results[-1].accept:
             break
     return combine_results(results)

@@ -12,6 +12,15 @@ state at entry i+1 is pinned by the replay of segment i, and the state at entry 
 Which sequences each inner step trains on is defined once, in `batches_for_steps`: the assigned work units'
 sequences in order, `batch_size` per step. Trainer and verifier both call it, so they cannot disagree.
 
+States are stored and sent compact: each weight as its change from the round's base (entry 0's weights, which
+every verifier holds) in fp16, AdamW's first moment in bf16, the second moment and step in fp32: 8 bytes per
+parameter instead of 12. The final weights travel in fp32 (4 bytes per parameter): checked against the trail
+without any base, they prove a trail trained from other weights than the claimed base (an old round's work
+resubmitted) against the submitted delta. The trainer rounds its state to exactly
+these values at every trail step (`InnerTrainer.round_to_trail_precision`), so the stored entry is the state
+it trained on from, and a verifier's replay from it stays bit-exact. Hashes are taken over the fp32 state the
+stored form expands to, so entry 0 is tied to the round's base weights hash as before.
+
 Checkpoints are stored as safetensors files, each replaced in one rename (`store_dir/round-NNNNNNNN/entry-NNNN`), kept
 until the round's block is final (`prune`). The trainer only copies its state at a trail step; hashing and
 writing it happen on a writer thread (at most `MAX_PENDING` states queued), so the inner steps go on meanwhile.
@@ -24,9 +33,9 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +43,7 @@ import torch
 from gpunite.errors import GpuniteError
 from gpunite.identity import canonical_json
 from gpunite.records import WorkUnit
+from gpunite.train.trainer import TRAIL_DELTA_DTYPE, TRAIL_MOMENT_DTYPE
 from gpunite.train.weights import from_safetensors_bytes, to_safetensors_bytes, weights_hash
 
 # loader(shard_sha, first, count) -> int64 tensor [count, seq_len + 1]
@@ -41,7 +51,13 @@ SequenceLoader = Callable[[str, int, int], torch.Tensor]
 
 _WEIGHTS, _OPTIMIZER = "weights/", "optimizer/"
 _START, _END = "start.", "end."
+_FIRST_MOMENT = ".exp_avg"
+BASE_FILE = "base.safetensors"  # a round's entry-0 weights in fp32, kept beside its entries to expand them
 MAX_PENDING = 2  # trail states copied but not yet written; the trainer waits beyond this (bounded memory)
+# Bytes per parameter: a stored state (fp16 weight change, bf16 first moment, fp32 second moment) and the
+# final weights as served (fp32: checked against the trail without the base).
+STATE_BYTES_PER_PARAM = TRAIL_DELTA_DTYPE.itemsize + TRAIL_MOMENT_DTYPE.itemsize + 4
+FINAL_BYTES_PER_PARAM = 4
 
 
 class TrailError(GpuniteError):
@@ -122,14 +138,35 @@ class TrailState:
         return entry_hash(weights_hash(self.weights), self.optimizer_hash, self.step)
 
 
-def _state_tensors(prefix: str, state: TrailState) -> dict[str, torch.Tensor]:
-    tensors = {f"{prefix}{_WEIGHTS}{name}": t for name, t in state.weights.items()}
+Base = Mapping[str, torch.Tensor]  # a round's start weights by name (entry 0's), fp32 on the CPU
+
+
+def _state_tensors(prefix: str, state: TrailState, base: Base) -> dict[str, torch.Tensor]:
+    """A state's stored form: each weight's change from `base` in fp16, the first moment in bf16."""
+    tensors = {f"{prefix}{_WEIGHTS}{name}": (t - base[name]).to(TRAIL_DELTA_DTYPE)
+               for name, t in state.weights.items()}
     for name, t in (state.optimizer or {}).items():
-        tensors[f"{prefix}{_OPTIMIZER}{name}"] = t
+        tensors[f"{prefix}{_OPTIMIZER}{name}"] = t.to(TRAIL_MOMENT_DTYPE) if name.endswith(_FIRST_MOMENT) else t
     return tensors
 
 
-def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def expand_state(state: TrailState, base: Base) -> TrailState:
+    """The state as stored and read back: what its entry hash commits to (`state` itself when it was
+    rounded with `InnerTrainer.round_to_trail_precision` against the same base)."""
+    tensors = _state_tensors("", state, base)
+    weights, optimizer = _expanded(tensors, base)
+    return TrailState(weights, optimizer if state.optimizer is not None else None,
+                      optimizer_hash(optimizer) if state.optimizer is not None else state.optimizer_hash, state.step)
+
+
+def _expanded(tensors: Mapping[str, torch.Tensor], base: Base) -> tuple[dict[str, torch.Tensor],
+                                                                        dict[str, torch.Tensor]]:
+    weights = {name: base[name] + t.float() for name, t in _take(tensors, _WEIGHTS).items() if name in base}
+    optimizer = {name: t.float() for name, t in _take(tensors, _OPTIMIZER).items()}
+    return weights, optimizer
+
+
+def _take(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
 
 
@@ -145,24 +182,23 @@ class Segment:
     first_step: int  # schedule step at entry 0
 
 
-def segment_to_bytes(segment: Segment) -> bytes:
-    tensors = _state_tensors(_START, segment.start)
-    metadata = {
-        "index": str(segment.index),
-        "start_step": str(segment.start.step),
-        "first_optimizer_hash": segment.first_optimizer_hash,
-        "first_step": str(segment.first_step),
-    }
+def segment_to_bytes(segment: Segment, base: Base) -> bytes:
+    tensors = _state_tensors(_START, segment.start, base)
+    metadata = _segment_metadata(segment.index, segment.start.step, segment.first_optimizer_hash, segment.first_step)
     if segment.end is not None:
-        tensors |= _state_tensors(_END, segment.end)
+        tensors |= _state_tensors(_END, segment.end, base)
         metadata["end_step"] = str(segment.end.step)
     return to_safetensors_bytes(tensors, metadata=metadata)
 
 
-def segment_from_bytes(
-    data: bytes, weight_shapes: dict[str, tuple[int, ...]], max_bytes: int | None = None
-) -> Segment:
-    """Parse a segment from an untrusted trainer: names and shapes must fit the model, values finite."""
+def _segment_metadata(index: int, start_step: int, first_optimizer_hash: str, first_step: int) -> dict[str, str]:
+    return {"index": str(index), "start_step": str(start_step), "first_optimizer_hash": first_optimizer_hash,
+            "first_step": str(first_step)}
+
+
+def segment_from_bytes(data: bytes, base: Base, max_bytes: int | None = None) -> Segment:
+    """Parse a segment from an untrusted trainer against the round's base weights: names, shapes and dtypes
+    must fit the model, values finite (the base is only read)."""
     tensors = from_safetensors_bytes(data, max_bytes=max_bytes)
     metadata = _metadata_of(data)
     try:
@@ -173,45 +209,45 @@ def segment_from_bytes(
     except (KeyError, ValueError) as exc:
         raise TrailError(f"segment metadata is incomplete or malformed: {exc}") from None
     parts = ((_START, start_step),) if end_step is None else ((_START, start_step), (_END, end_step))
-    states = [_parse_state(_take(tensors, prefix), weight_shapes, step) for prefix, step in parts]
+    states = [_parse_state(_take(tensors, prefix), base, step) for prefix, step in parts]
     unknown = [n for n in tensors if not n.startswith(tuple(prefix for prefix, _ in parts))]
     if unknown:
         raise TrailError(f"segment holds unexpected tensors {unknown[:3]}")
     return Segment(index, states[0], states[1] if len(states) > 1 else None, first_optimizer_hash, first_step)
 
 
-def _parse_state(tensors: dict[str, torch.Tensor], weight_shapes: dict[str, tuple[int, ...]],
-                 step: int) -> TrailState:
-    """A state from its weights/ and optimizer/ tensors, checked against the model; its hash is recomputed."""
-    weights = _take(tensors, _WEIGHTS)
-    _check_weights(weights, weight_shapes)
-    optimizer = _take(tensors, _OPTIMIZER)
-    _check_optimizer(optimizer, weight_shapes)
+def _parse_state(tensors: dict[str, torch.Tensor], base: Base, step: int) -> TrailState:
+    """A state from its stored weights/ and optimizer/ tensors, checked against the model and expanded with
+    the base; its hash is recomputed."""
+    _check_stored_weights(_take(tensors, _WEIGHTS), base)
+    _check_optimizer(_take(tensors, _OPTIMIZER), base)
     unknown = [n for n in tensors if not n.startswith((_WEIGHTS, _OPTIMIZER))]
     if unknown:
         raise TrailError(f"trail state holds unexpected tensors {unknown[:3]}")
+    weights, optimizer = _expanded(tensors, base)
     return TrailState(weights, optimizer, optimizer_hash(optimizer), step)
 
 
-def state_from_bytes(data: bytes, weight_shapes: dict[str, tuple[int, ...]],
-                     max_bytes: int | None = None) -> TrailState:
+def state_from_bytes(data: bytes, base: Base, max_bytes: int | None = None) -> TrailState:
     """One trail entry's state as a trainer stores and serves it (`TrailRecorder.entry_payload`), from untrusted
-    bytes: names and shapes must fit the model; the optimizer hash is recomputed, never taken from the file."""
+    bytes: names, shapes and dtypes must fit the model; the optimizer hash is recomputed, never taken from the
+    file."""
     tensors = from_safetensors_bytes(data, max_bytes=max_bytes)
     try:
         step = int(_metadata_of(data)["step"])
     except (KeyError, ValueError) as exc:
         raise TrailError(f"trail state metadata is incomplete or malformed: {exc}") from None
-    return _parse_state(tensors, weight_shapes, step)
+    return _parse_state(tensors, base, step)
 
 
 def final_to_bytes(state: TrailState) -> bytes:
-    """The last entry's weights, with its optimizer hash and step (enough to check it against the trail)."""
+    """The last entry's weights in fp32, with its optimizer hash and step: enough to check it against the trail
+    without knowing which base the trail started from (so a trail trained from other weights is proven)."""
     tensors = {f"{_WEIGHTS}{name}": t for name, t in state.weights.items()}
     return to_safetensors_bytes(tensors, metadata={"optimizer_hash": state.optimizer_hash, "step": str(state.step)})
 
 
-def final_from_bytes(data: bytes, weight_shapes: dict[str, tuple[int, ...]],
+def final_from_bytes(data: bytes, weight_shapes: Mapping[str, tuple[int, ...]],
                      max_bytes: int | None = None) -> TrailState:
     tensors = from_safetensors_bytes(data, max_bytes=max_bytes)
     metadata = _metadata_of(data)
@@ -219,6 +255,8 @@ def final_from_bytes(data: bytes, weight_shapes: dict[str, tuple[int, ...]],
         state = TrailState(_take(tensors, _WEIGHTS), None, str(metadata["optimizer_hash"]), int(metadata["step"]))
     except (KeyError, ValueError) as exc:
         raise TrailError(f"final weights metadata is incomplete or malformed: {exc}") from None
+    if len(state.weights) != len(tensors):
+        raise TrailError("final weights hold tensors other than weights")
     _check_weights(state.weights, weight_shapes)
     return state
 
@@ -236,7 +274,7 @@ def _metadata_of(data: bytes) -> dict[str, str]:
     return metadata
 
 
-def _check_weights(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+def _check_weights(weights: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
     if set(weights) != set(shapes):
         missing, extra = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
         raise TrailError(f"checkpoint weights do not fit the model: missing {missing[:2]}, extra {extra[:2]}")
@@ -246,17 +284,31 @@ def _check_weights(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int
             raise TrailError(f"checkpoint weight {name} is {tuple(t.shape)} {t.dtype}, expected {shape} float32")
 
 
-def _check_optimizer(optimizer: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+def _check_stored_weights(stored: Mapping[str, torch.Tensor], base: Base) -> None:
+    if set(stored) != set(base):
+        missing, extra = sorted(set(base) - set(stored)), sorted(set(stored) - set(base))
+        raise TrailError(f"checkpoint weights do not fit the model: missing {missing[:2]}, extra {extra[:2]}")
+    for name, start in base.items():
+        t = stored[name]
+        if tuple(t.shape) != tuple(start.shape) or t.dtype != TRAIL_DELTA_DTYPE:
+            raise TrailError(f"checkpoint weight {name} is {tuple(t.shape)} {t.dtype}, expected "
+                             f"{tuple(start.shape)} {TRAIL_DELTA_DTYPE} (its change from the round's base)")
+
+
+def _check_optimizer(optimizer: Mapping[str, torch.Tensor], base: Base) -> None:
     if not optimizer:
         return
-    expected: dict[str, tuple[int, ...]] = {}
-    for name, shape in shapes.items():
-        expected |= {f"{name}.exp_avg": shape, f"{name}.exp_avg_sq": shape, f"{name}.step": ()}
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, start in base.items():
+        shape = tuple(start.shape)
+        expected |= {f"{name}{_FIRST_MOMENT}": (shape, TRAIL_MOMENT_DTYPE),
+                     f"{name}.exp_avg_sq": (shape, torch.float32), f"{name}.step": ((), torch.float32)}
     if set(optimizer) != set(expected):
         raise TrailError("checkpoint optimizer state does not fit the model's parameters")
-    for name, shape in expected.items():
-        if tuple(optimizer[name].shape) != tuple(shape) or optimizer[name].dtype != torch.float32:
-            raise TrailError(f"optimizer tensor {name} is {tuple(optimizer[name].shape)} {optimizer[name].dtype}")
+    for name, (shape, dtype) in expected.items():
+        if tuple(optimizer[name].shape) != shape or optimizer[name].dtype != dtype:
+            raise TrailError(f"optimizer tensor {name} is {tuple(optimizer[name].shape)} {optimizer[name].dtype}, "
+                             f"expected {shape} {dtype}")
 
 
 def capture_state(model: torch.nn.Module, trainer, hashed: bool = True) -> TrailState:
@@ -272,15 +324,19 @@ def capture_state(model: torch.nn.Module, trainer, hashed: bool = True) -> Trail
     return TrailState(weights, optimizer, optimizer_hash(optimizer) if hashed else "", trainer.step)
 
 
-def _store_state(path: Path, state: TrailState) -> str:
-    """Write one trail state (on the writer thread) and return its entry hash."""
-    if not state.optimizer_hash:  # captured unhashed (capture_state(hashed=False))
-        state = replace(state, optimizer_hash=optimizer_hash(state.optimizer or {}))
-    data = to_safetensors_bytes(
-        _state_tensors("", state), metadata={"step": str(state.step), "optimizer_hash": state.optimizer_hash}
-    )
+def _store_state(path: Path, state: TrailState, base: Base) -> str:
+    """Write one trail state in its stored form (on the writer thread) and return its entry hash: the hash of
+    the state the stored form expands to, which a verifier recomputes."""
+    tensors = _state_tensors("", state, base)
+    weights, optimizer = _expanded(tensors, base)
+    stored_hash = optimizer_hash(optimizer)
+    data = to_safetensors_bytes(tensors, metadata={"step": str(state.step), "optimizer_hash": stored_hash})
     _replace_file(path, data)
-    return state.entry
+    return entry_hash(weights_hash(weights), stored_hash, state.step)
+
+
+def _write_base(path: Path, base: Base) -> None:
+    _replace_file(path, to_safetensors_bytes(base))
 
 
 def _replace_file(path: Path, data: bytes) -> None:
@@ -317,6 +373,10 @@ class TrailRecorder:
         self._pending: list[Future[str]] = []  # their writes, in entry order, not yet in self._trail
         self._lock = threading.Lock()
         self._writer: ThreadPoolExecutor | None = None
+        self._base: dict[str, torch.Tensor] = {}  # the current round's entry-0 weights, on the CPU
+        self._device_base: dict[str, torch.Tensor] | None = None  # the same on the trainer's device
+        self._pending_base: Future[None] | None = None
+        self._bases: dict[int, dict[str, torch.Tensor]] = {}  # the last round read back by load_state
 
     def round_dir(self, round_index: int) -> Path:
         return self.store_dir / f"round-{round_index:08d}"
@@ -335,24 +395,39 @@ class TrailRecorder:
         self._steps = trail_steps(inner_steps, self.interval_k)
         self._local_step = 0
         self._recorded = 0
+        self._base, self._device_base = {}, None
         self._trail = []
         self._trails[round_index] = self._trail
 
     def record(self, model: torch.nn.Module, trainer) -> bool:
-        """Call before the first inner step and after every step; True when this step is a trail entry."""
+        """Call before the first inner step and after every step; True when this step is a trail entry.
+
+        At a trail step the trainer's state is first rounded to what the entry stores
+        (`InnerTrainer.round_to_trail_precision`, against the round's start weights), so training goes on from
+        exactly the committed state.
+        """
         if self._round is None:
             raise TrailError("TrailRecorder.record called before start_round")
         local = self._local_step
         self._local_step += 1
         if local not in self._steps:
             return False
+        from gpunite.train.weights import trainable_state
+
+        if local == 0:
+            self._device_base = {name: t.clone() for name, t in trainable_state(model).items()}
+        if self._device_base is None:
+            raise TrailError("TrailRecorder.record missed the round's first step (its base weights)")
+        trainer.round_to_trail_precision(self._device_base)
         self.record_state(capture_state(model, trainer, hashed=False))
         return True
 
     def record_state(self, state: TrailState) -> None:
         """Queue a state (copied, never changed afterwards) as the round's next trail entry.
 
-        Adversary strategies build states by other means and record them here too.
+        Entry 0's weights are the round's base, the other entries' weights are stored as their change from it.
+        Adversary strategies build states by other means and record them here too (stored as `expand_state`
+        gives them back).
         """
         if self._round is None:
             raise TrailError("TrailRecorder.record_state called before start_round")
@@ -363,8 +438,12 @@ class TrailRecorder:
             self._recorded += 1
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trail-writer")
-            path = self.round_dir(self._round) / f"entry-{index:04d}.safetensors"
-            self._pending.append(self._writer.submit(_store_state, path, state))
+            round_dir = self.round_dir(self._round)
+            if index == 0:
+                self._base = dict(state.weights)  # a copy already, never changed
+                self._pending_base = self._writer.submit(_write_base, round_dir / BASE_FILE, self._base)
+            path = round_dir / f"entry-{index:04d}.safetensors"
+            self._pending.append(self._writer.submit(_store_state, path, state, self._base))
             backlog = self._pending[: max(0, len(self._pending) - MAX_PENDING)]
         for future in backlog:
             future.result()
@@ -373,6 +452,9 @@ class TrailRecorder:
         """Wait for the queued writes; their entries join the trail (a failed write raises here)."""
         with self._lock:
             try:
+                if self._pending_base is not None:
+                    self._pending_base.result()
+                    self._pending_base = None
                 for future in self._pending:
                     self._trail.append(future.result())
             finally:
@@ -384,22 +466,39 @@ class TrailRecorder:
         self.flush()
         return list(self._trail)
 
+    def base(self, round_index: int) -> dict[str, torch.Tensor]:
+        """A stored round's entry-0 weights (fp32, CPU): what its entries' stored changes are relative to."""
+        if round_index == self._round and self._base:
+            return self._base
+        if round_index not in self._bases:
+            path = self.round_dir(round_index) / BASE_FILE
+            try:
+                tensors = from_safetensors_bytes(path.read_bytes())
+            except (OSError, GpuniteError) as exc:
+                raise TrailError(f"no base weights stored for round {round_index} ({exc})") from None
+            self._bases = {round_index: tensors}
+        return self._bases[round_index]
+
     def load_state(self, round_index: int, index: int) -> TrailState:
         data = self.entry_payload(round_index, index)
         tensors = from_safetensors_bytes(data)
         metadata = _metadata_of(data)
-        return TrailState(
-            _take(tensors, _WEIGHTS), _take(tensors, _OPTIMIZER), metadata["optimizer_hash"], int(metadata["step"])
-        )
+        weights, optimizer = _expanded(tensors, self.base(round_index))
+        return TrailState(weights, optimizer, metadata["optimizer_hash"], int(metadata["step"]))
 
     def segment_payload(self, round_index: int, index: int, with_end: bool = True) -> bytes:
         """Bytes a verifier needs to replay segment `index` of a round: states at entries index and (with_end)
-        index+1."""
+        index+1, as stored (`segment_from_bytes` parses them against the round's base)."""
         first = self._entry_metadata(round_index, 0)  # only entry 0's hashes: no need to load its tensors
-        end = self.load_state(round_index, index + 1) if with_end else None
-        segment = Segment(index, self.load_state(round_index, index), end, first["optimizer_hash"],
-                          int(first["step"]))
-        return segment_to_bytes(segment)
+        start = self.entry_payload(round_index, index)
+        tensors = {_START + name: t for name, t in from_safetensors_bytes(start).items()}
+        metadata = _segment_metadata(index, int(_metadata_of(start)["step"]), first["optimizer_hash"],
+                                     int(first["step"]))
+        if with_end:
+            end = self.entry_payload(round_index, index + 1)
+            tensors |= {_END + name: t for name, t in from_safetensors_bytes(end).items()}
+            metadata["end_step"] = _metadata_of(end)["step"]
+        return to_safetensors_bytes(tensors, metadata=metadata)
 
     def _entry_metadata(self, round_index: int, index: int) -> dict[str, str]:
         """A stored entry's safetensors metadata, read from the file's header alone."""
@@ -458,6 +557,7 @@ class TrailRecorder:
             if round_index < keep_from_round:
                 shutil.rmtree(path, ignore_errors=True)
                 self._trails.pop(round_index, None)
+                self._bases.pop(round_index, None)
                 removed.append(round_index)
         return removed
 

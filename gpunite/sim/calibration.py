@@ -60,7 +60,7 @@ audit_fraction = {audit_fraction}
 # Every contribution audited: a 4-round measurement then holds the same number of audits as the simulated
 # expectation, instead of a binomial draw that alone would move the bytes by ~7% (the simulator's audit
 # sampling is unit-tested). A 1-layer, 64-wide model (82k parameters) keeps a round's audits within the
-# coordinator's verdict wait on the home profile's 20 Mbit uplink (a trail segment is 24 bytes per parameter)
+# coordinator's verdict wait on the home profile's 20 Mbit uplink (a trail segment is 16 bytes per parameter)
 # and on a shared, loaded CPU.
 AUDIT_FRACTION = 1.0
 TRAIL_INTERVAL, SEGMENTS_PER_AUDIT, AUDIT_TIMEOUT_S = 2, 2, 30.0  # manifest and PeerConfig defaults

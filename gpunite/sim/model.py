@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gpunite.errors import GpuniteError
-from gpunite.sim.traffic import WireSizes
+from gpunite.sim.traffic import TRAIL_FINAL_BYTES, TRAIL_STATE_BYTES, WireSizes
 
 
 class SimError(GpuniteError, ValueError):
@@ -435,7 +435,7 @@ def verdict_wait_s(cfg: SimConfig, roster: int, typical_Bps: float) -> float:
     per_verifier = math.ceil(cfg.audit_fraction * roster / max(1, roster - 1))
     step_s = cfg.round_compute_s / cfg.inner_steps
     replay_s = cfg.segments_per_audit * cfg.trail_interval * step_s * (2 if cfg.overlap else 1)
-    fetch_s = cfg.param_count() * (1 + 24 * cfg.segments_per_audit + 4) / typical_Bps
+    fetch_s = cfg.param_count() * (1 + 2 * TRAIL_STATE_BYTES * cfg.segments_per_audit + TRAIL_FINAL_BYTES) / typical_Bps
     return cfg.audit_timeout_s + 3.0 * per_verifier * (replay_s + fetch_s)
 
 

@@ -10,10 +10,11 @@ names. Per round (gpunite.swarm.peer, gpunite.swarm.audits):
   per chunk (1 + 4 / chunk bytes per parameter);
 - every peer fetches every other owner's merged slice: the same format;
 - a verifier fetches the whole delta from the trainer (one request per slice), the start state of each
-  drawn trail segment (fp32 weights and AdamW's two moments, 12 bytes per parameter), the state at its end
-  too (another 12, one more request) only when its replay is not bit-exact (`end_state_share`: 0 among
-  peers of one device class, up to 1 when verifiers replay on other devices than the trainers), and the
-  trail's final weights (4 bytes per parameter);
+  drawn trail segment (the weights' fp16 change from the round's base, AdamW's first moment in bf16 and its
+  second in fp32: 8 bytes per parameter, `gpunite.proof.trail`), the state at its end too (another 8, one more
+  request) only when its replay is not bit-exact (`end_state_share`: 0 among peers of one device class, up to
+  1 when verifiers replay on other devices than the trainers), and the trail's final weights (fp32, 4 bytes
+  per parameter);
 - a joiner (or a peer that re-syncs) downloads the global state: fp32 weights, the outer momentum and the
   serving peer's AdamW moments (16 bytes per parameter).
 
@@ -26,8 +27,12 @@ import json
 from dataclasses import dataclass
 
 FRAME_PREFIX_BYTES = 12  # 4-byte header length + 8-byte body length
-INT8_BYTES, FP32_BYTES = 1, 4
-ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32 like the weights
+INT8_BYTES, FP16_BYTES, FP32_BYTES = 1, 2, 4
+ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32 like the weights in a state sync
+# A stored trail state (gpunite.proof.trail.STATE_BYTES_PER_PARAM, without importing torch here): the weights'
+# fp16 change, the bf16 first moment, the fp32 second moment. The final weights travel in fp32.
+TRAIL_STATE_BYTES = FP16_BYTES + FP16_BYTES + FP32_BYTES
+TRAIL_FINAL_BYTES = FP32_BYTES
 RUN_ID_CHARS = 64  # a run id is a sha256 in hex; every request header carries it
 
 
@@ -47,15 +52,15 @@ class WireSizes:
 
     @property
     def segment_bytes_per_param(self) -> float:
-        return FP32_BYTES * (1 + ADAM_MOMENTS)  # the state at the segment's start
+        return TRAIL_STATE_BYTES  # the state at the segment's start
 
     @property
     def end_state_bytes_per_param(self) -> float:
-        return FP32_BYTES * (1 + ADAM_MOMENTS)  # the state at its end, when the replay is not bit-exact
+        return TRAIL_STATE_BYTES  # the state at its end, when the replay is not bit-exact
 
     @property
     def final_bytes_per_param(self) -> float:
-        return FP32_BYTES
+        return TRAIL_FINAL_BYTES
 
     @property
     def state_bytes_per_param(self) -> float:
@@ -99,6 +104,7 @@ def measure_wire_sizes(model_config=None, chunk: int = 4096) -> tuple[WireSizes,
     from gpunite.proof.trail import Segment, capture_state, final_to_bytes, segment_to_bytes
     from gpunite.train.compression import compress, payload_to_bytes
     from gpunite.train.trainer import InnerTrainer
+    from gpunite.train.weights import trainable_state
 
     config = model_config or PRESETS["tiny"]
     params = param_count(config)
@@ -108,11 +114,12 @@ def measure_wire_sizes(model_config=None, chunk: int = 4096) -> tuple[WireSizes,
     for param in model.parameters():
         param.grad = torch.full_like(param, 1e-3)
     trainer.optimizer.step()
+    base = {name: t.clone() for name, t in trainable_state(model).items()}
     start = capture_state(model, trainer)
     trainer.optimizer.step()
     end = capture_state(model, trainer)
     segment = len(  # a segment as a verifier first asks for it: its start state only
-        segment_to_bytes(Segment(0, start, None, first_optimizer_hash=start.optimizer_hash, first_step=1))
+        segment_to_bytes(Segment(0, start, None, first_optimizer_hash=start.optimizer_hash, first_step=1), base)
     )
     final = len(final_to_bytes(end))
     vector = torch.randn(params, generator=torch.Generator().manual_seed(1))
@@ -123,6 +130,6 @@ def measure_wire_sizes(model_config=None, chunk: int = 4096) -> tuple[WireSizes,
         chunk=chunk,
         request_bytes=float(request_overhead_bytes() + body_header),
         segment_header_bytes=float(segment - params * sizes_per_param.segment_bytes_per_param),
-        final_header_bytes=float(final - params * FP32_BYTES),
+        final_header_bytes=float(final - params * sizes_per_param.final_bytes_per_param),
     )
     return sizes, {"params": params, "slice": whole, "segment": segment, "final": final}

@@ -181,8 +181,10 @@ def _fetch_copy(peer: Peer, ctx: RoundContext, victim: Contribution, bounds: lis
                 ) -> list[bytes] | None:
     """The victim's slices, and its trail states recorded as ours (hash-identical entries); None on failure."""
     from gpunite.errors import GpuniteError
-    from gpunite.proof.trail import segment_from_bytes, weight_shapes
+    from gpunite.proof.trail import segment_from_bytes
+    from gpunite.swarm.audits import trail_reply_max_bytes
     from gpunite.swarm.node import SwarmError
+    from gpunite.train.weights import trainable_state
 
     slices = []
     for index in range(len(bounds)):
@@ -190,14 +192,15 @@ def _fetch_copy(peer: Peer, ctx: RoundContext, victim: Contribution, bounds: lis
         if data is None:
             return None
         slices.append(data)
-    shapes = weight_shapes(peer.model)
-    max_bytes = 6 * peer.numel * 4 + (1 << 20)
+    # The model holds the round's base weights here (train_and_commit loaded them before asking us).
+    base = {name: t.to("cpu", copy=True) for name, t in trainable_state(peer.model).items()}
+    max_bytes = trail_reply_max_bytes(peer.numel)
     try:
         segments = []
         for index in range(len(victim.trail) - 1):
             header = {"round": ctx.round, "segment": index}
             data = peer._request(victim.peer_id, HANDLE_TRAIL, header, max_bytes)[1]
-            segments.append(segment_from_bytes(data, shapes, max_bytes))
+            segments.append(segment_from_bytes(data, base, max_bytes))
     except (SwarmError, ProtocolError, GpuniteError) as exc:
         log.info("could not copy %s's trail: %s", victim.peer_id[:12], exc)
         return None

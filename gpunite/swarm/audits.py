@@ -59,6 +59,7 @@ from gpunite.proof.selection import (
     is_audited,
     sign_beacon,
 )
+from gpunite.proof.trail import FINAL_BYTES_PER_PARAM, STATE_BYTES_PER_PARAM
 from gpunite.records import Contribution, Verdict, parse_record_as, record_bytes, sign_record
 from gpunite.swarm.checks import ACCEPT, CheckResult, RoundContext, check_contribution, check_slice
 from gpunite.swarm.node import SwarmError
@@ -119,7 +120,12 @@ AUDITS_AT_ONCE = 2
 
 def audit_state_bytes(numel: int, segments: int) -> int:
     """Trail bytes one audit holds once its prefetch is in: the final weights and each segment's start state."""
-    return numel * 4 * (1 + 3 * segments)
+    return numel * (FINAL_BYTES_PER_PARAM + STATE_BYTES_PER_PARAM * segments)
+
+
+def trail_reply_max_bytes(numel: int) -> int:
+    """The most a trainer's answer to one trail request may hold: a segment's start and end states."""
+    return 2 * STATE_BYTES_PER_PARAM * numel + (1 << 20)
 
 
 @dataclass
@@ -288,7 +294,7 @@ class RoundAudits:
         if isinstance(delta, str):
             return AuditResult(False, delta, False, -1, None, 0.0)
         base = {name: t.clone() for name, t in peer.layout.named(base_weights).items()}
-        max_bytes = 6 * peer.numel * 4 + (1 << 20)  # start and end: weights and two AdamW moments each
+        max_bytes = trail_reply_max_bytes(peer.numel)
 
         def request(what: int | str, part: str = "") -> bytes:
             header = {"round": ctx.round, "segment": what} | ({"part": part} if part else {})

@@ -472,6 +472,7 @@ class Peer:
         trains (same model), on a CPU or GPU it shares with its own next round when overlapping.
         """
         from gpunite.model import flops_per_token
+        from gpunite.proof.trail import FINAL_BYTES_PER_PARAM, STATE_BYTES_PER_PARAM
 
         proof = self.manifest.proof
         audits = proof.audit_fraction * roster_size * proof.verifiers_per_audit
@@ -482,8 +483,8 @@ class Peer:
             step_s = flops_per_token(self.model_config, self.manifest.data.seq_len) * tokens / (
                 0.1 * self.speed * 1e12)
         replay_s = proof.segments_per_audit * proof.trail_interval * step_s * (1 + self.lag)
-        # and fetches, per audit, the delta (int8), each segment's two states and the final weights (fp32)
-        audit_bytes = self.numel * (1 + 24 * proof.segments_per_audit + 4)
+        # and fetches, per audit, the delta (int8), each segment's two states and the final weights
+        audit_bytes = self.numel * (1 + 2 * STATE_BYTES_PER_PARAM * proof.segments_per_audit + FINAL_BYTES_PER_PARAM)
         fetch_s = 8.0 * audit_bytes / self.node.budget.typical_bits_per_s(unmeasured=HOME_UPLINK_BITS_PER_S)
         return self.config.audit_timeout_s + 3.0 * per_verifier * (replay_s + fetch_s)
 
@@ -1050,7 +1051,7 @@ class Peer:
         for old in [r for r in self._owners if r < ctx.round]:
             del self._owners[old]
         # Round ctx.round's trail stays one round more (a backup coordinator's beacon may still draw audits of
-        # it); older ones go: a trail is H / k full states (weights and both moments), 12 bytes per parameter each.
+        # it); older ones go: a trail is H / k states (weights and both moments), 8 bytes per parameter each.
         self.recorder.prune(ctx.round)
         self.tokens_trained += tokens
         self.rounds_done += 1

@@ -7,7 +7,7 @@ Local training, swarm rounds and proof-of-training audit replays all run their s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 # Optimizer state keys AdamW keeps per parameter; `step` is a scalar tensor.
 _ADAM_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+# What a trail entry stores (InnerTrainer.round_to_trail_precision): weights as their change in the round in
+# fp16, AdamW's first moment in bf16.
+TRAIL_DELTA_DTYPE = torch.float16
+TRAIL_MOMENT_DTYPE = torch.bfloat16
 
 
 class TrainingError(GpuniteError):
@@ -192,6 +196,24 @@ class InnerTrainer:
         if tokens == 0:
             raise TrainingError("evaluate() was given no batches")
         return float(total.item() / tokens)
+
+    @torch.no_grad()
+    def round_to_trail_precision(self, base: Mapping[str, torch.Tensor]) -> None:
+        """Round the training state, in place, to the values a trail entry stores (`gpunite.proof.trail`):
+        each weight's change from `base` (the round's start weights, by name, on this device) to fp16 and
+        AdamW's first moment to bf16; the second moment and the step stay fp32.
+
+        Trainer and verifier both call this at every trail step, so a stored entry is the exact state the
+        trainer went on from, and a replay from it is still bit-exact. The rounding is at most 2^-11 of
+        each weight's change in the round and 2^-8 of each first moment; the second moment keeps fp32 (in
+        bf16 its slow decay under beta2 near 1 rounds away).
+        """
+        for name, param in self._named_params:
+            start = base[name]
+            param.copy_(start + (param - start).to(TRAIL_DELTA_DTYPE).to(param.dtype))
+            state = self.optimizer.state.get(param)
+            if state:
+                state["exp_avg"].copy_(state["exp_avg"].to(TRAIL_MOMENT_DTYPE).to(state["exp_avg"].dtype))
 
     def optimizer_state_tensors(self) -> dict[str, torch.Tensor]:
         """AdamW's state as flat named tensors (`<param>.exp_avg` ...), detached copies on the CPU."""
