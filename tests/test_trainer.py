@@ -254,3 +254,18 @@ def test_cli_train_export_generate_end_to_end(prepared_run, tmp_path):
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "no checkpoint at" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_rounding_to_trail_precision_is_the_same_in_chunks_and_idempotent():
+    """The CPU rounds large tensors chunk by chunk; the bits must be those of the one-pass formula."""
+    from gpunite.train.trainer import _ROUNDING_CHUNK, TRAIL_DELTA_DTYPE, _round_change
+
+    generator = torch.Generator().manual_seed(3)
+    start = torch.randn(3 * _ROUNDING_CHUNK + 17, generator=generator) * 0.02
+    param = start + torch.randn(start.shape, generator=generator) * 1e-3
+    expected_change = (param - start).to(TRAIL_DELTA_DTYPE)
+    expected = start + expected_change.float()
+    change = _round_change(param, start)
+    assert change.dtype == TRAIL_DELTA_DTYPE and torch.equal(change, expected_change)
+    assert torch.equal(param, expected)
+    assert torch.equal(_round_change(param, start), change) and torch.equal(param, expected)

@@ -324,15 +324,13 @@ def capture_state(model: torch.nn.Module, trainer, hashed: bool = True) -> Trail
     return TrailState(weights, optimizer, optimizer_hash(optimizer) if hashed else "", trainer.step)
 
 
-def _store_state(path: Path, state: TrailState, base: Base) -> str:
-    """Write one trail state in its stored form (on the writer thread) and return its entry hash: the hash of
-    the state the stored form expands to, which a verifier recomputes."""
-    tensors = _state_tensors("", state, base)
-    weights, optimizer = _expanded(tensors, base)
+def _store_tensors(path: Path, stored: dict[str, torch.Tensor], step: int, base: Base) -> str:
+    """Write one trail entry's stored tensors (on the writer thread) and return its entry hash: the hash of
+    the state they expand to, which a verifier recomputes."""
+    weights, optimizer = _expanded(stored, base)
     stored_hash = optimizer_hash(optimizer)
-    data = to_safetensors_bytes(tensors, metadata={"step": str(state.step), "optimizer_hash": stored_hash})
-    _replace_file(path, data)
-    return entry_hash(weights_hash(weights), stored_hash, state.step)
+    _replace_file(path, to_safetensors_bytes(stored, metadata={"step": str(step), "optimizer_hash": stored_hash}))
+    return entry_hash(weights_hash(weights), stored_hash, step)
 
 
 def _write_base(path: Path, base: Base) -> None:
@@ -416,10 +414,18 @@ class TrailRecorder:
 
         if local == 0:
             self._device_base = {name: t.clone() for name, t in trainable_state(model).items()}
+            trainer.round_to_trail_precision(self._device_base)  # the weights are the base; AdamW's state may
+            self.record_state(capture_state(model, trainer, hashed=False))  # come unrounded (a joiner's)
+            return True
         if self._device_base is None:
             raise TrailError("TrailRecorder.record missed the round's first step (its base weights)")
-        trainer.round_to_trail_precision(self._device_base)
-        self.record_state(capture_state(model, trainer, hashed=False))
+        # The rounding computes the stored values anyway: copy those, not the fp32 state (8 bytes a parameter)
+        changes, moments = trainer.round_to_trail_precision(self._device_base)
+        tensors = {f"{_WEIGHTS}{name}": t.to("cpu") for name, t in changes.items()}  # fresh tensors: no copy
+        tensors |= {f"{_OPTIMIZER}{name}": t.to("cpu") for name, t in moments.items()}
+        for name, t in trainer.optimizer_state_tensors(keys=("step", "exp_avg_sq")).items():
+            tensors[f"{_OPTIMIZER}{name}"] = t
+        self._queue(None, tensors, trainer.step)
         return True
 
     def record_state(self, state: TrailState) -> None:
@@ -431,10 +437,16 @@ class TrailRecorder:
         """
         if self._round is None:
             raise TrailError("TrailRecorder.record_state called before start_round")
+        self._queue(state)
+
+    def _queue(self, state: TrailState | None, stored: dict[str, torch.Tensor] | None = None, step: int = 0) -> None:
+        """Hand the writer the next entry: a state to store, or (state None) its stored tensors at `step`."""
         with self._lock:
             index = self._recorded
             if index >= len(self._steps):
                 raise TrailError(f"round {self._round} already has its {len(self._steps)} trail entries")
+            if index == 0 and state is None:
+                raise TrailError("a round's first trail entry must be a whole state (its weights are the base)")
             self._recorded += 1
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trail-writer")
@@ -443,7 +455,9 @@ class TrailRecorder:
                 self._base = dict(state.weights)  # a copy already, never changed
                 self._pending_base = self._writer.submit(_write_base, round_dir / BASE_FILE, self._base)
             path = round_dir / f"entry-{index:04d}.safetensors"
-            self._pending.append(self._writer.submit(_store_state, path, state, self._base))
+            if state is not None:
+                stored, step = _state_tensors("", state, self._base), state.step
+            self._pending.append(self._writer.submit(_store_tensors, path, stored, step, self._base))
             backlog = self._pending[: max(0, len(self._pending) - MAX_PENDING)]
         for future in backlog:
             future.result()
