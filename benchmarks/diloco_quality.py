@@ -42,7 +42,7 @@ import torch
 from gpunite.data.batches import heldout_sequences, load_sequences
 from gpunite.data.prepare import prepare_dataset
 from gpunite.data.shards import ShardIndex
-from gpunite.manifest import TrainSection, parse_manifest
+from gpunite.manifest import ProofSection, TrainSection, parse_manifest
 from gpunite.model import build_model, config_from_manifest
 from gpunite.proof.trail import trail_steps
 from gpunite.swarm.aggregation import clip_factors, contribution_norm, robust_aggregate, slice_bounds
@@ -81,7 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--overlap-lr-scale", type=float, default=TrainSection().overlap_lr_scale,
                         help="the overlapped run's outer lr is --outer-lr times this (train.overlap_lr_scale; "
                         "the synchronous run keeps --outer-lr)")
-    parser.add_argument("--trail-interval", type=int, default=TrainSection().trail_interval,
+    parser.add_argument("--trail-interval", type=int, default=ProofSection().trail_interval,
                         help="k: the workers round their state to the trail's stored precision every k inner "
                         "steps, as swarm trainers do (0: never)")
     parser.add_argument("--compare-trail-rounding", action="store_true",
