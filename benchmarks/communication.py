@@ -6,8 +6,10 @@ training settings (H = train.inner_steps, int8 compression, chunk 4096, audits a
 (`--audit-fraction 0` measures the DiLoCo exchange alone). Bytes are counted on the wire by each peer: every
 frame it writes to a libp2p stream (headers and payloads, as `gpunite.swarm.protocol.ByteCounter` counts
 them; the DHT's own small records are not included), so audit traffic counts: a trainer serves each verifier
-the start states of two trail segments (weights and both AdamW moments; the end states only when a replay is
-not bit-exact) and its final weights, ~28 x params bytes, where its share of the DiLoCo exchange is
+the start states of two trail segments (the weights' fp16 change in the round, AdamW's bf16 first and fp32
+second moment: 8 bytes per parameter each; the end states only when a replay is not bit-exact) and its final
+weights in fp32, ~20 x params bytes (28 before the trail states were stored compact), where its share of the
+DiLoCo exchange is
 ~2 (N-1)/N x params x bytes per value. The window is steady state: from
 the end of round `--warmup-rounds` to the end of the last round, so the one-time state sync of joiners is
 excluded.
