@@ -38,3 +38,18 @@ def test_untrusted_payloads_are_checked():
 
 def test_hash_handles_scalars():
     assert weights_hash({"step": torch.tensor(3.0)}) != weights_hash({"step": torch.tensor(4.0)})
+
+
+def test_hash_is_sha256_of_names_dtypes_shapes_and_bytes():
+    """The hash peers compare is defined by the bytes, whatever the tensors' dtype or layout in memory."""
+    import hashlib
+
+    tensors = {"m": torch.arange(24, dtype=torch.float32).reshape(4, 6).t(), "h": torch.randn(5).to(torch.bfloat16),
+               "empty": torch.zeros(0, 3)}
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(name.encode() + str(t.dtype).encode() + repr(tuple(t.shape)).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert weights_hash(tensors) == digest.hexdigest()
+    assert weights_hash({"m": tensors["m"]}) != weights_hash({"m": tensors["m"].contiguous().t()})  # shape counts
