@@ -17,6 +17,7 @@ from gpunite.proof.selection import (
     is_audited,
     p_caught_within,
     p_segments_catch,
+    ring_verifiers,
     segments_needed,
     sign_beacon,
 )
@@ -60,6 +61,36 @@ def test_selection_is_deterministic_and_roughly_uniform():
     assert choose_segments(beacon, IDS[1], 3, 5) == [0, 1, 2]
     with pytest.raises(SelectionError):
         choose_verifiers(beacon, IDS[0], ["peer01"], 1, exclude=["peer01"])
+
+
+def test_ring_verifiers_spread_a_rounds_audits_and_never_pick_the_trainer():
+    beacons = [hashlib.sha256(b"beacon %d" % i).digest() for i in range(400)]
+    trainers, coordinator = ["peerA", "peerB", "peerC"], "peerD"  # 4 peers: the coordinator verifies nobody
+    ring_max, drawn_max, picked_for_a = Counter(), Counter(), Counter()
+    for beacon in beacons:
+        ring_load, drawn_load = Counter(), Counter()
+        for trainer in [*trainers, coordinator]:  # the coordinator's own contribution is audited too
+            cid = hashlib.sha256(beacon + trainer.encode()).hexdigest()
+            chosen = ring_verifiers(beacon, cid, trainer, trainers, 1)
+            assert trainer not in chosen and coordinator not in chosen and len(chosen) == 1
+            ring_load.update(chosen)
+            drawn_load.update(choose_verifiers(beacon, cid, [*trainers, coordinator], 1,
+                                               exclude=[trainer, coordinator]))
+            if trainer == "peerA":
+                picked_for_a.update(chosen)
+        ring_max[max(ring_load.values())] += 1
+        drawn_max[max(drawn_load.values())] += 1
+    assert set(ring_max) == {2}  # 4 audits over 3 verifiers: never more than 2 on one of them
+    assert drawn_max[3] > 40  # independent draws put 3 of 4 on one verifier in ~1/4 of rounds
+    assert set(picked_for_a) == {"peerB", "peerC"} and all(150 < n < 250 for n in picked_for_a.values())
+
+    # n verifiers each, 10 candidates: every candidate verifies exactly n of the ring's trainers
+    load = Counter(v for trainer in PEERS for v in ring_verifiers(beacons[0], trainer, trainer, PEERS, 3))
+    assert load == Counter({peer: 3 for peer in PEERS})
+    assert ring_verifiers(beacons[0], IDS[0], "outsider", PEERS, 2) == ring_verifiers(
+        beacons[0], IDS[0], "outsider", list(reversed(PEERS)), 2)
+    with pytest.raises(SelectionError):
+        ring_verifiers(beacons[0], IDS[0], "peer01", ["peer01"], 1)
 
 
 def test_detection_probability_and_the_default_policy():

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from gpunite.identity import canonical_json
 from gpunite.proof.audit import PROVEN, AuditBounds
 from gpunite.proof.checks import Finding
-from gpunite.proof.selection import choose_segments, choose_verifiers, is_audited
+from gpunite.proof.selection import choose_segments, is_audited, ring_verifiers
 from gpunite.records import Contribution, Verdict
 
 DEFAULT_SEGMENTS_PER_AUDIT = 2
@@ -79,8 +79,8 @@ def assign_audit(beacon: bytes, contribution: Contribution, policy: MergePolicy,
                                    signer_is_coordinator=contribution.peer_id == coordinator)
     if not audited:
         return AuditAssignment(False)
-    verifiers = choose_verifiers(beacon, cid, candidates, policy.verifiers_per_audit,
-                                 exclude=(contribution.peer_id, coordinator))
+    verifiers = ring_verifiers(beacon, cid, contribution.peer_id, [p for p in candidates if p != coordinator],
+                               policy.verifiers_per_audit)
     segments = choose_segments(beacon, cid, len(contribution.trail) - 1, policy.segments_per_audit)
     return AuditAssignment(True, tuple(verifiers), tuple(segments))
 

@@ -89,6 +89,30 @@ def choose_verifiers(beacon: bytes, contribution_id: str, candidates: Sequence[s
     return sorted(pool, key=lambda peer: _draw(beacon, "verifier", contribution_id, peer))[:n]
 
 
+def ring_verifiers(beacon: bytes, contribution_id: str, trainer: str, candidates: Sequence[str], n: int
+                   ) -> list[str]:
+    """n verifiers for `trainer`'s contribution that spread a round's audits evenly over the candidates.
+
+    The beacon shuffles the candidates into a ring; a trainer in the ring is verified by the n peers after
+    it, a trainer outside it by n consecutive peers from a place drawn for the contribution. So each
+    candidate verifies n of the ring's trainers plus its share of the outsiders' work (the coordinator's own
+    contribution, at most): with drawing verifiers independently per contribution, one of 3 verifiers got 3
+    of a round's 4 audits a quarter of the time, and the round's close waited for its last replay. A
+    colluder is still a trainer's verifier only as often as its share of the candidates.
+    """
+    ring = sorted(set(candidates), key=lambda peer: _draw(beacon, "ring", peer))
+    if trainer in ring:
+        after = ring.index(trainer) + 1
+        pool = ring[after:] + ring[:after - 1]
+    else:
+        start = _draw(beacon, "ring-start", contribution_id) % max(1, len(ring))
+        pool = ring[start:] + ring[:start]
+    if len(pool) < n:
+        raise SelectionError(f"need {n} verifiers for {contribution_id[:12]}, only {len(pool)} candidates; "
+                             "wait for more peers with verified work, or lower proof.verifiers_per_audit")
+    return sorted(pool[:n])
+
+
 def choose_segments(beacon: bytes, contribution_id: str, n_segments: int, count: int) -> list[int]:
     """`count` distinct segments of the trail to replay (all of them if count >= n_segments), sorted."""
     if n_segments <= 0:

@@ -55,8 +55,8 @@ from gpunite.proof.selection import (
     SelectionError,
     beacon_from_signature,
     choose_segments,
-    choose_verifiers,
     is_audited,
+    ring_verifiers,
     sign_beacon,
 )
 from gpunite.proof.trail import FINAL_BYTES_PER_PARAM, STATE_BYTES_PER_PARAM
@@ -104,10 +104,9 @@ def assign(beacon: bytes, contribution: Contribution, policy: MergePolicy, candi
     if not is_audited(beacon, cid, policy.audit_fraction, signer_is_coordinator=contribution.peer_id == coordinator):
         return AuditAssignment(False)
     others = [p for p in candidates if p not in (contribution.peer_id, coordinator)]
-    exclude = (contribution.peer_id, coordinator) if len(others) >= policy.verifiers_per_audit else (
-        contribution.peer_id,)
+    ring = [p for p in candidates if p != coordinator] if len(others) >= policy.verifiers_per_audit else candidates
     try:
-        verifiers = choose_verifiers(beacon, cid, candidates, policy.verifiers_per_audit, exclude=exclude)
+        verifiers = ring_verifiers(beacon, cid, contribution.peer_id, ring, policy.verifiers_per_audit)
     except SelectionError:
         return AuditAssignment(False)
     segments = choose_segments(beacon, cid, len(contribution.trail) - 1, policy.segments_per_audit)
