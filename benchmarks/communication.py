@@ -8,8 +8,8 @@ frame it writes to a libp2p stream (headers and payloads, as `gpunite.swarm.prot
 them; the DHT's own small records are not included), so audit traffic counts: a trainer serves each verifier
 the start states of two trail segments (the weights' fp16 change in the round, AdamW's bf16 first and fp32
 second moment: 8 bytes per parameter each; the end states only when a replay is not bit-exact) and its final
-weights in fp32, ~20 x params bytes (28 before the trail states were stored compact), where its share of the
-DiLoCo exchange is
+weights in fp32, ~20 x params bytes (28 before the trail states were stored compact), packed on the wire
+(`gpunite.swarm.protocol.pack_floats`: ~0.8 of that), where its share of the DiLoCo exchange is
 ~2 (N-1)/N x params x bytes per value. The window is steady state: from
 the end of round `--warmup-rounds` to the end of the last round, so the one-time state sync of joiners is
 excluded.

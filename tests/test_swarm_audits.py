@@ -386,3 +386,45 @@ def test_swarm_adversaries_cover_every_proof_mode():
 
     assert set(SWARM_ADVERSARIES) == set(CHEAT_MODES)
     assert set(CHEAT_MODES) <= set(CHEATER_MODES)
+
+
+def test_trail_replies_travel_packed_only_to_those_that_ask_and_bad_packing_is_refused():
+    import asyncio
+    from types import SimpleNamespace
+
+    import zstandard
+
+    from gpunite.swarm.audits import serve_trail, trail_reply
+    from gpunite.swarm.protocol import FLOAT_ENCODING, ProtocolError, pack_floats
+    from gpunite.train.weights import to_safetensors_bytes
+
+    generator = torch.Generator().manual_seed(7)
+    state = {"weights/w": (torch.randn(5001, generator=generator) * 1e-3).to(torch.float16),
+             "optimizer/w.exp_avg": (torch.randn(5001, generator=generator) * 1e-4).to(torch.bfloat16),
+             "optimizer/w.exp_avg_sq": torch.rand(5001, generator=generator) * 1e-8,
+             "optimizer/w.step": torch.tensor(12.0)}
+    raw = to_safetensors_bytes(state)
+    peer = SimpleNamespace(run_id="r" * 64, state=SimpleNamespace(round=3),
+                           recorder=SimpleNamespace(final_payload=lambda round_index: raw))
+    ask = {"run": peer.run_id, "round": 3, "segment": "final"}
+
+    header, body = asyncio.run(serve_trail(peer, ask | {"accept": [FLOAT_ENCODING]}, b"", "caller"))
+    assert header["encoding"] == FLOAT_ENCODING and len(body) < 0.9 * len(raw)
+    assert trail_reply(header, body, len(raw)) == raw  # bit-exact: replays and hashes depend on every byte
+    header, body = asyncio.run(serve_trail(peer, ask, b"", "caller"))  # an older verifier: sent as stored
+    assert "encoding" not in header and body == raw and trail_reply(header, body, len(raw)) == raw
+    for odd in (b"", b"abc", raw[:4097]):  # lengths that are not whole 4-byte words
+        assert trail_reply({"encoding": FLOAT_ENCODING}, pack_floats(odd), 10_000) == odd
+
+    packed = pack_floats(raw)
+    with pytest.raises(ProtocolError, match="over the"):  # inflating past what the reply may hold
+        trail_reply({"encoding": FLOAT_ENCODING}, packed, len(raw) - 1)
+    with pytest.raises(ProtocolError, match="corrupt"):
+        trail_reply({"encoding": FLOAT_ENCODING}, packed[: len(packed) // 2], len(raw))
+    with pytest.raises(ProtocolError):
+        trail_reply({"encoding": FLOAT_ENCODING}, b"not zstd at all", len(raw))
+    with pytest.raises(ProtocolError, match="unknown"):  # no content size in the frame: refused, not guessed
+        stream = zstandard.ZstdCompressor(write_content_size=False).compress(raw)
+        trail_reply({"encoding": FLOAT_ENCODING}, stream, len(raw))
+    with pytest.raises(ProtocolError, match="never asked for"):
+        trail_reply({"encoding": "gzip"}, raw, len(raw))

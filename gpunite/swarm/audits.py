@@ -64,12 +64,15 @@ from gpunite.records import Contribution, Verdict, parse_record_as, record_bytes
 from gpunite.swarm.checks import ACCEPT, CheckResult, RoundContext, check_contribution, check_slice
 from gpunite.swarm.node import SwarmError
 from gpunite.swarm.protocol import (
+    FLOAT_ENCODING,
     HANDLE_TRAIL,
     AuditBeacon,
     ProtocolError,
     RoundClose,
+    pack_floats,
     parse_swarm_message,
     run_key,
+    unpack_floats,
     verdict_key,
 )
 from gpunite.util import in_parallel
@@ -296,12 +299,13 @@ class RoundAudits:
         max_bytes = trail_reply_max_bytes(peer.numel)
 
         def request(what: int | str, part: str = "") -> bytes:
-            header = {"round": ctx.round, "segment": what} | ({"part": part} if part else {})
+            header = {"round": ctx.round, "segment": what, "accept": [FLOAT_ENCODING]} | (
+                {"part": part} if part else {})
             try:
-                return peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes)[1]
+                return trail_reply(*peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes), max_bytes)
             except (SwarmError, ProtocolError) as exc:  # a stream broken on a busy machine: one more try
                 log.info("trail %s of %s: %s; retrying", what, contribution.peer_id[:12], exc)
-                return peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes)[1]
+                return trail_reply(*peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes), max_bytes)
 
         def timed_request(what: int | str, part: str = "") -> bytes:
             started = time.perf_counter()
@@ -599,6 +603,16 @@ class RoundAudits:
         return verdicts, contributions
 
 
+def trail_reply(header: dict, body: bytes, max_bytes: int) -> bytes:
+    """A trail reply's bytes: unpacked when the trainer packed them (`FLOAT_ENCODING`), as sent otherwise."""
+    encoding = header.get("encoding")
+    if encoding is None:
+        return body
+    if encoding != FLOAT_ENCODING:
+        raise ProtocolError(f"trail reply in an encoding never asked for: {str(encoding)[:40]!r}")
+    return unpack_floats(body, max_bytes)
+
+
 async def serve_trail(peer: Peer, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:
     """Stream handler: segment i (or "final") of this trainer's trail for a round it still keeps."""
     import asyncio
@@ -621,9 +635,16 @@ async def serve_trail(peer: Peer, header: dict, body: bytes, caller: str) -> tup
             raise TrailError(f"round {round_index} has no trail segment {what} here")
         return peer.recorder.segment_part(round_index, what, part)
 
+    accept = header.get("accept")
+    packed = isinstance(accept, list) and FLOAT_ENCODING in accept
+
+    def reply() -> bytes:
+        return pack_floats(read()) if packed else read()
+
     try:
-        data = await asyncio.get_running_loop().run_in_executor(None, read)
+        data = await asyncio.get_running_loop().run_in_executor(None, reply)
     except (TrailError, OSError) as exc:
         raise ValueError(str(exc)) from None
-    return {"round": round_index, "segment": what, "part": part}, data
+    reply_header = {"round": round_index, "segment": what, "part": part}
+    return reply_header | ({"encoding": FLOAT_ENCODING} if packed else {}), data
 

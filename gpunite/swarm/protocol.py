@@ -135,6 +135,44 @@ def parse_announcement(data: bytes) -> RunAnnouncement:
     return parse_swarm_message(data, RunAnnouncement)  # type: ignore[return-value]
 
 
+# Trail states and final weights (floats) travel with bytes regrouped by their place in 4-byte words, then zstd:
+# a float's sign and exponent bytes repeat, its low mantissa bytes do not (0.80 of the raw size on a tiny
+# preset's trail state, 50 ms to pack on one core; zstd alone: 0.89). Only to a requester that asks for it.
+FLOAT_ENCODING = "zstd-shuffle4"
+_WORD = 4
+
+
+def pack_floats(data: bytes) -> bytes:
+    """Tensor bytes for the wire: byte k of every 4-byte word together (k = 0..3), then zstd (level 1)."""
+    import numpy as np
+    import zstandard
+
+    whole = len(data) // _WORD * _WORD
+    grouped = np.frombuffer(data, dtype=np.uint8, count=whole).reshape(-1, _WORD).T.tobytes() + data[whole:]
+    return zstandard.ZstdCompressor(level=1, write_content_size=True).compress(grouped)
+
+
+def unpack_floats(data: bytes, max_bytes: int) -> bytes:
+    """The bytes `pack_floats` packed; ProtocolError for a corrupt frame or one inflating past max_bytes."""
+    import numpy as np
+    import zstandard
+
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise ProtocolError(f"packed reply is not a zstd frame ({exc})") from None
+    if size < 0 or size > max_bytes:
+        raise ProtocolError(f"packed reply would inflate to {size} bytes (unknown or over the {max_bytes} limit)")
+    try:
+        grouped = zstandard.ZstdDecompressor().decompress(data, max_output_size=max_bytes)
+    except zstandard.ZstdError as exc:
+        raise ProtocolError(f"packed reply is corrupt ({exc})") from None
+    if len(grouped) != size:
+        raise ProtocolError(f"packed reply inflated to {len(grouped)} bytes, its frame says {size}")
+    whole = size // _WORD * _WORD
+    return np.frombuffer(grouped, dtype=np.uint8, count=whole).reshape(_WORD, -1).T.tobytes() + grouped[whole:]
+
+
 class ByteCounter:
     """Bytes this peer wrote to and read from P2P streams (payloads and frame headers, as on the wire)."""
 
