@@ -1,8 +1,9 @@
 """Benchmark: share of each peer's wall time spent computing (inner steps) rather than waiting, 4 peers.
 
 A real local swarm (peer processes on 127.0.0.1, one torch thread each) trains the tiny preset for several
-rounds. Each peer times its own inner steps and pseudo-gradient compression (`compute_s` in its status
-file) against its wall time; the window is steady state: from the end of round `--warmup-rounds` - 1 to the
+rounds of H inner steps (the manifest default, train.inner_steps, unless `--inner-steps`). Each peer times
+its own inner steps and pseudo-gradient compression (`compute_s` in its status file) against its wall time;
+the window is steady state: from the end of round `--warmup-rounds` - 1 to the
 end of the last measured round, so process start-up and joining are left out, and so is one more round run
 after the window, the run's last: with overlap, every round's exchange runs beside the next round's inner
 steps, except the last one's, which has no next round (a shutdown cost, paid once per run, like start-up).
@@ -91,7 +92,9 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after the warm-up")
     parser.add_argument("--warmup-rounds", type=int, default=1, help="rounds left out of the window (>= 1)")
-    parser.add_argument("--inner-steps", type=int, default=30)
+    parser.add_argument("--inner-steps", type=int, default=None,
+                        help="H (default: the manifest default, train.inner_steps); a smaller H is a harder test: "
+                        "the round's close, which overlap hides behind the next round's steps, stays as long")
     parser.add_argument("--trail-interval", type=int, default=None,
                         help="proof.trail_interval (default: the manifest's default)")
     parser.add_argument("--overlap", choices=["on", "off", "both"], default="both",
@@ -100,6 +103,10 @@ def main() -> None:
                         help="run the swarms in this new folder and keep it (peers' logs), not in a temporary one")
     args = parser.parse_args()
 
+    if args.inner_steps is None:
+        from gpunite.manifest import TrainSection
+
+        args.inner_steps = TrainSection().inner_steps
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.overlap]
     results = {}
     if args.keep is not None:
