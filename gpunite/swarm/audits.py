@@ -301,11 +301,15 @@ class RoundAudits:
         def request(what: int | str, part: str = "") -> bytes:
             header = {"round": ctx.round, "segment": what, "accept": [FLOAT_ENCODING]} | (
                 {"part": part} if part else {})
-            try:
+
+            def ask() -> bytes:
                 return trail_reply(*peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes), max_bytes)
+
+            try:
+                return ask()
             except (SwarmError, ProtocolError) as exc:  # a stream broken on a busy machine: one more try
                 log.info("trail %s of %s: %s; retrying", what, contribution.peer_id[:12], exc)
-                return trail_reply(*peer._request(contribution.peer_id, HANDLE_TRAIL, header, max_bytes), max_bytes)
+                return ask()
 
         def timed_request(what: int | str, part: str = "") -> bytes:
             started = time.perf_counter()
