@@ -81,6 +81,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--overlap-lr-scale", type=float, default=TrainSection().overlap_lr_scale,
                         help="the overlapped run's outer lr is --outer-lr times this (train.overlap_lr_scale; "
                         "the synchronous run keeps --outer-lr)")
+    parser.add_argument("--extrapolation", type=float, default=1.0,
+                        help="--overlap extrapolated: round r starts from W_{r-1} + this x (W_{r-1} - W_{r-2})")
+    parser.add_argument("--rebase-steps", type=int, default=10,
+                        help="--overlap rebase: round r's first this many steps go on from the worker's own end "
+                        "of round r-1; then the steps so far are carried onto W_r")
     parser.add_argument("--trail-interval", type=int, default=ProofSection().trail_interval,
                         help="k: the workers round their state to the trail's stored precision every k inner "
                         "steps, as swarm trainers do (0: never)")
@@ -149,7 +154,7 @@ def merge_round(pseudo_grads: list[torch.Tensor], args: argparse.Namespace) -> t
     return merged
 
 
-OVERLAP_MODES = ("delayed", "eager", "eager_full")
+OVERLAP_MODES = ("delayed", "eager", "eager_full", "extrapolated", "rebase", "rebase_exact", "rebase_global")
 
 
 class DilocoRun:
@@ -185,6 +190,11 @@ class DilocoRun:
         if self.mode == "sync":
             return self.history[round_]
         newest = self.history[max(round_ - 1, 0)]
+        if self.mode == "extrapolated":
+            if round_ < 2:
+                return newest
+            step = torch.sub(newest, self.history[round_ - 2])
+            return torch.add(newest, torch.mul(step, torch.tensor(self.args.extrapolation, dtype=torch.float32)))
         own = self.own_pseudo_grads[worker]
         if self.mode == "delayed" or own is None or round_ == 0:
             return newest
@@ -194,14 +204,28 @@ class DilocoRun:
 
     def train_round(self, round_: int, batches_per_worker: list[list[torch.Tensor]]) -> None:
         pseudo_grads = []
+        rebasing = self.mode.startswith("rebase")
+        rebase_at = self.args.rebase_steps if rebasing and round_ > 0 else None
         for k, (worker, batches) in enumerate(zip(self.workers, batches_per_worker)):
-            base = self.base_for(round_, k)
+            base = self.history[round_] if rebasing else self.base_for(round_, k)
             params = list(trainable_state(worker.model).values())
-            unflatten_into(base, params)
+            if rebase_at is None:
+                unflatten_into(base, params)
+            elif self.mode == "rebase_global":  # from the newest global weights until the merge arrives
+                own_end = self.history[round_ - 1]
+                unflatten_into(own_end, params)
+            elif self.mode == "rebase_exact":  # go on from this worker's own end of the round before
+                own_end = flatten(params).clone()
+            else:  # from the newest global weights less this worker's own committed delta (what a peer can
+                # rebuild and verify: `Contribution.start_contribution`): its end of the round before, to int8
+                own_end = torch.sub(self.history[round_ - 1], self.own_sent[k])
+                unflatten_into(own_end, params)
             # At every trail step a swarm trainer rounds its state to what the trail stores (TrailRecorder.record)
             rounded_at = set(trail_steps(len(batches), self.trail_interval)) if self.trail_interval else set()
             start = {name: t.clone() for name, t in trainable_state(worker.model).items()}
             for step, batch in enumerate(batches):
+                if step == rebase_at:  # the merge is here: carry the steps since onto the new global weights
+                    unflatten_into(torch.add(base, torch.sub(flatten(params), own_end)), params)
                 if step in rounded_at:
                     worker.round_to_trail_precision(start)
                 worker.train_step(batch)
@@ -209,6 +233,7 @@ class DilocoRun:
                 worker.round_to_trail_precision(start)
             pseudo_grads.append(pseudo_gradient(base, flatten(params)))
         self.own_pseudo_grads = pseudo_grads
+        self.own_sent = [decompress(compress(g, self.args.compression, self.args.chunk)) for g in pseudo_grads]
         self.history.append(self.outer.step(self.history[round_], merge_round(pseudo_grads, self.args)))
 
     def evaluate(self, eval_batches: list[torch.Tensor]) -> float:

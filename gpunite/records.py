@@ -94,6 +94,12 @@ class Contribution(_Record):
     delta_norm: float = Field(ge=0)
     claimed_flops: float = Field(ge=0)
     time: float
+    # train.overlap: the first rebase_step inner steps ran, while the merge giving the base was in flight, from
+    # the global weights before the base (start_hash) less this trainer's own delta committed to the round
+    # before (start_contribution, its record id; None: nothing subtracted), then were carried onto the base.
+    start_hash: HEX64 | None = None
+    start_contribution: HEX64 | None = None
+    rebase_step: int = Field(0, ge=0)
 
 
 class Verdict(_Record):

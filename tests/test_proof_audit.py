@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -232,3 +234,62 @@ def test_a_rising_own_loss_rejects_only_replays_that_are_not_exact(honest_submis
     assert audit("start").accept and audit("both").accept
     inexact = audit("both", autocast_dtype=torch.bfloat16)
     assert not inexact.accept and "own loss rose" in inexact.reason, inexact.reason
+
+
+def test_an_overlapped_round_verifies_on_both_sides_of_its_rebase(tmp_path):
+    """A round that trained from the weights before its base (overlap) and was carried onto the base at step 2
+    commits to a trail that reads as one from the base: every segment replays bit-exactly from what it ran on,
+    and one claiming a rebase it did not make is proven by the replay before it."""
+    from gpunite.proof.adversary import _start, contribution_for
+    from gpunite.proof.trail import train_with_trail
+    from gpunite.train.checkpoint import load_model_state
+
+    start = {n: t.clone() for n, t in trainable_state(build_model(MICRO, seed=1)).items()}
+    names = list(BASE)
+    units = [WorkUnit(shard=SHARD, first=0, count=12)]  # 6 steps: entries at 0, 2, 4, 6; rebase at 2
+
+    def submit(mode: str, rebase_step: int, trained_from: dict) -> tuple:
+        work = replace(_work(mode, tmp_path), units=units)
+        model, trainer = _start(work)
+        load_model_state(model, trained_from)
+        train_with_trail(trainer, model, units, BATCH, load, 6, work.recorder, 0, rebase=(rebase_step, BASE))
+        assert work.recorder.rebase_step == rebase_step
+        final = flatten(trainable_state(model)[n] for n in names)
+        submission = contribution_for(work, work.identity, units, work.recorder.trail,
+                                      flatten(BASE[n] for n in names) - final, start_hash="5" * 64,
+                                      rebase_step=rebase_step)
+        return submission, decompress(payload_from_bytes(submission.delta_bytes, NUMEL, 256))
+
+    def verify(submission, delta, **kwargs):
+        asked = []
+
+        def fetch(i, part):
+            asked.append((i, part))
+            return submission.recorder.segment_part(0, i, part)
+
+        result = verify_contribution(parse_record(submission.record), [0, 1, 2], fetch,
+                                     lambda: submission.recorder.final_payload(0), BASE, delta, load, BATCH, MICRO,
+                                     CFG, total_steps=20, expected_first_step=0, **kwargs)
+        return result, asked
+
+    honest, delta = submit("rebased", 2, start)
+    contribution = parse_record(honest.record)
+    assert contribution.rebase_step == 2 and contribution.start_hash == "5" * 64
+    # entry 0 is the base itself (its change from the start is 0), as in any trail
+    assert segment_from_bytes(honest.recorder.segment_payload(0, 0), BASE).start.entry == contribution.trail[0]
+    result, asked = verify(honest, delta, start=start)
+    assert result.accept, result.reason
+    assert [result.details[f"bit_exact[{i}]"] for i in range(3)] == [1.0, 1.0, 1.0]
+    assert asked == [(0, "start"), (1, "start"), (2, "start")]  # no end state needed on either side
+    # the steps before the rebase are replayed from the start weights: a verifier without them judges nothing
+    missing, _ = verify(honest, delta)
+    assert not missing.accept and not missing.cheat and "started from" in missing.reason
+    # a trainer that trained from the base all along but claims it started from the start weights
+    claimed, claimed_delta = submit("claimed", 2, BASE)
+    lying, _ = verify(claimed, claimed_delta, start=start)
+    assert not lying.accept and lying.cheat and lying.segment == 0, lying.reason
+    # a rebase at step 0 is an ordinary round from the base
+    plain, plain_delta = submit("plain", 0, start)
+    assert plain.recorder.rebase_step == 0
+    assert segment_from_bytes(plain.recorder.segment_payload(0, 1), BASE).start.entry == parse_record(
+        plain.record).trail[1]

@@ -110,7 +110,8 @@ def _flat(weights: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Te
 
 
 def contribution_for(work: RoundWork, identity: Identity, units: Sequence[WorkUnit], trail: Sequence[str],
-                     pseudo_gradient: torch.Tensor, inner_steps: int | None = None) -> Submission:
+                     pseudo_gradient: torch.Tensor, inner_steps: int | None = None, start_hash: str | None = None,
+                     rebase_step: int = 0) -> Submission:
     """Compress a pseudo-gradient and sign the contribution committing to it (what an honest trainer sends)."""
     cfg = work.train_cfg
     payload = compress(pseudo_gradient.contiguous(), cfg.compression, cfg.compression_chunk)
@@ -131,6 +132,8 @@ def contribution_for(work: RoundWork, identity: Identity, units: Sequence[WorkUn
         delta_norm=vector_norm(decompress(payload)),
         claimed_flops=float(flops_per_token(work.model_config, work.seq_len) * tokens),
         time=work.time,
+        start_hash=start_hash,
+        rebase_step=rebase_step,
     )
     signed = sign_record(identity, record)
     return Submission(signed.model_dump(mode="json"), delta_bytes, work.recorder, work.round, cheating=False)

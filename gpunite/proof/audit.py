@@ -38,7 +38,7 @@ from gpunite.proof.trail import (
     trail_steps,
 )
 from gpunite.records import Contribution, Verdict, sign_record
-from gpunite.train.weights import flatten
+from gpunite.train.weights import flatten, weights_hash
 
 # Reasons for rejections that the committed data proves start with this prefix (policy bans on them).
 PROVEN = "proven: "
@@ -148,11 +148,15 @@ def audit_segment(
     autocast_dtype: torch.dtype | None = None,
     fetch_end: Callable[[], TrailState] | None = None,
     base: dict[str, torch.Tensor],
+    hash_base: dict[str, torch.Tensor] | None = None,
 ) -> AuditResult:
     """Replay segment i of a contribution on its batches and judge it (train_cfg: the run's TrainSection).
 
     base: the round's start weights by name (the segment was parsed against them); the replay's end is rounded
-    against them as the trainer rounded its state at the trail step.
+    against them as the trainer rounded its state at the trail step. hash_base: the trail's own base when the
+    segment's steps ran from other weights (`base`: an overlapped round's steps before its rebase); the
+    segment was then parsed with `segment_from_bytes(..., hash_base=)` and the replay's end is hashed as the
+    trainer committed it.
 
     `batches` come from `gpunite.proof.trail.batches_for_steps` for the segment's local steps. The replay
     runs in fp32 unless autocast_dtype is given (a verifier may replay as the trainer's device would).
@@ -190,11 +194,15 @@ def audit_segment(
     except TrainingError as exc:
         return _reject(f"replay of segment {index} diverged: {exc}", index, cheat=True, flops=flops)
 
-    trainer.round_to_trail_precision({name: t.to(device) for name, t in base.items()})
+    changes, _ = trainer.round_to_trail_precision({name: t.to(device) for name, t in base.items()})
     committed = segment.end
     bit_exact = False
     if committed is None:
         replayed_state = capture_state(model, trainer)
+        if hash_base is not None:  # the entry commits the replay's end carried onto the trail's base
+            carried = {name: hash_base[name] + changes[name].to("cpu").float() for name in replayed_state.weights}
+            replayed_state.committed = entry_hash(weights_hash(carried), replayed_state.optimizer_hash,
+                                                  replayed_state.step)
         if replayed_state.entry == contribution.trail[index + 1]:
             committed, bit_exact = replayed_state, True
         elif fetch_end is None:
@@ -391,6 +399,7 @@ def verify_contribution(
     expected_first_optimizer_hash: str | None = None,
     autocast_dtype: torch.dtype | None = None,
     max_bytes: int | None = None,
+    start: dict[str, torch.Tensor] | None = None,
 ) -> AuditResult:
     """A verifier's whole audit of one contribution: the delta against the trail's end, then each drawn segment.
 
@@ -400,8 +409,13 @@ def verify_contribution(
     for only when the replay is not bit-exact; fetch_segment and fetch_final() return the trainer's bytes
     (raise GpuniteError when it cannot serve);
     a trainer that cannot serve is rejected, not proven to cheat. held_out: (a held-out batch, the base
-    weights' loss on it), when the verifier checks that held-out loss does not blow up.
+    weights' loss on it), when the verifier checks that held-out loss does not blow up. start: the global
+    weights an overlapped round's first `contribution.rebase_step` steps ran from (`Contribution.start_hash`),
+    needed when the contribution rebased.
     """
+    if contribution.rebase_step and start is None:
+        return _reject("the contribution rebased, and this verifier does not hold the weights it started from",
+                       -1, cheat=False)
     names = list(base)
     shapes = {name: tuple(t.shape) for name, t in base.items()}
     results: list[AuditResult] = []
@@ -423,8 +437,10 @@ def verify_contribution(
         return combine_results(results)
     steps = trail_steps(contribution.inner_steps, contribution.trail_interval)
     for index in segments:
+        # Before the rebase the steps ran from `start`: replay there, hash as the trail commits (on the base).
+        ran_from, hash_base = (start, base) if steps[index] < contribution.rebase_step else (base, None)
         try:
-            segment = segment_from_bytes(fetch_segment(index, "start"), base, max_bytes)
+            segment = segment_from_bytes(fetch_segment(index, "start"), ran_from, max_bytes, hash_base=hash_base)
         except GpuniteError as exc:
             results.append(_reject(f"could not get segment {index}: {exc}", index, cheat=False))
             break
@@ -437,8 +453,9 @@ def verify_contribution(
                                      total_steps=total_steps, bounds=bounds, expected_first_step=expected_first_step,
                                      expected_first_optimizer_hash=expected_first_optimizer_hash,
                                      autocast_dtype=autocast_dtype,
-                                     fetch_end=lambda i=index: state_from_bytes(fetch_segment(i, "end"),
-                                                                                base, max_bytes), base=base))
+                                     fetch_end=lambda i=index, b=ran_from, h=hash_base: state_from_bytes(
+                                         fetch_segment(i, "end"), b, max_bytes, hash_base=h),
+                                     base=ran_from, hash_base=hash_base))
         if not results[-1].accept:
             break
     return combine_results(results)

@@ -132,9 +132,14 @@ class TrailState:
     optimizer: dict[str, torch.Tensor] | None  # None when only its hash travelled
     optimizer_hash: str
     step: int
+    # The entry hash as the trail commits it, when `weights` are where the steps ran rather than the trail's
+    # own coordinates (the steps before an overlapped round's rebase: `parse_state(..., hash_base=)`).
+    committed: str | None = None
 
     @property
     def entry(self) -> str:
+        if self.committed is not None:
+            return self.committed
         return entry_hash(weights_hash(self.weights), self.optimizer_hash, self.step)
 
 
@@ -196,9 +201,14 @@ def _segment_metadata(index: int, start_step: int, first_optimizer_hash: str, fi
             "first_step": str(first_step)}
 
 
-def segment_from_bytes(data: bytes, base: Base, max_bytes: int | None = None) -> Segment:
+def segment_from_bytes(data: bytes, base: Base, max_bytes: int | None = None, hash_base: Base | None = None
+                       ) -> Segment:
     """Parse a segment from an untrusted trainer against the round's base weights: names, shapes and dtypes
-    must fit the model, values finite (the base is only read)."""
+    must fit the model, values finite (the base is only read).
+
+    hash_base: the trail's own base, when `base` is where the segment's steps ran instead (an overlapped
+    round's steps before its rebase ran from the global weights before the base): the states' weights are
+    then expanded against `base` and their entry hashes against `hash_base`, as the trainer committed them."""
     tensors = from_safetensors_bytes(data, max_bytes=max_bytes)
     metadata = _metadata_of(data)
     try:
@@ -209,26 +219,32 @@ def segment_from_bytes(data: bytes, base: Base, max_bytes: int | None = None) ->
     except (KeyError, ValueError) as exc:
         raise TrailError(f"segment metadata is incomplete or malformed: {exc}") from None
     parts = ((_START, start_step),) if end_step is None else ((_START, start_step), (_END, end_step))
-    states = [_parse_state(_take(tensors, prefix), base, step) for prefix, step in parts]
+    states = [_parse_state(_take(tensors, prefix), base, step, hash_base) for prefix, step in parts]
     unknown = [n for n in tensors if not n.startswith(tuple(prefix for prefix, _ in parts))]
     if unknown:
         raise TrailError(f"segment holds unexpected tensors {unknown[:3]}")
     return Segment(index, states[0], states[1] if len(states) > 1 else None, first_optimizer_hash, first_step)
 
 
-def _parse_state(tensors: dict[str, torch.Tensor], base: Base, step: int) -> TrailState:
+def _parse_state(tensors: dict[str, torch.Tensor], base: Base, step: int, hash_base: Base | None = None
+                 ) -> TrailState:
     """A state from its stored weights/ and optimizer/ tensors, checked against the model and expanded with
-    the base; its hash is recomputed."""
+    the base; its hash is recomputed (against hash_base, when given: see `segment_from_bytes`)."""
     _check_stored_weights(_take(tensors, _WEIGHTS), base)
     _check_optimizer(_take(tensors, _OPTIMIZER), base)
     unknown = [n for n in tensors if not n.startswith((_WEIGHTS, _OPTIMIZER))]
     if unknown:
         raise TrailError(f"trail state holds unexpected tensors {unknown[:3]}")
     weights, optimizer = _expanded(tensors, base)
-    return TrailState(weights, optimizer, optimizer_hash(optimizer), step)
+    state = TrailState(weights, optimizer, optimizer_hash(optimizer), step)
+    if hash_base is not None:
+        state.committed = entry_hash(weights_hash(_expanded(tensors, hash_base)[0]),
+                                     state.optimizer_hash, step)
+    return state
 
 
-def state_from_bytes(data: bytes, base: Base, max_bytes: int | None = None) -> TrailState:
+def state_from_bytes(data: bytes, base: Base, max_bytes: int | None = None, hash_base: Base | None = None
+                     ) -> TrailState:
     """One trail entry's state as a trainer stores and serves it (`TrailRecorder.entry_payload`), from untrusted
     bytes: names, shapes and dtypes must fit the model; the optimizer hash is recomputed, never taken from the
     file."""
@@ -237,7 +253,7 @@ def state_from_bytes(data: bytes, base: Base, max_bytes: int | None = None) -> T
         step = int(_metadata_of(data)["step"])
     except (KeyError, ValueError) as exc:
         raise TrailError(f"trail state metadata is incomplete or malformed: {exc}") from None
-    return _parse_state(tensors, base, step)
+    return _parse_state(tensors, base, step, hash_base)
 
 
 def final_to_bytes(state: TrailState) -> bytes:
@@ -324,13 +340,22 @@ def capture_state(model: torch.nn.Module, trainer, hashed: bool = True) -> Trail
     return TrailState(weights, optimizer, optimizer_hash(optimizer) if hashed else "", trainer.step)
 
 
-def _store_tensors(path: Path, stored: dict[str, torch.Tensor], step: int, base: Base) -> str:
+def _store_tensors(path: Path, stored: dict[str, torch.Tensor], step: int, base: Base | None) -> str:
     """Write one trail entry's stored tensors (on the writer thread) and return its entry hash: the hash of
-    the state they expand to, which a verifier recomputes."""
-    weights, optimizer = _expanded(stored, base)
-    stored_hash = optimizer_hash(optimizer)
+    the state they expand to, which a verifier recomputes ("" while the base is not known: `_hash_stored`
+    hashes the entry once it is)."""
+    stored_hash = optimizer_hash({name: t.float() for name, t in _take(stored, _OPTIMIZER).items()})
     _replace_file(path, stored, metadata={"step": str(step), "optimizer_hash": stored_hash})
-    return entry_hash(weights_hash(weights), stored_hash, step)
+    return "" if base is None else entry_hash(weights_hash(_expanded(stored, base)[0]), stored_hash, step)
+
+
+def _hash_stored(path: Path, base: Base) -> str:
+    """The entry hash of a stored entry, its weights expanded against `base` (read back from disk: an
+    overlapped round's entries before its rebase, written before their base was known)."""
+    data = path.read_bytes()
+    metadata = _metadata_of(data)
+    weights, _ = _expanded(from_safetensors_bytes(data), base)
+    return entry_hash(weights_hash(weights), metadata["optimizer_hash"], int(metadata["step"]))
 
 
 def _write_base(path: Path, base: Base) -> None:
@@ -378,12 +403,18 @@ class TrailRecorder:
         self._device_base: dict[str, torch.Tensor] | None = None  # the same on the trainer's device
         self._pending_base: Future[None] | None = None
         self._bases: dict[int, dict[str, torch.Tensor]] = {}  # the last round read back by load_state
+        self._deferred = False  # the round's base is not known yet: entries are hashed at `rebase`
+        self._last_changes: dict[str, torch.Tensor] | None = None  # the last entry's stored weight changes
+        self.rebase_step = 0  # the current round's local step at its rebase (0: none)
 
     def round_dir(self, round_index: int) -> Path:
         return self.store_dir / f"round-{round_index:08d}"
 
-    def start_round(self, round_index: int, inner_steps: int) -> None:
-        """Begin a round's trail; anything stored earlier for this round is discarded."""
+    def start_round(self, round_index: int, inner_steps: int, deferred: bool = False) -> None:
+        """Begin a round's trail; anything stored earlier for this round is discarded.
+
+        deferred: the round starts before its base is known (train.overlap: from the global weights before it,
+        while the merge that gives the base is in flight); `rebase` brings the base at a later trail step."""
         self.flush()
         with self._lock:
             # A fresh writer thread each round, started by the first record_state: it inherits the recording
@@ -397,6 +428,7 @@ class TrailRecorder:
         self._local_step = 0
         self._recorded = 0
         self._base, self._device_base = {}, None
+        self._deferred, self._last_changes, self.rebase_step = deferred, None, 0
         self._trail = []
         self._trails[round_index] = self._trail
 
@@ -424,6 +456,7 @@ class TrailRecorder:
             raise TrailError("TrailRecorder.record missed the round's first step (its base weights)")
         # The rounding computes the stored values anyway: copy those, not the fp32 state (8 bytes a parameter)
         changes, moments = trainer.round_to_trail_precision(self._device_base)
+        self._last_changes = changes
         tensors = {f"{_WEIGHTS}{name}": t.to("cpu") for name, t in changes.items()}  # fresh tensors: no copy
         tensors |= {f"{_OPTIMIZER}{name}": t.to("cpu") for name, t in moments.items()}
         for name, t in trainer.optimizer_state_tensors(keys=("step", "exp_avg_sq")).items():
@@ -456,14 +489,53 @@ class TrailRecorder:
             round_dir = self.round_dir(self._round)
             if index == 0:
                 self._base = dict(state.weights)  # a copy already, never changed
-                self._pending_base = self._writer.submit(_write_base, round_dir / BASE_FILE, self._base)
+                if not self._deferred:
+                    self._pending_base = self._writer.submit(_write_base, round_dir / BASE_FILE, self._base)
             path = round_dir / f"entry-{index:04d}.safetensors"
             if state is not None:
                 stored, step = _state_tensors("", state, self._base), state.step
-            self._pending.append(self._writer.submit(_store_tensors, path, stored, step, self._base))
+            self._pending.append(self._writer.submit(_store_tensors, path, stored, step,
+                                                     None if self._deferred else self._base))
             backlog = self._pending[: max(0, len(self._pending) - MAX_PENDING)]
         for future in backlog:
             future.result()
+
+    def rebase(self, trainer, new_base: Base) -> int:
+        """Carry the steps so far onto the round's base, which just arrived (a deferred round); call it right
+        after a trail step. The weights become new_base + the last entry's stored change, exactly as a verifier
+        expands that entry; later entries round against new_base; the entries so far, stored as their change
+        from where the round started, are hashed against new_base, so the trail reads as one from the base.
+        Returns the local step of the rebase (0: before any step, the round is then an ordinary one)."""
+        if not self._deferred:
+            raise TrailError("rebase of a round whose base was known when it started")
+        step = self._local_step - 1
+        if self._recorded == 0 or self._steps[self._recorded - 1] != step:
+            raise TrailError(f"rebase at local step {step}, which is not a trail step just recorded")
+        device_base = {}
+        with torch.no_grad():
+            for name, param in trainer._named_params:
+                device_base[name] = base = new_base[name].to(param.device)
+                change = None if self._last_changes is None else self._last_changes.get(name)
+                if change is None:
+                    param.data.copy_(base)
+                else:
+                    torch.add(base, change.to(param.device), out=param.data)
+        self.flush()  # the entries so far are written ("" for their hashes)
+        with self._lock:
+            self._device_base, self._base, self._deferred = device_base, dict(new_base), False
+            self.rebase_step = step
+            round_dir = self.round_dir(self._round)
+            self._pending_base = self._writer.submit(_write_base, round_dir / BASE_FILE, self._base)
+            written = len(self._trail)
+            del self._trail[:]
+            self._pending = [self._writer.submit(_hash_stored, round_dir / f"entry-{i:04d}.safetensors", self._base)
+                             for i in range(written)]
+        return step
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the round still waits for its base (`rebase`)."""
+        return self._deferred
 
     def flush(self) -> None:
         """Wait for the queued writes; their entries join the trail (a failed write raises here)."""
@@ -588,14 +660,21 @@ def train_with_trail(
     inner_steps: int,
     recorder: TrailRecorder,
     round_index: int,
+    rebase: tuple[int, Base] | None = None,
 ) -> list[float]:
-    """Run a round's inner steps on the assigned units, recording the trail; returns each step's loss."""
-    recorder.start_round(round_index, inner_steps)
+    """Run a round's inner steps on the assigned units, recording the trail; returns each step's loss.
+
+    rebase: (local trail step, the round's base): the round starts from the weights the model holds and is
+    carried onto the base at that step, as an overlapped round is when the merge it waited for arrives."""
+    recorder.start_round(round_index, inner_steps, deferred=rebase is not None)
     recorder.record(model, trainer)
+    if rebase is not None and rebase[0] == 0:
+        recorder.rebase(trainer, rebase[1])
     losses = []
-    for batch in iter_batches(units, inner_steps, batch_size, loader, recorder.interval_k):
+    for step, batch in enumerate(iter_batches(units, inner_steps, batch_size, loader, recorder.interval_k), 1):
         losses.append(trainer.train_step(batch))
-        recorder.record(model, trainer)
+        if recorder.record(model, trainer) and rebase is not None and step == rebase[0]:
+            recorder.rebase(trainer, rebase[1])
     return losses
 
 

@@ -44,6 +44,7 @@ class RoundContext:
     trail_interval: int
     n_slices: int
     norm_bound: float  # largest norm allowed, as a multiple of the round's median
+    start_hash: str | None = None  # train.overlap: the global weights before the base, where a round may start
 
 
 ContributionCheck = Callable[[Contribution, RoundContext], CheckResult]
@@ -52,12 +53,18 @@ ContributionCheck = Callable[[Contribution, RoundContext], CheckResult]
 def check_contribution(c: Contribution, ctx: RoundContext, median_norm: float,
                        extra_checks: Sequence[ContributionCheck] = ()) -> CheckResult:
     """Record-level checks: run, round, base weights, assigned units, steps, tokens, trail, norm bound."""
-    from gpunite.proof.trail import trail_length
+    from gpunite.proof.trail import trail_length, trail_steps
 
     if c.run_id != ctx.run_id or c.round != ctx.round:
         return CheckResult(False, f"for run {c.run_id[:12]} round {c.round}, not this round {ctx.round}")
     if c.base_hash != ctx.base_hash:
         return CheckResult(False, f"trained from weights {c.base_hash[:12]}, not the round's {ctx.base_hash[:12]}")
+    if c.rebase_step or c.start_hash is not None:
+        if not c.rebase_step or c.start_hash is None or c.start_hash != ctx.start_hash:
+            return CheckResult(False, f"started from weights {str(c.start_hash)[:12]} at rebase step {c.rebase_step}: "
+                                      f"a round starts from {str(ctx.start_hash)[:12]} and rebases after a step > 0")
+        if c.rebase_step not in trail_steps(c.inner_steps, ctx.trail_interval):
+            return CheckResult(False, f"rebase step {c.rebase_step} is not a trail step")
     if c.peer_id not in ctx.assigned or list(c.work_units) != ctx.assigned[c.peer_id]:
         # Not a proven cheat: a peer that followed another close of the last round sees another assignment.
         return CheckResult(False, "work units are not the ones assigned to this peer")
