@@ -35,5 +35,5 @@ def tiny_swarm_manifest(name: str, seed: int = 11, total_steps: int = 400, round
     """The manifest's TOML; `extra` appends more sections ([proof] keys go right after it)."""
     text = TINY_SWARM_MANIFEST.format(name=name, seed=seed, total_steps=total_steps,
                                       round_deadline_s=round_deadline_s,
-                                      train_extra="overlap = true\n" if overlap else "")
+                                      train_extra=f"overlap = {str(overlap).lower()}\n")
     return text + extra.lstrip("\n")

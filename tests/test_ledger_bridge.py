@@ -1,11 +1,13 @@
 """The ledger bridge in a real swarm: three peer processes on 127.0.0.1 train two rounds, and every peer's
 ledger ends with the run's blocks and contributions, and the same credit table, with credit for each trainer.
 
-The swarm runs with train.overlap on (round 1 trains beside round 0's exchange), so the overlapped round
-loop is exercised here; tests/test_swarm.py runs the default synchronous one."""
+The swarm runs with train.overlap on (round r + 1 trains beside round r's exchange and is carried onto the
+merged weights when they arrive), so the overlapped round loop and its audits are exercised here;
+tests/test_swarm.py runs the synchronous one."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -17,8 +19,9 @@ from gpunite.swarm.demo import LocalSwarm
 
 pytestmark = pytest.mark.timeout(300)
 
-ROUNDS = 2
-MANIFEST = tiny_swarm_manifest("ledger-bridge-test", overlap=True)
+ROUNDS = 3
+# Every contribution audited, so the overlapped rounds' rebased trails are replayed by real verifiers.
+MANIFEST = tiny_swarm_manifest("ledger-bridge-test", overlap=True, extra="audit_fraction = 1.0\n")
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +88,17 @@ def test_demo_credit_summary_compares_every_peer(finished_swarm):
     credits = _demo_credits(swarm.workdir)
     assert credits["agreed"] and credits["peers_compared"] == 3 and credits["differ"] == []
     assert {row["peer_id"] for row in credits["users"]} == set(peer_ids.values())
+
+
+def test_overlapped_rounds_are_carried_onto_the_merge_and_pass_their_audits(finished_swarm):
+    """Rounds 1 and 2 start before the merge they build on (round 2 from the trainer's own committed round-1
+    delta), are carried onto it at a trail step, and every verifier that replays them accepts."""
+    swarm, _, _ = finished_swarm
+    logs = {name: peer.log_path.read_text(errors="replace") for name, peer in swarm.peers.items()}
+    carried = {(name, int(r)): int(n) for name, log in logs.items()
+               for r, n in re.findall(r"round (\d+): carried (\d+) steps onto the merged weights", log)}
+    assert {r for _, r in carried} == {1, 2}, carried
+    assert all(n > 0 for n in carried.values()), carried
+    audits = [line for log in logs.values() for line in log.splitlines() if re.search(r"audited \S+ round [12] ", line)]
+    assert audits and all(": accept, " in line for line in audits), audits
+    assert not any("REJECT" in log for log in logs.values())

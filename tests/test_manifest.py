@@ -53,12 +53,11 @@ def test_every_compression_method_is_a_manifest_choice():
 
 
 def test_overlap_scales_the_outer_lr_and_synchronous_rounds_keep_it():
-    sync = parse_manifest("[train]\nouter_lr = 1.2\n").train
+    sync = parse_manifest("[train]\nouter_lr = 1.2\noverlap = false\noverlap_lr_scale = 0.5\n").train
     assert sync.effective_outer_lr == 1.2
-    overlapped = parse_manifest("[train]\nouter_lr = 1.2\noverlap = true\n").train
-    assert overlapped.effective_outer_lr == pytest.approx(1.2 * overlapped.overlap_lr_scale)
-    assert overlapped.overlap_lr_scale == 0.5
-    assert parse_manifest("[train]\noverlap = true\noverlap_lr_scale = 1.0\n").train.effective_outer_lr == 1.4
+    overlapped = parse_manifest("[train]\nouter_lr = 1.2\n").train  # overlap is the default
+    assert overlapped.overlap and overlapped.overlap_lr_scale == 1.0 and overlapped.effective_outer_lr == 1.2
+    assert parse_manifest("[train]\noverlap_lr_scale = 0.5\n").train.effective_outer_lr == pytest.approx(0.7)
 
 
 def test_missing_data_file_is_named(tmp_path):

@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -296,6 +296,11 @@ class RoundAudits:
         if isinstance(delta, str):
             return AuditResult(False, delta, False, -1, None, 0.0)
         base = {name: t.clone() for name, t in peer.layout.named(base_weights).items()}
+        start = None
+        if contribution.rebase_step:
+            start = self._start_weights(ctx, contribution)
+            if isinstance(start, str):
+                return AuditResult(False, start, False, -1, None, 0.0)
         max_bytes = trail_reply_max_bytes(peer.numel)
 
         def request(what: int | str, part: str = "") -> bytes:
@@ -349,7 +354,26 @@ class RoundAudits:
         return verify_contribution(
             contribution, segments, fetch, lambda: fetch("final"), base, delta, peer._load_sequences,
             peer.train_cfg.batch_size, peer.model_config, peer.train_cfg, total_steps=peer.trainer.total_steps,
-            bounds=self.policy.bounds, held_out=self._held_out_batch(ctx, base), max_bytes=max_bytes)
+            bounds=self.policy.bounds, held_out=self._held_out_batch(ctx, base), max_bytes=max_bytes, start=start)
+
+    def _start_weights(self, ctx: RoundContext, contribution: Contribution) -> dict[str, torch.Tensor] | str:
+        """Where an overlapped contribution's steps before its rebase ran, by name: the global weights before
+        the round's base less the trainer's own delta committed to the round before (its signed contribution
+        there, named by record id; its slices hash-checked as any owner checks them); or why it is unknown."""
+        peer = self.peer
+        before = peer._weights_at.get(ctx.round - 1)
+        if before is None or contribution.start_hash != ctx.start_hash:
+            return "this verifier does not hold the global weights the contribution started from"
+        start = before
+        if contribution.start_contribution is not None:
+            earlier = peer.contributions(ctx.round - 1).get(contribution.peer_id)
+            if earlier is None or earlier.record_id != contribution.start_contribution:
+                return "the contribution started from a delta of the round before that its trainer did not commit"
+            delta = self._fetch_delta(replace(ctx, round=ctx.round - 1, n_slices=len(earlier.slice_hashes)), earlier)
+            if isinstance(delta, str):
+                return f"the delta it started from: {delta}"
+            start = torch.sub(before, delta)
+        return {name: t.clone() for name, t in peer.layout.named(start).items()}
 
     def _held_out_batch(self, ctx: RoundContext, base: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float] | None:
         """One batch of the run's held-out split (the last 1% of every shard) and the base weights' loss on it,

@@ -13,15 +13,18 @@ One round r, as every peer runs it (`Peer.run_round`):
    gone, merges that slice itself) and applies the outer Nesterov step.
 5. every peer signs the round's Block; a peer whose weights disagree with the majority re-syncs.
 
-With `train.overlap` (off by default), steps 3-5 of round r run on the round loop while round r + 1's inner
-steps run on a training thread, so the exchange does not stall training. Round r + 1 starts from the newest
-global weights there are then, those that start round r (its delta lands one round late: a one-round-delayed
-outer step), so every contribution's base is still a global weights hash that every peer knows and a
-verifier can replay from. A close of round r therefore names the roster of round r + 2, and a late joiner
-syncs the state of round r (with the weights that start it) and trains from round r on.
-The delayed step costs quality: round r + 1's steps do not see round r's merge, so the easy progress of the
-round before is learnt, and applied, twice (3-5% worse held-out loss over 8 rounds of 12 steps; a LoRA run of
-a few rounds overshoots). That is why it is off by default.
+With `train.overlap` (on by default), steps 3-5 of round r run on the round loop while round r + 1's inner
+steps run on a training thread, so the exchange does not stall training. Round r + 1 starts from the weights
+that start round r less this peer's own delta committed to round r (its own end of round r, as any verifier
+can rebuild it from public data); when round r's merge arrives, the steps so far are carried onto the merged
+weights at the next trail step (`TrailRecorder.rebase`) and training goes on from there. Its contribution is
+then relative to the merged weights, as a synchronous round's is, and its trail reads as one from them; a
+verifier replays the steps before the rebase from where they ran (`Contribution.start_hash`,
+`start_contribution`, `rebase_step`). Assignments run one round ahead: a close of round r names the roster of
+round r + 2, and a late joiner syncs the state of round r with the weights before it.
+Measured within 1% of synchronous rounds' held-out loss at H=12 and H=100 (benchmarks/diloco_quality.py
+--overlap rebase); the one-round-delayed step used before (every round based on the weights one merge old)
+cost 2-19%, growing with H.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +145,13 @@ class _TrainingJob:
     thread: threading.Thread | None = None
     result: bool = False
     error: BaseException | None = None
+    # The round's base (weights, hash), handed over by the round loop once the merge before it is in
+    base: tuple[torch.Tensor, str] | None = None
+    arrived: threading.Event = field(default_factory=threading.Event)
+
+    def deliver(self, weights: torch.Tensor, weights_hash: str) -> None:
+        self.base = (weights, weights_hash)
+        self.arrived.set()
 
 
 @dataclass
@@ -264,6 +274,7 @@ class Peer:
         self.membership = Membership(node, identity, self.run_id, config.roles, config.heartbeat_s,
                                      state.round, state.weights_hash)
         self.payloads: dict[int, list[bytes]] = {}  # round -> this peer's compressed slices (served to owners)
+        self._own_contributions: dict[int, str] = {}  # round -> record id of this peer's contribution
         self.aggregates: dict[tuple[int, int], bytes] = {}  # (round, slice) -> merged slice this peer owns
         self.last_loss: float | None = None
         self.tokens_trained = 0
@@ -496,7 +507,9 @@ class Peer:
 
     # ----- rounds, bases and assignments -----
     def _base_round(self, round_index: int) -> int:
-        return max(0, round_index - self.lag)
+        """The round whose starting global weights are round_index's base: itself (with train.overlap too: an
+        overlapped round starts early and is carried onto its base when that arrives)."""
+        return max(0, round_index)
 
     def round_base(self, round_index: int) -> torch.Tensor | None:
         """The global weights round_index's contributions start from, if this peer holds them."""
@@ -544,11 +557,14 @@ class Peer:
                     close.round == -1 or round_index == close.round + 1 + self.lag):
                 self.plan.assign(round_index, roster, self.train_cfg.inner_steps)
 
-    def round_context(self, round_index: int) -> RoundContext | None:
-        """What every honest peer knows about a round before it closes (None: its assignment or base is unknown)."""
+    def round_context(self, round_index: int, base_hash: str | None = None) -> RoundContext | None:
+        """What every honest peer knows about a round before it closes (None: its assignment or base is unknown).
+
+        base_hash: given by an overlapped round that starts before its base is known (replaced at its rebase).
+        """
         if round_index not in self.plan.outstanding:
             return None
-        base_hash = self._global_hash(self._base_round(round_index))
+        base_hash = base_hash or self._global_hash(self._base_round(round_index))
         if base_hash is None:
             return None
         assigned = self.plan.assign(round_index, [], self.train_cfg.inner_steps)
@@ -556,7 +572,8 @@ class Peer:
             run_id=self.run_id, round=round_index, base_hash=base_hash, assigned=assigned,
             inner_steps=self.train_cfg.inner_steps, batch_size=self.train_cfg.batch_size,
             seq_len=self.manifest.data.seq_len, trail_interval=self.manifest.proof.trail_interval,
-            n_slices=max(1, len(assigned)), norm_bound=self.manifest.proof.norm_bound)
+            n_slices=max(1, len(assigned)), norm_bound=self.manifest.proof.norm_bound,
+            start_hash=self._global_hash(round_index - 1) if self.lag and round_index > 0 else None)
 
     def slice_bounds(self, ctx: RoundContext) -> list[tuple[int, int]]:
         from gpunite.swarm.aggregation import slice_bounds
@@ -564,10 +581,13 @@ class Peer:
         return slice_bounds(self.numel, ctx.n_slices, self.train_cfg.compression_chunk)
 
     # ----- training, in line or beside the exchange -----
-    def train_round(self, ctx: RoundContext) -> bool:
-        """Train this peer's units of a round from its base weights and commit; False if it had none or gave up."""
+    def train_round(self, ctx: RoundContext, job: _TrainingJob | None = None) -> bool:
+        """Train this peer's units of a round from its base weights and commit; False if it had none or gave up.
+
+        job: an overlapped round, started before its base is known: it starts from the global weights before
+        it and is carried onto its base when the round loop delivers it (`train_and_commit`)."""
         mine = ctx.assigned.get(self.peer_id, [])
-        base = self.round_base(ctx.round)
+        base = self.round_base(ctx.round) if job is None else self._weights_at.get(ctx.round - 1)
         if "trainer" not in self.config.roles or not mine or base is None:
             return False
         log.info("assigned %d units (%d sequences) in round %d", len(mine), sum(u.count for u in mine), ctx.round)
@@ -575,7 +595,7 @@ class Peer:
         deadline = self.state.close.time + (1 + self.lag) * self.train_cfg.round_deadline_s
         self.timing.begin_training()
         try:
-            return self.train_and_commit(ctx, mine, self.slice_bounds(ctx), deadline, base)
+            return self.train_and_commit(ctx, mine, self.slice_bounds(ctx), deadline, base, job)
         except PeerError as exc:  # e.g. no live peer serves a shard we need: sit this round out, not die
             log.warning("round %d: no contribution: %s", ctx.round, exc)
             return False
@@ -584,7 +604,8 @@ class Peer:
 
     def _start_training(self, round_index: int) -> _TrainingJob | None:
         """Train round_index on a thread while this one runs the exchange of the round before."""
-        ctx = self.round_context(round_index)
+        start_hash = self._hashes.get(round_index - 1)
+        ctx = self.round_context(round_index, base_hash=start_hash) if start_hash else None
         if ctx is None or round_index in self._trained or not ctx.assigned.get(self.peer_id):
             return None
         self._abort_training.clear()
@@ -593,7 +614,7 @@ class Peer:
         def work() -> None:
             try:
                 lower_thread_priority()
-                job.result = self.train_round(ctx)
+                job.result = self.train_round(ctx, job)
             except BaseException as exc:  # handed to the round loop, which raises it there
                 job.error = exc
 
@@ -607,6 +628,10 @@ class Peer:
         """Wait for a training thread; keep its result only if the state it trained from still holds."""
         if job is None or job.thread is None:
             return
+        if self.state.round == job.round and self.state.weights_hash:  # the merge it waits for is in
+            job.deliver(self.state.weights.clone(), self.state.weights_hash)
+        elif not job.arrived.is_set():  # this round did not merge here: its base will never come
+            self._abort_training.set()
         job.thread.join()
         self._job = None
         aborted = self._abort_training.is_set()
@@ -615,7 +640,7 @@ class Peer:
             return
         if job.error is not None:
             raise job.error
-        if self._base_round(job.round) == self.state.round - 1:
+        if job.round == self.state.round:
             self._trained[job.round] = job.result
 
     def _stop_training(self) -> None:
@@ -647,7 +672,11 @@ class Peer:
 
     # ----- 2. train and commit -----
     def train_and_commit(self, ctx: RoundContext, units: list[WorkUnit], bounds: list[tuple[int, int]],
-                         deadline: float, base: torch.Tensor) -> bool:
+                         deadline: float, base: torch.Tensor, job: _TrainingJob | None = None) -> bool:
+        """Train the units from base and commit the contribution; with job (an overlapped round), base is the
+        global weights before the round's: training starts there, less this peer's own committed delta of the
+        round before (its own end of that round, as anyone can rebuild it), and is carried onto the round's
+        base at the first trail step after the round loop delivers it (at the end at the latest)."""
         from gpunite.model import flops_per_token
         from gpunite.proof.trail import iter_batches
         from gpunite.swarm.aggregation import contribution_norm
@@ -664,6 +693,17 @@ class Peer:
         self.write_status("training")
         from gpunite.train.weights import unflatten_into
 
+        start_contribution = None
+        if job is not None and not self.config.adversary:
+            own = self._own_delta(ctx.round - 1)
+            if own is not None:
+                start_contribution, delta = own
+                base = torch.sub(base, delta)
+        elif job is not None:  # adversaries build their states from the base: wait for it
+            if not self._await_base(job, deadline):
+                return False
+            base, ctx = job.base[0], replace(ctx, base_hash=job.base[1])
+            job = None
         unflatten_into(base, self.params)
         if self.config.adversary:
             from gpunite.swarm.adversary import adversary_contribution
@@ -672,8 +712,22 @@ class Peer:
             self._publish_contribution(ctx, contribution, slices)
             log.info("round %d: committed a %s contribution (adversary)", ctx.round, self.config.adversary)
             return True
-        self._record_trail(lambda: self.recorder.start_round(ctx.round, steps))
+        def rebase(wait: bool) -> bool:
+            """Carry the round onto its base if it came (wait: until it comes); False if it never will."""
+            nonlocal base, ctx
+            if job is None or not self.recorder.deferred or not (wait or job.arrived.is_set()):
+                return True
+            if not self._await_base(job, deadline):
+                return False
+            base, ctx = job.base[0], replace(ctx, base_hash=job.base[1])
+            step = self._record_trail(lambda: self.recorder.rebase(self.trainer, {
+                name: t.clone() for name, t in self.layout.named(base).items()}))
+            log.info("round %d: carried %d steps onto the merged weights %s", ctx.round, step, ctx.base_hash[:12])
+            return True
+
+        self._record_trail(lambda: self.recorder.start_round(ctx.round, steps, deferred=job is not None))
         self._record_trail(lambda: self.recorder.record(self.model, self.trainer))
+        rebase(wait=False)
         losses = []
         started = time.perf_counter()
         for batch in iter_batches(units, steps, batch_size, self._load_sequences, self.recorder.interval_k):
@@ -686,10 +740,16 @@ class Peer:
             step_s = time.perf_counter() - step_start
             self.timing.compute_s += step_s
             self.step_s = step_s if not self.step_s else 0.8 * self.step_s + 0.2 * step_s
-            self._record_trail(lambda: self.recorder.record(self.model, self.trainer))
+            if self._record_trail(lambda: self.recorder.record(self.model, self.trainer)):
+                rebase(wait=False)
             self.last_loss = losses[-1]
             if len(losses) % max(1, steps // 4) == 0:
                 self.write_status("training")
+        if not rebase(wait=True):
+            log.warning("round %d: its base never came (the round before did not merge here): no contribution",
+                        ctx.round)
+            return False
+        rebase_step = self.recorder.rebase_step
         compress_start = time.perf_counter()
         pseudo_grad = pseudo_gradient(base, flatten(self.params))
         payload = self.error_feedback.compress(hostile_delta(self.config.cheat, pseudo_grad))
@@ -706,11 +766,38 @@ class Peer:
             tokens=tokens, trail_interval=ctx.trail_interval, trail=trail,
             delta_hash=payload_hash(payload_to_bytes(payload)), slice_hashes=[payload_hash(s) for s in slices],
             delta_norm=norm,
-            claimed_flops=float(flops_per_token(self.model_config, ctx.seq_len)) * tokens, time=time.time()))
+            claimed_flops=float(flops_per_token(self.model_config, ctx.seq_len)) * tokens, time=time.time(),
+            start_hash=ctx.start_hash if rebase_step else None,
+            start_contribution=start_contribution if rebase_step else None, rebase_step=rebase_step))
         self._publish_contribution(ctx, contribution, slices)
         log.info("round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, committed delta norm %.4g",
                  ctx.round, steps, time.perf_counter() - started, losses[0], losses[-1], norm)
         return True
+
+    def _await_base(self, job: _TrainingJob, deadline: float) -> bool:
+        """Wait for the round loop to deliver an overlapped round's base; False on stop, abort or deadline."""
+        while not job.arrived.wait(0.05):
+            if time.time() > deadline or self.stopping.is_set() or self._abort_training.is_set():
+                return False
+        return job.base is not None
+
+    def _own_delta(self, round_index: int) -> tuple[str, torch.Tensor] | None:
+        """(record id, decompressed delta) of this peer's own contribution to a round, from the slices it
+        served, decompressed as a verifier does; None if it made none here."""
+        from gpunite.train.compression import decompress, payload_from_bytes
+
+        with self._lock:
+            slices, record_id = self.payloads.get(round_index), self._own_contributions.get(round_index)
+        if not slices or record_id is None:
+            return None
+        from gpunite.swarm.aggregation import slice_bounds
+
+        cfg = self.train_cfg
+        parts = [decompress(payload_from_bytes(data, end - start, cfg.compression_chunk, max_bytes=len(data),
+                                               method=cfg.compression))
+                 for data, (start, end) in zip(slices, slice_bounds(self.numel, len(slices), cfg.compression_chunk))
+                 if start != end]
+        return record_id, torch.cat(parts)
 
     def _record_trail(self, work: Callable[[], Any]) -> Any:
         started = time.perf_counter()
@@ -740,8 +827,10 @@ class Peer:
     def _publish_contribution(self, ctx: RoundContext, contribution: Contribution, slices: list[bytes]) -> None:
         with self._lock:
             self.payloads[ctx.round] = slices
+            self._own_contributions[ctx.round] = contribution.record_id
             for old in [r for r in self.payloads if r < ctx.round - 2]:
                 del self.payloads[old]
+                self._own_contributions.pop(old, None)
         self.node.store(run_key(self.run_id, "contrib", ctx.round), self.peer_id, record_bytes(contribution),
                         ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
 
