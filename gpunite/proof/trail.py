@@ -404,6 +404,7 @@ class TrailRecorder:
         self._pending_base: Future[None] | None = None
         self._bases: dict[int, dict[str, torch.Tensor]] = {}  # the last round read back by load_state
         self._deferred = False  # the round's base is not known yet: entries are hashed at `rebase`
+        self._rehashing: set[Future[str]] = set()  # those hashes, once the base came
         self._last_changes: dict[str, torch.Tensor] | None = None  # the last entry's stored weight changes
         self.rebase_step = 0  # the current round's local step at its rebase (0: none)
 
@@ -429,6 +430,7 @@ class TrailRecorder:
         self._recorded = 0
         self._base, self._device_base = {}, None
         self._deferred, self._last_changes, self.rebase_step = deferred, None, 0
+        self._rehashing = set()
         self._trail = []
         self._trails[round_index] = self._trail
 
@@ -496,7 +498,8 @@ class TrailRecorder:
                 stored, step = _state_tensors("", state, self._base), state.step
             self._pending.append(self._writer.submit(_store_tensors, path, stored, step,
                                                      None if self._deferred else self._base))
-            backlog = self._pending[: max(0, len(self._pending) - MAX_PENDING)]
+            writes = [f for f in self._pending if f not in self._rehashing]  # a rebase's hashes do not hold
+            backlog = writes[: max(0, len(writes) - MAX_PENDING)]  # training up: they run on their own thread
         for future in backlog:
             future.result()
 
@@ -528,8 +531,13 @@ class TrailRecorder:
             self._pending_base = self._writer.submit(_write_base, round_dir / BASE_FILE, self._base)
             written = len(self._trail)
             del self._trail[:]
-            self._pending = [self._writer.submit(_hash_stored, round_dir / f"entry-{i:04d}.safetensors", self._base)
+            # On a thread of their own (started here: at the training thread's priority), so the entries
+            # after the rebase are written meanwhile and training never waits for these hashes.
+            hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trail-hasher")
+            self._pending = [hasher.submit(_hash_stored, round_dir / f"entry-{i:04d}.safetensors", self._base)
                              for i in range(written)]
+            self._rehashing = set(self._pending)
+            hasher.shutdown(wait=False)  # it exits once the queued hashes are done
         return step
 
     @property
