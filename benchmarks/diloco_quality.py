@@ -26,6 +26,13 @@ One-round-delayed outer step (`--overlap`, the same settings, int8, before merge
 again; loss ratio vs the single trainer / vs synchronous DiLoCo at 1.028): delayed 1.082 / 1.053;
 eager (own delta / n_workers) 1.062 / 1.033; eager_full (own delta) 1.062 / 1.033 (merged slices compressed
 again). Over 8 short rounds the one-round lag costs 3-5%.
+
+Rebased overlap (`--overlap rebase`, the swarm's train.overlap: round r starts from W_{r-1} less the worker's own
+int8 delta of round r-1, and after --rebase-steps steps is carried onto W_r; outer lr unscaled), vs sync:
+H=12 x 8 rounds, 2 steps: 1.005x (4 steps, exact own end `rebase_exact`: 1.004x); H=100 x 8 rounds, 16 steps:
+1.002x (exact own end 0.999x, 30 steps 1.004x). Starting from W_{r-1} alone (`rebase_global`) duplicates
+the progress of round r-1: 1.016x (H=12, 4 steps), 1.057x (H=100, 16 steps). `extrapolated` (W_{r-1} plus the
+last outer step) did not help: 1.020x at a halved lr, 1.060x at 1.4 (H=12).
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compression", choices=COMPRESSIONS, default="int8")
     parser.add_argument(
         "--overlap", choices=("none",) + OVERLAP_MODES, default="none",
-        help="also run the workers with a one-round-delayed outer step (see DilocoRun); adds sync_loss",
+        help="also run the workers overlapped (see DilocoRun; the swarm's is rebase); adds sync_loss",
     )
     parser.add_argument("--overlap-lr-scale", type=float, default=TrainSection().overlap_lr_scale,
                         help="the overlapped run's outer lr is --outer-lr times this (train.overlap_lr_scale; "
@@ -169,6 +176,10 @@ class DilocoRun:
              from global weights and the worker's own delta, so any peer can recompute the base exactly.
     eager_full: as eager with W_{r-1} - outer_lr * own_{r-1}: the worker's own delta standing in for the
              whole merge it has not seen yet.
+    rebase:  round r starts from W_{r-1} less the worker's own sent (int8) delta of round r-1 (its own end of
+             that round, as a verifier rebuilds it), and after --rebase-steps steps (the merge has arrived) the
+             steps so far are carried onto W_r; its pseudo-gradient is relative to W_r (the swarm's train.overlap).
+    rebase_exact / rebase_global: the same from the worker's exact end of round r-1 / from W_{r-1} itself.
     """
 
     def __init__(self, mode: str, model_cfg, train_cfg, total_steps: int, args: argparse.Namespace,
