@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -281,6 +282,14 @@ def test_an_overlapped_round_verifies_on_both_sides_of_its_rebase(tmp_path):
     assert result.accept, result.reason
     assert [result.details[f"bit_exact[{i}]"] for i in range(3)] == [1.0, 1.0, 1.0]
     assert asked == [(0, "start"), (1, "start"), (2, "start")]  # no end state needed on either side
+    # a rebase while the entries before it are still being written commits to the same trail
+    import gpunite.proof.trail as trail_module
+
+    store = trail_module._store_tensors
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trail_module, "_store_tensors", lambda *a: (time.sleep(0.3), store(*a))[1])
+        slow, _ = submit("slow", 2, start)
+    assert slow.recorder.trail == honest.recorder.trail
     # the steps before the rebase are replayed from the start weights: a verifier without them judges nothing
     missing, _ = verify(honest, delta)
     assert not missing.accept and not missing.cheat and "started from" in missing.reason

@@ -352,10 +352,23 @@ def _store_tensors(path: Path, stored: dict[str, torch.Tensor], step: int, base:
 def _hash_stored(path: Path, base: Base) -> str:
     """The entry hash of a stored entry, its weights expanded against `base` (read back from disk: an
     overlapped round's entries before its rebase, written before their base was known)."""
-    data = path.read_bytes()
-    metadata = _metadata_of(data)
-    weights, _ = _expanded(from_safetensors_bytes(data), base)
+    from safetensors import safe_open
+
+    # Only the weight changes are read (a quarter of the entry): the optimizer's hash was taken when it was
+    # written, and it does not depend on the base. The file is this trainer's own, written by _store_tensors.
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        metadata = handle.metadata() or {}
+        weights = {name: base[name] + handle.get_tensor(key).float()
+                   for key in handle.keys() if key.startswith(_WEIGHTS)
+                   for name in (key[len(_WEIGHTS):],) if name in base}
     return entry_hash(weights_hash(weights), metadata["optimizer_hash"], int(metadata["step"]))
+
+
+def _hash_when_written(write: Future[str] | None, path: Path, base: Base) -> str:
+    """`_hash_stored` of an entry once its write (None: done already) is done; a failed write raises here."""
+    if write is not None:
+        write.result()
+    return _hash_stored(path, base)
 
 
 def _write_base(path: Path, base: Base) -> None:
@@ -523,19 +536,20 @@ class TrailRecorder:
                     param.data.copy_(base)
                 else:
                     torch.add(base, change.to(param.device), out=param.data)
-        self.flush()  # the entries so far are written ("" for their hashes)
         with self._lock:
             self._device_base, self._base, self._deferred = device_base, dict(new_base), False
             self.rebase_step = step
             round_dir = self.round_dir(self._round)
             self._pending_base = self._writer.submit(_write_base, round_dir / BASE_FILE, self._base)
-            written = len(self._trail)
+            # The entries so far, stored as their change from where the round started ("" for their hashes),
+            # some of them still being written. They are hashed on a thread of their own (started here: at the
+            # training thread's priority), each once written, so training waits neither for those writes nor
+            # for these hashes, and the entries after the rebase are written meanwhile.
+            writes: list[Future[str] | None] = [None] * len(self._trail) + self._pending
             del self._trail[:]
-            # On a thread of their own (started here: at the training thread's priority), so the entries
-            # after the rebase are written meanwhile and training never waits for these hashes.
             hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trail-hasher")
-            self._pending = [hasher.submit(_hash_stored, round_dir / f"entry-{i:04d}.safetensors", self._base)
-                             for i in range(written)]
+            self._pending = [hasher.submit(_hash_when_written, write, round_dir / f"entry-{i:04d}.safetensors",
+                                           self._base) for i, write in enumerate(writes)]
             self._rehashing = set(self._pending)
             hasher.shutdown(wait=False)  # it exits once the queued hashes are done
         return step
