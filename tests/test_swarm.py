@@ -77,7 +77,8 @@ def test_two_peers_end_each_round_with_the_same_weights(swarm):
     assert 0 < entry["trail_s"] and 0 < entry["compute_s"]
     assert entry["compute_s"] + entry["trail_s"] <= entry["training_s"] <= entry["wall_s"]
     shares = time_shares({-1: {key: 0.0 for key in entry}, last: entry}, -1, last)
-    assert set(shares) == {"compute", "trail", "training_other", "waiting"}
+    assert set(shares) == {"compute", "trail", "trail_waiting", "training_other", "waiting"}
+    assert 0 <= shares.pop("trail_waiting") <= shares["trail"]  # a part of the trail's share
     assert abs(sum(shares.values()) - 1.0) < 1e-3 and min(shares.values()) >= 0
 
 
@@ -198,9 +199,10 @@ def test_a_peer_restarted_after_committing_gets_its_own_slice_back_from_the_next
 def test_time_shares_split_a_window_of_the_round_log():
     from gpunite.swarm.demo import time_shares
 
-    log = {1: {"wall_s": 10.0, "compute_s": 5.0, "trail_s": 1.0, "training_s": 7.0},
-           3: {"wall_s": 30.0, "compute_s": 20.0, "trail_s": 2.0, "training_s": 25.0}}
-    assert time_shares(log, 1, 3) == {"compute": 0.75, "trail": 0.05, "training_other": 0.1, "waiting": 0.1}
+    log = {1: {"wall_s": 10.0, "compute_s": 5.0, "trail_s": 1.0, "trail_wait_s": 0.5, "training_s": 7.0},
+           3: {"wall_s": 30.0, "compute_s": 20.0, "trail_s": 2.0, "trail_wait_s": 0.7, "training_s": 25.0}}
+    assert time_shares(log, 1, 3) == {"compute": 0.75, "trail": 0.05, "trail_waiting": 0.01, "training_other": 0.1,
+                                      "waiting": 0.1}
     old = {r: {"wall_s": e["wall_s"], "compute_s": e["compute_s"]} for r, e in log.items()}  # older peers
     assert time_shares(old, 1, 3) == {"compute": 0.75, "trail": 0.0}
 

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -420,6 +421,7 @@ class TrailRecorder:
         self._rehashing: set[Future[str]] = set()  # those hashes, once the base came
         self._last_changes: dict[str, torch.Tensor] | None = None  # the last entry's stored weight changes
         self.rebase_step = 0  # the current round's local step at its rebase (0: none)
+        self.waited_s = 0.0  # time callers spent waiting for the writes (backlog and flushes), all rounds
 
     def round_dir(self, round_index: int) -> Path:
         return self.store_dir / f"round-{round_index:08d}"
@@ -513,8 +515,11 @@ class TrailRecorder:
                                                      None if self._deferred else self._base))
             writes = [f for f in self._pending if f not in self._rehashing]  # a rebase's hashes do not hold
             backlog = writes[: max(0, len(writes) - MAX_PENDING)]  # training up: they run on their own thread
-        for future in backlog:
-            future.result()
+        if backlog:
+            waited = time.perf_counter()
+            for future in backlog:
+                future.result()
+            self.waited_s += time.perf_counter() - waited
 
     def rebase(self, trainer, new_base: Base) -> int:
         """Carry the steps so far onto the round's base, which just arrived (a deferred round); call it right
@@ -561,6 +566,7 @@ class TrailRecorder:
 
     def flush(self) -> None:
         """Wait for the queued writes; their entries join the trail (a failed write raises here)."""
+        waited = time.perf_counter()
         with self._lock:
             try:
                 if self._pending_base is not None:
@@ -570,6 +576,7 @@ class TrailRecorder:
                     self._trail.append(future.result())
             finally:
                 self._pending = []
+                self.waited_s += time.perf_counter() - waited
 
     @property
     def trail(self) -> list[str]:

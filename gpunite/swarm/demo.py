@@ -191,12 +191,16 @@ def round_log(home: Path) -> dict[int, dict]:
 
 def time_shares(log: dict[int, dict], first_round: int, last_round: int) -> dict[str, float]:
     """Where one peer's wall time went between the ends of two rounds of its round log: inner steps
-    ("compute"), recording the trail ("trail"), the rest of training a round (data, commit, publish:
-    "training_other") and not training at all ("waiting": on the round's close, audits, slowest peer)."""
+    ("compute"), recording the trail ("trail"; "trail_waiting", part of it: waiting for the trail's writes),
+    the rest of training a round (data, commit, publish: "training_other") and not training at all
+    ("waiting": on the round's close, audits, slowest peer)."""
     start, end = log[first_round], log[last_round]
     wall = end["wall_s"] - start["wall_s"]
-    spent = {key: end.get(key, 0.0) - start.get(key, 0.0) for key in ("compute_s", "trail_s", "training_s")}
+    spent = {key: end.get(key, 0.0) - start.get(key, 0.0)
+             for key in ("compute_s", "trail_s", "trail_wait_s", "training_s")}
     shares = {"compute": spent["compute_s"] / wall, "trail": spent["trail_s"] / wall}
+    if "trail_wait_s" in end:
+        shares["trail_waiting"] = spent["trail_wait_s"] / wall
     if "training_s" in end:  # logs of peers from before this figure have only the first two
         shares["training_other"] = (spent["training_s"] - spent["compute_s"] - spent["trail_s"]) / wall
         shares["waiting"] = 1.0 - spent["training_s"] / wall

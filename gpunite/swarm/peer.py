@@ -725,6 +725,7 @@ class Peer:
             log.info("round %d: carried %d steps onto the merged weights %s", ctx.round, step, ctx.base_hash[:12])
             return True
 
+        trail_before, waited_before = self.timing.trail_s, self.recorder.waited_s
         self._record_trail(lambda: self.recorder.start_round(ctx.round, steps, deferred=job is not None))
         self._record_trail(lambda: self.recorder.record(self.model, self.trainer))
         rebase(wait=False)
@@ -770,8 +771,10 @@ class Peer:
             start_hash=ctx.start_hash if rebase_step else None,
             start_contribution=start_contribution if rebase_step else None, rebase_step=rebase_step))
         self._publish_contribution(ctx, contribution, slices)
-        log.info("round %d: trained %d steps in %.1f s, loss %.3f -> %.3f, committed delta norm %.4g",
-                 ctx.round, steps, time.perf_counter() - started, losses[0], losses[-1], norm)
+        log.info("round %d: trained %d steps in %.1f s (trail %.1f s, %.1f s of it waiting for writes), "
+                 "loss %.3f -> %.3f, committed delta norm %.4g", ctx.round, steps, time.perf_counter() - started,
+                 self.timing.trail_s - trail_before, self.recorder.waited_s - waited_before, losses[0], losses[-1],
+                 norm)
         return True
 
     def _await_base(self, job: _TrainingJob, deadline: float) -> bool:
@@ -1330,8 +1333,9 @@ class Peer:
         """One line per merged round: the figures the benchmarks and the simulator calibrate from."""
         line = {"round": round_index, "merged": merged, "tokens": tokens, "time": time.time(),
                 "wall_s": time.time() - self.timing.started, "compute_s": self.timing.compute_s,
-                "trail_s": self.timing.trail_s, "training_s": self.timing.training_s(),
-                "bytes_sent": self.node.counter.sent, "bytes_received": self.node.counter.received}
+                "trail_s": self.timing.trail_s, "trail_wait_s": self.recorder.waited_s,
+                "training_s": self.timing.training_s(), "bytes_sent": self.node.counter.sent,
+                "bytes_received": self.node.counter.received}
         with open(self.run_dir / "rounds.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
 
