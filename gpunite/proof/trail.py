@@ -474,8 +474,9 @@ class TrailRecorder:
         # The rounding computes the stored values anyway: copy those, not the fp32 state (8 bytes a parameter)
         changes, moments = trainer.round_to_trail_precision(self._device_base)
         self._last_changes = changes
-        tensors = {f"{_WEIGHTS}{name}": t.to("cpu") for name, t in changes.items()}  # fresh tensors: no copy
-        tensors |= {f"{_OPTIMIZER}{name}": t.to("cpu") for name, t in moments.items()}
+        on_cpu = trainer.device.type == "cpu"  # fresh tensors: no copy (and no call: they may wait for the GIL)
+        tensors = {f"{_WEIGHTS}{name}": t if on_cpu else t.to("cpu") for name, t in changes.items()}
+        tensors |= {f"{_OPTIMIZER}{name}": t if on_cpu else t.to("cpu") for name, t in moments.items()}
         for name, t in trainer.optimizer_state_tensors(keys=("step", "exp_avg_sq")).items():
             tensors[f"{_OPTIMIZER}{name}"] = t
         self._queue(None, tensors, trainer.step)

@@ -7,7 +7,7 @@ Local training, swarm rounds and proof-of-training audit replays all run their s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -104,25 +104,40 @@ def causal_lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
 
-_ROUNDING_CHUNK = 1 << 16  # elements per pass on the CPU: the fp32 temporary stays in cache (2x faster)
+# Elements per group of foreach calls: bounds the fp32 temporaries of a rounding (64 MB) on large models.
+_ROUNDING_GROUP = 1 << 24
 
 
-def _round_change(param: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """param <- start + fp16(param - start), in place; returns the fp16 change. The sum is taken in fp32 (the
-    fp16 operand widens exactly), so every device computes the same bits."""
-    if param.device.type != "cpu" or param.numel() <= _ROUNDING_CHUNK or not param.is_contiguous():
-        change = (param - start).to(TRAIL_DELTA_DTYPE)
-        torch.add(start, change, out=param)
-        return change
-    change = torch.empty(param.shape, dtype=TRAIL_DELTA_DTYPE)
-    flat, flat_start, flat_change = param.view(-1), start.reshape(-1), change.view(-1)
-    scratch = torch.empty(_ROUNDING_CHUNK, dtype=param.dtype)
-    for first in range(0, flat.numel(), _ROUNDING_CHUNK):
-        part = slice(first, min(first + _ROUNDING_CHUNK, flat.numel()))
-        n = part.stop - part.start
-        flat_change[part].copy_(torch.sub(flat[part], flat_start[part], out=scratch[:n]))
-        torch.add(flat_start[part], flat_change[part], out=flat[part])
-    return change
+def _groups(tensors: list[torch.Tensor], max_elements: int) -> Iterator[range]:
+    """Consecutive index ranges of `tensors` of at most max_elements elements each (or one tensor)."""
+    first, size = 0, 0
+    for index, tensor in enumerate(tensors):
+        if size and size + tensor.numel() > max_elements:
+            yield range(first, index)
+            first, size = index, 0
+        size += tensor.numel()
+    if first < len(tensors):
+        yield range(first, len(tensors))
+
+
+def _round_changes(params: list[torch.Tensor], starts: list[torch.Tensor],
+                   group_elements: int = _ROUNDING_GROUP) -> list[torch.Tensor]:
+    """params[i] <- starts[i] + fp16(params[i] - starts[i]), in place; returns the fp16 changes. The sum is
+    taken in fp32 (the fp16 operand widens exactly), so every device computes the same bits.
+
+    A group of tensors per foreach call, not several calls per tensor: each call from Python may wait for the
+    GIL, which a peer's protocol threads hold often, and a trail step ran hundreds of them (under load it
+    cost as much as the inner steps it recorded)."""
+    changes: list[torch.Tensor] = []
+    for group in _groups(params, group_elements):
+        part, part_starts = [params[i] for i in group], [starts[i] for i in group]
+        differences = torch._foreach_sub(part, part_starts)
+        rounded = [difference.to(TRAIL_DELTA_DTYPE) for difference in differences]
+        del differences
+        torch._foreach_copy_(part, part_starts)
+        torch._foreach_add_(part, rounded)
+        changes.extend(rounded)
+    return changes
 
 
 class InnerTrainer:
@@ -231,28 +246,28 @@ class InnerTrainer:
         each weight's change in the round and 2^-8 of each first moment; the second moment keeps fp32 (in
         bf16 its slow decay under beta2 near 1 rounds away).
         """
-        changes: dict[str, torch.Tensor] = {}
-        moments: dict[str, torch.Tensor] = {}
-        for name, param in self._named_params:
-            changes[name] = _round_change(param.data, base[name])
-            state = self.optimizer.state.get(param)
-            if state:
-                moments[f"{name}.exp_avg"] = moment = state["exp_avg"].to(TRAIL_MOMENT_DTYPE)
-                state["exp_avg"].copy_(moment)
-        return changes, moments
+        names = [name for name, _ in self._named_params]
+        with torch.no_grad():
+            rounded = _round_changes([param.data for _, param in self._named_params], [base[n] for n in names])
+            changes = dict(zip(names, rounded))
+            averages = [(name, state["exp_avg"]) for name, param in self._named_params
+                        if (state := self.optimizer.state.get(param))]
+            first_moments = [average.to(TRAIL_MOMENT_DTYPE) for _, average in averages]
+            if averages:
+                torch._foreach_copy_([average for _, average in averages], first_moments)
+        return changes, {f"{name}.exp_avg": moment for (name, _), moment in zip(averages, first_moments)}
 
     def optimizer_state_tensors(self, keys: Iterable[str] = _ADAM_STATE_KEYS) -> dict[str, torch.Tensor]:
         """AdamW's state as flat named tensors (`<param>.exp_avg` ...), detached copies on the CPU (`keys`: which
         of step, exp_avg and exp_avg_sq)."""
-        flat: dict[str, torch.Tensor] = {}
         keys = tuple(keys)
-        for name, param in self._named_params:
-            state = self.optimizer.state.get(param)
-            if not state:
-                continue
-            for key in keys:
-                flat[f"{name}.{key}"] = state[key].detach().to("cpu", copy=True)
-        return flat
+        named = [(f"{name}.{key}", state[key]) for name, param in self._named_params
+                 if (state := self.optimizer.state.get(param)) for key in keys]
+        tensors = [t for _, t in named]
+        with torch.no_grad():  # one call on the CPU (see _round_changes), a copy each from other devices
+            copies = (list(torch._foreach_clone(tensors)) if tensors and all(t.device.type == "cpu" for t in tensors)
+                      else [t.detach().to("cpu", copy=True) for t in tensors])
+        return {name: copy for (name, _), copy in zip(named, copies)}
 
     def load_optimizer_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace AdamW's state with copies of `tensors` (as returned by optimizer_state_tensors)."""

@@ -18,12 +18,17 @@ def weights_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor in name order: equal hash, equal weights."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
+        tensor = tensors[name].detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.to("cpu")
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(repr(tuple(tensor.shape)).encode())
         if tensor.numel():  # the tensor's own memory, not a copy of it (hashlib reads any contiguous buffer)
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+            # as few torch calls as may be: each may wait for the GIL (see gpunite.train.trainer._round_changes)
+            digest.update((tensor if tensor.dim() else tensor.reshape(1)).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
