@@ -96,7 +96,7 @@ def _homogeneous(overlap: bool, n: int = 16, audit_fraction: float = 0.0) -> tup
     transfer_s = 2 * param_bytes * (n - 1) / n / min(up, down)
     messages = 4 * n  # send n slices, receive n, serve n, fetch n
     audits = 1 if audit_fraction == 0 else n
-    audit_bytes = wire.audit_bytes(config.params, n, config.segments_per_audit)
+    audit_bytes = wire.audit_bytes(config.params, n, config.segments_per_audit, rebased=overlap)
     # one audit: download at the trainer's uplink, one RTT per request, replay of 2 segments x 10 of 100 steps
     one_audit_s = audit_bytes / up + (n + 3) * rtt + 0.2 * costs.audit_compute_scale * 100.0
     busiest_s = one_audit_s  # exact only with one audit; with n of them the busiest verifier is a draw
@@ -151,6 +151,14 @@ def test_audit_bytes_are_the_wire_formats_times_the_audits():
     assert result.audit_bytes_per_peer_round - fewer.audit_bytes_per_peer_round == pytest.approx(
         8.0 * config.params + wire.request_bytes, rel=1e-9
     )
+    # an overlapped round's audit also fetches the trainer's delta of the round before, in as many requests
+    rebased = wire.audit_bytes(config.params, n, 2, rebased=True)
+    assert rebased == pytest.approx(one_audit + config.params * wire.slice_bytes_per_param + n * wire.request_bytes)
+    assert simulate(replace(config, overlap=True)).audit_bytes_per_peer_round == pytest.approx(rebased, rel=1e-9)
+    # packed trail replies shrink the trail states and final weights only
+    packed = replace(wire, packed_share=0.5)
+    assert packed.audit_bytes(config.params, n, 2) == pytest.approx(
+        one_audit - 0.5 * config.params * (2 * 8.0 + 4.0), rel=1e-9)
     # a sampled fraction: the coordinator's own plus f of the others, in expectation
     sampled = simulate(replace(config, audit_fraction=0.5, rounds=400))
     assert sampled.audits / 400 == pytest.approx(1 + 0.5 * (n - 1), rel=0.05)
@@ -269,6 +277,9 @@ def test_wire_sizes_match_the_real_serializers():
         8.0 * large_real["params"] + large.segment_header_bytes, abs=1
     )
     assert 200 < large.request_bytes < 1000  # two frame prefixes and headers, and a safetensors header
+    # trained trail states pack (their exponents spread little), though not as much as constant tensors would
+    assert 0.5 < large.packed_share < 0.97
+    assert large.packed_share == pytest.approx(large_real["packed"] / (large_real["segment"] + large_real["final"]))
 
 
 def test_useful_tflops_is_peak_times_mfu_times_utilization():

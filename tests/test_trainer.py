@@ -256,22 +256,16 @@ def test_cli_train_export_generate_end_to_end(prepared_run, tmp_path):
     assert "no checkpoint at" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_rounding_to_trail_precision_is_the_same_in_groups_and_idempotent():
-    """The rounding runs on groups of tensors (foreach calls); the bits must be those of the one-pass formula
-    for each tensor, whatever the grouping."""
-    from gpunite.train.trainer import TRAIL_DELTA_DTYPE, _groups, _round_changes
+def test_rounding_to_trail_precision_is_the_same_in_chunks_and_idempotent():
+    """The CPU rounds large tensors chunk by chunk; the bits must be those of the one-pass formula."""
+    from gpunite.train.trainer import _ROUNDING_CHUNK, TRAIL_DELTA_DTYPE, _round_change
 
     generator = torch.Generator().manual_seed(3)
-    starts = [torch.randn(shape, generator=generator) * 0.02 for shape in [(1000,), (7, 300), (5,), (2, 3, 400)]]
-    params = [start + torch.randn(start.shape, generator=generator) * 1e-3 for start in starts]
-    expected_changes = [(param - start).to(TRAIL_DELTA_DTYPE) for param, start in zip(params, starts)]
-    expected = [start + change.float() for start, change in zip(starts, expected_changes)]
-    assert [list(g) for g in _groups(params, 2200)] == [[0], [1, 2], [3]]  # 1000 | 2100 + 5 | 2400 (alone)
-    for group_elements in (1, 2200, 1 << 24):
-        trial = [param.clone() for param in params]
-        changes = _round_changes(trial, starts, group_elements)
-        assert all(c.dtype == TRAIL_DELTA_DTYPE and torch.equal(c, e) for c, e in zip(changes, expected_changes))
-        assert all(torch.equal(t, e) for t, e in zip(trial, expected))
-        again = _round_changes(trial, starts, group_elements)
-        assert all(torch.equal(a, c) for a, c in zip(again, changes))
-        assert all(torch.equal(t, e) for t, e in zip(trial, expected))
+    start = torch.randn(3 * _ROUNDING_CHUNK + 17, generator=generator) * 0.02
+    param = start + torch.randn(start.shape, generator=generator) * 1e-3
+    expected_change = (param - start).to(TRAIL_DELTA_DTYPE)
+    expected = start + expected_change.float()
+    change = _round_change(param, start)
+    assert change.dtype == TRAIL_DELTA_DTYPE and torch.equal(change, expected_change)
+    assert torch.equal(param, expected)
+    assert torch.equal(_round_change(param, start), change) and torch.equal(param, expected)

@@ -10,7 +10,6 @@ import typer
 
 from gpunite.cli._common import console, print_json
 
-SWITCH_INTERVAL_S = 0.001  # sys.setswitchinterval of a peer process (see _setup)
 HOME_HELP = "Peer home: identity key, synced data and state (default ~/.gpunite or $GPUNITE_HOME)."
 
 
@@ -43,10 +42,6 @@ def _setup(log_level: str, threads: int | None, name: str) -> None:
         import torch
 
         torch.set_num_threads(threads)
-    # A peer's training thread calls torch from Python between its protocol threads' Python work: it waits
-    # for the GIL at each call, up to the switch interval each time (5 ms by default). With 1 ms, a trail
-    # step waited 3-4x less beside a busy thread (benchmarks/utilization.py shows the share it costs).
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     # SIGTERM stops the peer like Ctrl-C: cleanly, with the daemon shut down.
     signal.signal(signal.SIGTERM, _interrupt)
 

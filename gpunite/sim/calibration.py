@@ -162,7 +162,7 @@ def audit_transfer_s(measured: SwarmMeasurement) -> float:
     profile = LINKS.get(measured.testbed.removeprefix("netbed:"), LINKS["datacenter"])
     links = [profile.for_peer(i) for i in range(measured.peers)]
     segments = min(SEGMENTS_PER_AUDIT, max(measured.inner_steps // TRAIL_INTERVAL, 1))
-    audit_bytes = measured.wire.audit_bytes(measured.params, measured.peers, segments)
+    audit_bytes = measured.wire.audit_bytes(measured.params, measured.peers, segments, measured.overlap)
     pairs = [
         audit_bytes / (min(links[t][1], links[v][0]) * 1e6 / 8)
         for t in range(measured.peers)

@@ -627,7 +627,9 @@ class _Run:
             audited[:] = False  # nobody but its trainer could verify it: it merges on the cheap checks
         # the delta comes in one request per slice of the trainer's aggregation group
         slices = min(cfg.group_size, n) if cfg.group_size > 0 else n
-        audit_bytes = cfg.costs.wire.audit_bytes(self.n_params, slices, self.audit_segments)
+        # with overlap a round is carried onto the merge that arrives during it: its audit also fetches the
+        # trainer's delta of the round before (where its steps started)
+        audit_bytes = cfg.costs.wire.audit_bytes(self.n_params, slices, self.audit_segments, cfg.overlap)
         audits = audit_round(
             audited,
             coordinator,

@@ -14,7 +14,9 @@ names. Per round (gpunite.swarm.peer, gpunite.swarm.audits):
   second in fp32: 8 bytes per parameter, `gpunite.proof.trail`), the state at its end too (another 8, one more
   request) only when its replay is not bit-exact (`end_state_share`: 0 among peers of one device class, up to
   1 when verifiers replay on other devices than the trainers), and the trail's final weights (fp32, 4 bytes
-  per parameter);
+  per parameter); those trail replies travel packed (gpunite.swarm.protocol.pack_floats: `packed_share` of
+  their bytes, measured by packing a real trail state); an overlapped round carried onto its base
+  (`rebased`) also costs its verifier the trainer's delta of the round before (where its steps started);
 - a joiner (or a peer that re-syncs) downloads the global state: fp32 weights, the outer momentum and the
   serving peer's AdamW moments (16 bytes per parameter).
 
@@ -45,6 +47,7 @@ class WireSizes:
     segment_header_bytes: float = 0.0  # safetensors header of one trail segment (grows with tensor count)
     final_header_bytes: float = 0.0
     end_state_share: float = 0.0  # share of segment replays that are not bit-exact, so fetch the end state
+    packed_share: float = 1.0  # trail states and final weights on the wire / their bytes (pack_floats)
 
     @property
     def slice_bytes_per_param(self) -> float:
@@ -66,16 +69,22 @@ class WireSizes:
     def state_bytes_per_param(self) -> float:
         return FP32_BYTES * (2 + ADAM_MOMENTS)  # weights, outer momentum, the server's AdamW moments
 
-    def audit_bytes(self, params: int, n_slices: int, segments: int) -> float:
-        """One audit's download: the delta in `n_slices` requests, `segments` segments' start states (and
-        end states, for the share of replays that are not bit-exact), the final weights."""
+    def audit_bytes(self, params: int, n_slices: int, segments: int, rebased: bool = False) -> float:
+        """One audit's download: the delta in `n_slices` requests (twice when `rebased`: the trainer's delta of
+        the round before too), `segments` segments' start states (and end states, for the share of replays
+        that are not bit-exact) and the final weights, packed."""
         ends = segments * self.end_state_share
-        return (
-            params * (self.slice_bytes_per_param + segments * self.segment_bytes_per_param)
-            + params * (ends * self.end_state_bytes_per_param + self.final_bytes_per_param)
-            + (n_slices + segments + ends + 1) * self.request_bytes
+        deltas = 2 if rebased else 1
+        trail = (
+            params * (segments * self.segment_bytes_per_param + ends * self.end_state_bytes_per_param
+                      + self.final_bytes_per_param)
             + (segments + ends) * self.segment_header_bytes
             + self.final_header_bytes
+        )
+        return (
+            deltas * params * self.slice_bytes_per_param
+            + trail * self.packed_share
+            + (deltas * n_slices + segments + ends + 1) * self.request_bytes
         )
 
 
@@ -95,13 +104,16 @@ def request_overhead_bytes(kind: str = "slice", round_index: int = 100, index: i
 
 def measure_wire_sizes(model_config=None, chunk: int = 4096) -> tuple[WireSizes, dict[str, int]]:
     """WireSizes with the fixed parts measured by serializing real payloads of `model_config` (default: the
-    tiny preset), and the real sizes themselves ({"slice": ..., "segment": ..., "final": ..., "params": ...})
-    so a caller can check the per-parameter model against them."""
+    tiny preset), and the real sizes themselves ({"slice": ..., "segment": ..., "final": ..., "params": ...,
+    "packed": ...}) so a caller can check the per-parameter model against them. The packing share is measured
+    on trail states after real AdamW steps past the warm-up (on random tokens): what packs is the spread of
+    the values' exponents, which constant or untrained tensors would overstate."""
     import torch
 
     from gpunite.manifest import TrainSection
     from gpunite.model import PRESETS, build_model, param_count
     from gpunite.proof.trail import Segment, capture_state, final_to_bytes, segment_to_bytes
+    from gpunite.swarm.protocol import pack_floats
     from gpunite.train.compression import compress, payload_to_bytes
     from gpunite.train.trainer import InnerTrainer
     from gpunite.train.weights import trainable_state
@@ -109,19 +121,26 @@ def measure_wire_sizes(model_config=None, chunk: int = 4096) -> tuple[WireSizes,
     config = model_config or PRESETS["tiny"]
     params = param_count(config)
     model = build_model(config, seed=0)
-    trainer = InnerTrainer(model, TrainSection(), device="cpu")
-    # AdamW's real state (names, shapes, dtypes) after two steps; the gradients' values do not change sizes
-    for param in model.parameters():
-        param.grad = torch.full_like(param, 1e-3)
-    trainer.optimizer.step()
+    train_cfg = TrainSection()
+    trainer = InnerTrainer(model, train_cfg, device="cpu", step=train_cfg.warmup_steps)
+    tokens = torch.Generator().manual_seed(0)
+    seq_len = min(config.max_seq_len, 32)
+
+    def step() -> None:
+        trainer.train_step(torch.randint(0, config.vocab_size, (2, seq_len + 1), generator=tokens))
+
+    # AdamW's real state (names, shapes, dtypes) after a few steps; the values only change the packed sizes
+    step()
     base = {name: t.clone() for name, t in trainable_state(model).items()}
+    step()
     start = capture_state(model, trainer)
-    trainer.optimizer.step()
+    step()
     end = capture_state(model, trainer)
-    segment = len(  # a segment as a verifier first asks for it: its start state only
-        segment_to_bytes(Segment(0, start, None, first_optimizer_hash=start.optimizer_hash, first_step=1), base)
-    )
-    final = len(final_to_bytes(end))
+    segment_data = segment_to_bytes(  # a segment as a verifier first asks for it: its start state only
+        Segment(0, start, None, first_optimizer_hash=start.optimizer_hash, first_step=1), base)
+    final_data = final_to_bytes(end)
+    segment, final = len(segment_data), len(final_data)
+    packed = len(pack_floats(segment_data)) + len(pack_floats(final_data))
     vector = torch.randn(params, generator=torch.Generator().manual_seed(1))
     whole = len(payload_to_bytes(compress(vector, "int8", chunk)))
     body_header = whole - (params * INT8_BYTES + FP32_BYTES * -(-params // chunk))
@@ -131,5 +150,6 @@ def measure_wire_sizes(model_config=None, chunk: int = 4096) -> tuple[WireSizes,
         request_bytes=float(request_overhead_bytes() + body_header),
         segment_header_bytes=float(segment - params * sizes_per_param.segment_bytes_per_param),
         final_header_bytes=float(final - params * sizes_per_param.final_bytes_per_param),
+        packed_share=packed / (segment + final),
     )
-    return sizes, {"params": params, "slice": whole, "segment": segment, "final": final}
+    return sizes, {"params": params, "slice": whole, "segment": segment, "final": final, "packed": packed}

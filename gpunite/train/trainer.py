@@ -7,7 +7,7 @@ Local training, swarm rounds and proof-of-training audit replays all run their s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -104,40 +104,25 @@ def causal_lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
 
-# Elements per group of foreach calls: bounds the fp32 temporaries of a rounding (64 MB) on large models.
-_ROUNDING_GROUP = 1 << 24
+_ROUNDING_CHUNK = 1 << 16  # elements per pass on the CPU: the fp32 temporary stays in cache (2x faster)
 
 
-def _groups(tensors: list[torch.Tensor], max_elements: int) -> Iterator[range]:
-    """Consecutive index ranges of `tensors` of at most max_elements elements each (or one tensor)."""
-    first, size = 0, 0
-    for index, tensor in enumerate(tensors):
-        if size and size + tensor.numel() > max_elements:
-            yield range(first, index)
-            first, size = index, 0
-        size += tensor.numel()
-    if first < len(tensors):
-        yield range(first, len(tensors))
-
-
-def _round_changes(params: list[torch.Tensor], starts: list[torch.Tensor],
-                   group_elements: int = _ROUNDING_GROUP) -> list[torch.Tensor]:
-    """params[i] <- starts[i] + fp16(params[i] - starts[i]), in place; returns the fp16 changes. The sum is
-    taken in fp32 (the fp16 operand widens exactly), so every device computes the same bits.
-
-    A group of tensors per foreach call, not several calls per tensor: each call from Python may wait for the
-    GIL, which a peer's protocol threads hold often, and a trail step ran hundreds of them (under load it
-    cost as much as the inner steps it recorded)."""
-    changes: list[torch.Tensor] = []
-    for group in _groups(params, group_elements):
-        part, part_starts = [params[i] for i in group], [starts[i] for i in group]
-        differences = torch._foreach_sub(part, part_starts)
-        rounded = [difference.to(TRAIL_DELTA_DTYPE) for difference in differences]
-        del differences
-        torch._foreach_copy_(part, part_starts)
-        torch._foreach_add_(part, rounded)
-        changes.extend(rounded)
-    return changes
+def _round_change(param: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """param <- start + fp16(param - start), in place; returns the fp16 change. The sum is taken in fp32 (the
+    fp16 operand widens exactly), so every device computes the same bits."""
+    if param.device.type != "cpu" or param.numel() <= _ROUNDING_CHUNK or not param.is_contiguous():
+        change = (param - start).to(TRAIL_DELTA_DTYPE)
+        torch.add(start, change, out=param)
+        return change
+    change = torch.empty(param.shape, dtype=TRAIL_DELTA_DTYPE)
+    flat, flat_start, flat_change = param.view(-1), start.reshape(-1), change.view(-1)
+    scratch = torch.empty(_ROUNDING_CHUNK, dtype=param.dtype)
+    for first in range(0, flat.numel(), _ROUNDING_CHUNK):
+        part = slice(first, min(first + _ROUNDING_CHUNK, flat.numel()))
+        n = part.stop - part.start
+        flat_change[part].copy_(torch.sub(flat[part], flat_start[part], out=scratch[:n]))
+        torch.add(flat_start[part], flat_change[part], out=flat[part])
+    return change
 
 
 class InnerTrainer:
@@ -246,10 +231,10 @@ class InnerTrainer:
         each weight's change in the round and 2^-8 of each first moment; the second moment keeps fp32 (in
         bf16 its slow decay under beta2 near 1 rounds away).
         """
-        names = [name for name, _ in self._named_params]
+        # The weights tensor by tensor, in cache-sized chunks (under 4 processes on 2 cores that beat foreach
+        # calls over whole tensors by 1.5x); the first moments in two calls (one copy back for all).
+        changes = {name: _round_change(param.data, base[name]) for name, param in self._named_params}
         with torch.no_grad():
-            rounded = _round_changes([param.data for _, param in self._named_params], [base[n] for n in names])
-            changes = dict(zip(names, rounded))
             averages = [(name, state["exp_avg"]) for name, param in self._named_params
                         if (state := self.optimizer.state.get(param))]
             first_moments = [average.to(TRAIL_MOMENT_DTYPE) for _, average in averages]
@@ -264,7 +249,7 @@ class InnerTrainer:
         named = [(f"{name}.{key}", state[key]) for name, param in self._named_params
                  if (state := self.optimizer.state.get(param)) for key in keys]
         tensors = [t for _, t in named]
-        with torch.no_grad():  # one call on the CPU (see _round_changes), a copy each from other devices
+        with torch.no_grad():  # one call on the CPU (fewer GIL waits), a copy each from other devices
             copies = (list(torch._foreach_clone(tensors)) if tensors and all(t.device.type == "cpu" for t in tensors)
                       else [t.detach().to("cpu", copy=True) for t in tensors])
         return {name: copy for (name, _), copy in zip(named, copies)}

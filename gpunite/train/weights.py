@@ -27,7 +27,7 @@ def weights_hash(tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(str(tensor.dtype).encode())
         digest.update(repr(tuple(tensor.shape)).encode())
         if tensor.numel():  # the tensor's own memory, not a copy of it (hashlib reads any contiguous buffer)
-            # as few torch calls as may be: each may wait for the GIL (see gpunite.train.trainer._round_changes)
+            # as few torch calls as may be: each may wait for the GIL while other threads run Python
             digest.update((tensor if tensor.dim() else tensor.reshape(1)).view(torch.uint8).numpy())
     return digest.hexdigest()
 
