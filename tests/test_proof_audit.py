@@ -232,9 +232,35 @@ def test_a_rising_own_loss_rejects_only_replays_that_are_not_exact(honest_submis
         return audit_segment(contribution, served, batches, MICRO, CFG, total_steps=20, bounds=strict,
                              expected_first_step=0, expected_first_optimizer_hash=optimizer_hash({}), base=BASE, **kw)
 
-    assert audit("start").accept and audit("both").accept
+    exact = audit("start")
+    assert exact.accept and audit("both").accept
+    # The own loss is measured only where it can decide: never for an exact replay (one forward pass saved).
+    assert "end_loss" not in exact.details
     inexact = audit("both", autocast_dtype=torch.bfloat16)
     assert not inexact.accept and "own loss rose" in inexact.reason, inexact.reason
+    assert "end_loss" in inexact.details and inexact.replay_flops > exact.replay_flops
+
+
+def test_second_moment_ratio_is_the_mean_start_moment_over_the_segments_own_squared_gradients():
+    """Summed tensor by tensor in fp64 (no fp64 copy of the moments): the same figure as the formula computed
+    whole in fp64, about 1 for an honest state and far above it for an inflated one."""
+    from gpunite.proof.audit import _second_moment_ratio
+
+    generator = torch.Generator().manual_seed(3)
+    names, beta2, steps = ["a", "b"], 0.95, 4
+    v_start = {f"{n}.exp_avg_sq": torch.rand(300 + 50 * i, generator=generator) * 1e-6 for i, n in enumerate(names)}
+    grads = {key: torch.rand(v.shape, generator=generator) * 1e-6 for key, v in v_start.items()}
+    v_end = {key: beta2 ** steps * v + (1 - beta2 ** steps) * grads[key] for key, v in v_start.items()}
+
+    whole_start = torch.cat([v_start[f"{n}.exp_avg_sq"] for n in names]).double()
+    whole_end = torch.cat([v_end[f"{n}.exp_avg_sq"] for n in names]).double()
+    decay = beta2 ** steps
+    expected = float(whole_start.mean() / ((whole_end - decay * whole_start).clamp_min(0).mean() / (1 - decay)))
+    assert _second_moment_ratio(v_start, v_end, names, beta2, steps) == pytest.approx(expected, rel=1e-5)
+    assert 0.5 < expected < 2.0
+    inflated = {key: v * 1e4 for key, v in v_start.items()}
+    inflated_end = {key: decay * v + (1 - decay) * grads[key] for key, v in inflated.items()}
+    assert _second_moment_ratio(inflated, inflated_end, names, beta2, steps) > 1e3
 
 
 def test_an_overlapped_round_verifies_on_both_sides_of_its_rebase(tmp_path):
