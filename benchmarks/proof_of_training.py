@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from gpunite.identity import Identity, RecordError
-from gpunite.manifest import TrainSection
+from gpunite.manifest import ProofSection, TrainSection
 from gpunite.model import ModelConfig, build_model, flops_per_token, param_count
 from gpunite.proof.adversary import CHEAT_MODES, MODES, RoundWork, Submission, honest
 from gpunite.proof.audit import AuditBounds, held_out_loss, make_verdict, verify_contribution
@@ -62,7 +62,8 @@ from gpunite.train.weights import flatten, trainable_state, unflatten_into, weig
 
 MODEL = ModelConfig(vocab_size=256, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=172,
                     max_seq_len=64, tie_embeddings=True)
-SEQ_LEN, BATCH, INNER_STEPS, TRAIL_K = 16, 4, 100, 2
+SEQ_LEN, BATCH, INNER_STEPS = 16, 4, 100
+TRAIL_K = ProofSection().trail_interval  # the run default, as the policy below
 N_HONEST, N_SYBILS = 3, 2
 POLICY = MergePolicy(audit_fraction=0.85, segments_per_audit=2, verifiers_per_audit=1, accepts_required=1,
                      bounds=AuditBounds())

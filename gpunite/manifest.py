@@ -121,7 +121,11 @@ class TrainSection(_Section):
 
 
 class ProofSection(_Section):
-    trail_interval: int = Field(2, gt=0, description="k: inner steps between trail checkpoints (one audit segment).")
+    trail_interval: int = Field(
+        4, gt=0,
+        description="k: inner steps between trail checkpoints (one audit segment). A checkpoint costs the trainer a "
+        "fixed amount of work, a segment costs its verifier k replayed steps: both together cost least for k from "
+        "4 to 8 (benchmarks/proof_cost.py); 4 keeps each audit short.")
     audit_fraction: float = Field(
         0.85, ge=0, le=1,
         description="Share of contributions audited; 0.85 with 2 segments catches a half-faking peer "

@@ -17,11 +17,13 @@ that one peer makes and another does not would make honest peers reject a valid 
 rounds of a suspect needs agreement only among the peers that judge the merge, exactly as bans do.
 
 Default audit policy, derived in `gpunite.proof.selection`: a cheater faking half of its segments must be
-caught with probability >= 0.99 within 5 rounds, at <= 5% of training compute. One round catches it with
-probability audit_fraction * P(drawn segments include a faked one), so audit_fraction must be >= 0.61
-whatever the segments; replaying s of n segments costs about audit_fraction * s / n of training. With
-n = 50 segments (e.g. H = 100 inner steps, k = 2), audit_fraction 0.85 and 2 segments per audit give
-0.85 * 0.755 = 0.642 per round, 0.994 in 5 rounds, for ~3.4% of training compute plus evaluation passes.
+caught with probability >= 0.99 within 5 rounds. One round catches it with probability audit_fraction *
+P(drawn segments include a faked one), so audit_fraction must be >= 0.61 whatever the segments; replaying s
+of n segments costs about audit_fraction * s / n of training. With n = 25 segments (H = 100 inner steps,
+k = 4), audit_fraction 0.85 and 2 segments per audit catch it with probability 0.996 within 5 rounds
+(benchmarks/proof_of_training.py), for ~6.8% of training compute plus evaluation passes. k itself is set by
+the whole proof's CPU cost, the trainer's trail work included (benchmarks/proof_cost.py): at k = 2 the
+replays cost half as much, but recording twice the trail entries cost the trainers more than that.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from pathlib import Path
 from types import FrameType
 
 from gpunite.errors import GpuniteError
+from gpunite.manifest import ProofSection
 from gpunite.sim.model import LINKS, ProtocolCosts, SimConfig, dht_hops, simulate
 from gpunite.sim.traffic import WireSizes
 
@@ -56,6 +57,7 @@ round_deadline_s = {round_deadline_s}
 overlap = {overlap}
 [proof]
 audit_fraction = {audit_fraction}
+trail_interval = {trail_interval}
 """
 # Every contribution audited: a 4-round measurement then holds the same number of audits as the simulated
 # expectation, instead of a binomial draw that alone would move the bytes by ~7% (the simulator's audit
@@ -63,7 +65,9 @@ audit_fraction = {audit_fraction}
 # coordinator's verdict wait on the home profile's 20 Mbit uplink (a trail segment is 16 bytes per parameter)
 # and on a shared, loaded CPU.
 AUDIT_FRACTION = 1.0
-TRAIL_INTERVAL, SEGMENTS_PER_AUDIT, AUDIT_TIMEOUT_S = 2, 2, 30.0  # manifest and PeerConfig defaults
+# The manifest's and PeerConfig's defaults, which the calibration runs use
+TRAIL_INTERVAL, SEGMENTS_PER_AUDIT = ProofSection().trail_interval, ProofSection().segments_per_audit
+AUDIT_TIMEOUT_S = 30.0
 CPU_CORES = os.cpu_count() or 1  # the machine every measured peer runs on
 ROUND_DEADLINE_S = 600.0  # the calibration runs' train.round_deadline_s: no peer misses it
 _MADDR = re.compile(r"(/ip4/\S+/tcp/\d+/p2p/\w+)")
@@ -92,6 +96,7 @@ class SwarmMeasurement:
     wire: WireSizes  # fixed parts measured by serializing this run's model (gpunite.sim.traffic)
     audit_fraction: float = AUDIT_FRACTION  # the run's proof.audit_fraction
     host_cores: int = 0  # CPU cores of the machine it ran on (0: not recorded, taken as this machine's)
+    trail_interval: int = 2  # the run's proof.trail_interval (2: the default when none was recorded)
 
     @property
     def label(self) -> str:
@@ -152,8 +157,9 @@ class Calibration:
 
 def _replay_share(measured: SwarmMeasurement) -> float:
     """Replayed steps of an audit / steps of the round (the simulator's rule)."""
-    segments = min(SEGMENTS_PER_AUDIT, max(measured.inner_steps // TRAIL_INTERVAL, 1))
-    return min(segments * TRAIL_INTERVAL, measured.inner_steps) / measured.inner_steps
+    k = measured.trail_interval
+    segments = min(SEGMENTS_PER_AUDIT, max(measured.inner_steps // k, 1))
+    return min(segments * k, measured.inner_steps) / measured.inner_steps
 
 
 def audit_transfer_s(measured: SwarmMeasurement) -> float:
@@ -161,7 +167,7 @@ def audit_transfer_s(measured: SwarmMeasurement) -> float:
     one round trip per sequential request), from the wire sizes alone."""
     profile = LINKS.get(measured.testbed.removeprefix("netbed:"), LINKS["datacenter"])
     links = [profile.for_peer(i) for i in range(measured.peers)]
-    segments = min(SEGMENTS_PER_AUDIT, max(measured.inner_steps // TRAIL_INTERVAL, 1))
+    segments = min(SEGMENTS_PER_AUDIT, max(measured.inner_steps // measured.trail_interval, 1))
     audit_bytes = measured.wire.audit_bytes(measured.params, measured.peers, segments, measured.overlap)
     pairs = [
         audit_bytes / (min(links[t][1], links[v][0]) * 1e6 / 8)
@@ -273,7 +279,7 @@ def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
         rounds=200,  # the expectation, not one draw of a few rounds
         round_compute_s=measured.compute_s,
         inner_steps=measured.inner_steps,
-        trail_interval=TRAIL_INTERVAL,
+        trail_interval=measured.trail_interval,
         segments_per_audit=SEGMENTS_PER_AUDIT,
         audit_timeout_s=AUDIT_TIMEOUT_S,
         speed_jitter=measured.compute_spread,
@@ -352,7 +358,7 @@ def measure_swarm(
     manifest_path = root / "run.toml"
     manifest_path.write_text(
         MANIFEST.format(inner_steps=inner_steps, audit_fraction=AUDIT_FRACTION, overlap=str(overlap).lower(),
-                        round_deadline_s=int(ROUND_DEADLINE_S))
+                        round_deadline_s=int(ROUND_DEADLINE_S), trail_interval=TRAIL_INTERVAL)
     )
     model_config = config_from_manifest(load_manifest(manifest_path))
     params = param_count(model_config)
@@ -542,4 +548,5 @@ def _figures(
         merged_fraction=float(rows[:, 5].mean()),
         wire=wire,
         host_cores=CPU_CORES,
+        trail_interval=TRAIL_INTERVAL,
     )
