@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -129,25 +130,32 @@ def main() -> None:
     for name in ("_store_tensors", "_write_base", "_hash_when_written"):
         setattr(trail_module, name, proof_cpu.wrap(getattr(trail_module, name)))
 
+    def recorded_round(recorder: TrailRecorder) -> None:
+        model, trainer = fresh()
+        record = proof_cpu.wrap(recorder.record)
+        recorder.start_round(0, H)
+        record(model, trainer)
+        for batch in batches[warm_steps:]:
+            trainer.train_step(batch)
+            record(model, trainer)
+        recorder.flush()
+
+    def audit(recorder: TrailRecorder, contribution: Contribution, index: int) -> bool:
+        """One segment's audit from the trainer's stored bytes; True if it accepted bit-exactly."""
+        steps = trail_steps(H, contribution.trail_interval)
+        segment = segment_from_bytes(recorder.segment_payload(0, index, with_end=False), start_weights)
+        result = audit_segment(contribution, segment, batches[warm_steps + steps[index]: warm_steps + steps[index + 1]],
+                               config, train_cfg, total_steps=total_steps, expected_first_step=warm_steps,
+                               base=start_weights)
+        return result.accept and result.details.get("bit_exact") == 1.0
+
     baselines = [plain_round()]
     results = {}
     with tempfile.TemporaryDirectory(prefix="gpunite-bench-proof-cost-") as tmp:
         for k in intervals:
-            recorded_model, recorder_trainer = fresh()
             recorder = TrailRecorder(k, Path(tmp) / f"k{k}")
-
-            record = proof_cpu.wrap(recorder.record)
-
-            def recorded_round() -> None:
-                recorder.start_round(0, H)
-                record(recorded_model, recorder_trainer)
-                for batch in batches[warm_steps:]:
-                    recorder_trainer.train_step(batch)
-                    record(recorded_model, recorder_trainer)
-                recorder.flush()
-
             proof_cpu.seconds = 0.0
-            trail_cpu = cpu_seconds(recorded_round)
+            trail_cpu = cpu_seconds(partial(recorded_round, recorder))
             direct_cpu = proof_cpu.seconds
             baselines.append(plain_round())  # interleaved: drift in the machine's speed hits both alike
             trail = recorder.trail
@@ -155,25 +163,17 @@ def main() -> None:
                 run_id="0" * 64, round=0, base_hash=weights_hash(start_weights), work_units=[], inner_steps=H,
                 tokens=H * B * args.seq_len, trail_interval=k, trail=trail, delta_hash="0" * 64, delta_norm=0.0,
                 claimed_flops=0.0, time=0.0)
-            steps = trail_steps(H, k)
-            segments = len(steps) - 1
+            segments = len(trail) - 1
             chosen = sorted({round(i * (segments - 1) / max(1, args.audited_segments - 1))
                              for i in range(min(args.audited_segments, segments))})
-            audit_cpu, rejected = [], 0
+            audit_cpu, exact = [], []
             for index in chosen:
-                def audit() -> None:
-                    nonlocal rejected
-                    segment = segment_from_bytes(recorder.segment_payload(0, index, with_end=False), start_weights)
-                    result = audit_segment(contribution, segment, batches[warm_steps + steps[index]:
-                                                                          warm_steps + steps[index + 1]],
-                                           config, train_cfg, total_steps=total_steps,
-                                           expected_first_step=warm_steps,
-                                           base=start_weights)
-                    rejected += not result.accept or result.details.get("bit_exact") != 1.0
-
-                audit_cpu.append(cpu_seconds(audit))
-            results[k] = {"trail_cpu_s": trail_cpu, "direct_cpu_s": direct_cpu, "audit_cpu_s": statistics.mean(audit_cpu),
-                          "entries": len(trail), "rejected": rejected}
+                started = time.process_time()
+                exact.append(audit(recorder, contribution, index))
+                audit_cpu.append(time.process_time() - started)
+            results[k] = {"trail_cpu_s": trail_cpu, "direct_cpu_s": direct_cpu,
+                          "audit_cpu_s": statistics.mean(audit_cpu), "entries": len(trail),
+                          "rejected": exact.count(False)}
             recorder.prune(1)
             print(f"k={k}: round with trail {trail_cpu:.1f} s CPU, of it in trail work {direct_cpu:.2f} s; audit of "
                   f"one segment {statistics.mean(audit_cpu):.2f} s", file=sys.stderr)

@@ -155,11 +155,14 @@ class Calibration:
         return replace(self.costs, round_overhead_s=self.costs.round_overhead_s * scale, wire=measured.wire)
 
 
+def _audited_segments(measured: SwarmMeasurement) -> int:
+    """Trail segments one audit of the run fetches and replays."""
+    return min(SEGMENTS_PER_AUDIT, max(measured.inner_steps // measured.trail_interval, 1))
+
+
 def _replay_share(measured: SwarmMeasurement) -> float:
     """Replayed steps of an audit / steps of the round (the simulator's rule)."""
-    k = measured.trail_interval
-    segments = min(SEGMENTS_PER_AUDIT, max(measured.inner_steps // k, 1))
-    return min(segments * k, measured.inner_steps) / measured.inner_steps
+    return min(_audited_segments(measured) * measured.trail_interval, measured.inner_steps) / measured.inner_steps
 
 
 def audit_transfer_s(measured: SwarmMeasurement) -> float:
@@ -167,7 +170,7 @@ def audit_transfer_s(measured: SwarmMeasurement) -> float:
     one round trip per sequential request), from the wire sizes alone."""
     profile = LINKS.get(measured.testbed.removeprefix("netbed:"), LINKS["datacenter"])
     links = [profile.for_peer(i) for i in range(measured.peers)]
-    segments = min(SEGMENTS_PER_AUDIT, max(measured.inner_steps // measured.trail_interval, 1))
+    segments = _audited_segments(measured)
     audit_bytes = measured.wire.audit_bytes(measured.params, measured.peers, segments, measured.overlap)
     pairs = [
         audit_bytes / (min(links[t][1], links[v][0]) * 1e6 / 8)
