@@ -96,7 +96,8 @@ def _homogeneous(overlap: bool, n: int = 16, audit_fraction: float = 0.0) -> tup
     transfer_s = 2 * param_bytes * (n - 1) / n / min(up, down)
     messages = 4 * n  # send n slices, receive n, serve n, fetch n
     audits = 1 if audit_fraction == 0 else n
-    audit_bytes = wire.audit_bytes(config.params, n, config.segments_per_audit, rebased=overlap)
+    audit_bytes = wire.audit_bytes(config.params, n, config.segments_per_audit, rebased=overlap,
+                                   trail_segments=config.trail_segments())
     # one audit: download at the trainer's uplink, one RTT per request, replay of 2 segments x 10 of 100 steps
     one_audit_s = audit_bytes / up + (n + 3) * rtt + 0.2 * costs.audit_compute_scale * 100.0
     busiest_s = one_audit_s  # exact only with one audit; with n of them the busiest verifier is a draw
@@ -129,6 +130,9 @@ def test_closed_form_with_overlap_compute_over_max():
     replay_s = 0.2 * config.costs.audit_compute_scale * 100.0
     assert result.compute_utilization == pytest.approx(100.0 / max(100.0 + replay_s, comm_s), rel=1e-6)
     assert result.mean_round_s == pytest.approx(max(100.0 + replay_s, comm_s), rel=1e-6)
+    # a measured run on shared cores whose steps already held the replays' share: not added again
+    measured = simulate(replace(config, replays_in_compute=True))
+    assert measured.mean_round_s == pytest.approx(max(100.0, comm_s), rel=1e-6)
     # a round with a short compute phase lasts as long as its communication, replay included
     slow = simulate(replace(config, round_compute_s=10.0))
     assert slow.mean_round_s < simulate(replace(config, round_compute_s=10.0, overlap=False)).mean_round_s
@@ -140,8 +144,14 @@ def test_audit_bytes_are_the_wire_formats_times_the_audits():
     wire, n = config.costs.wire, config.peers
     one_audit = config.params * (wire.slice_bytes_per_param + 2 * 8.0 + 4.0) + (n + 3) * wire.request_bytes
     assert wire.audit_bytes(config.params, n, 2) == pytest.approx(one_audit)
+    # the trail's first segment starts where the round did: its stored weight change (2 bytes a parameter)
+    # is all zeros and packs away; 2 of the 10 segments drawn include it with probability 0.2
+    assert config.trail_segments() == 10
+    first_saved = 0.2 * 2.0 * config.params
+    assert wire.audit_bytes(config.params, n, 2, trail_segments=10) == pytest.approx(one_audit - first_saved)
+    assert wire.audit_bytes(config.params, n, 2, trail_segments=2) == pytest.approx(one_audit - 2.0 * config.params)
     assert result.audits == n * config.rounds
-    assert result.audit_bytes_per_peer_round == pytest.approx(one_audit, rel=1e-9)  # n audits over n peers
+    assert result.audit_bytes_per_peer_round == pytest.approx(one_audit - first_saved, rel=1e-9)  # n audits, n peers
     # replays that are not bit-exact (verifiers on other devices) fetch both segments' end states too
     inexact = replace(wire, end_state_share=1.0)
     assert inexact.audit_bytes(config.params, n, 2) == pytest.approx(
@@ -149,12 +159,13 @@ def test_audit_bytes_are_the_wire_formats_times_the_audits():
     # one segment per audit: 8 bytes per parameter (a stored trail state) and one request fewer
     fewer = simulate(replace(config, segments_per_audit=1))
     assert result.audit_bytes_per_peer_round - fewer.audit_bytes_per_peer_round == pytest.approx(
-        8.0 * config.params + wire.request_bytes, rel=1e-9
+        8.0 * config.params + wire.request_bytes - first_saved / 2, rel=1e-9
     )
     # an overlapped round's audit also fetches the trainer's delta of the round before, in as many requests
     rebased = wire.audit_bytes(config.params, n, 2, rebased=True)
     assert rebased == pytest.approx(one_audit + config.params * wire.slice_bytes_per_param + n * wire.request_bytes)
-    assert simulate(replace(config, overlap=True)).audit_bytes_per_peer_round == pytest.approx(rebased, rel=1e-9)
+    assert simulate(replace(config, overlap=True)).audit_bytes_per_peer_round == pytest.approx(
+        rebased - first_saved, rel=1e-9)
     # packed trail replies shrink the trail states and final weights only
     packed = replace(wire, packed_share=0.5)
     assert packed.audit_bytes(config.params, n, 2) == pytest.approx(

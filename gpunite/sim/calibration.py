@@ -171,7 +171,8 @@ def audit_transfer_s(measured: SwarmMeasurement) -> float:
     profile = LINKS.get(measured.testbed.removeprefix("netbed:"), LINKS["datacenter"])
     links = [profile.for_peer(i) for i in range(measured.peers)]
     segments = _audited_segments(measured)
-    audit_bytes = measured.wire.audit_bytes(measured.params, measured.peers, segments, measured.overlap)
+    audit_bytes = measured.wire.audit_bytes(measured.params, measured.peers, segments, measured.overlap,
+                                            trail_segments=-(-measured.inner_steps // measured.trail_interval))
     pairs = [
         audit_bytes / (min(links[t][1], links[v][0]) * 1e6 / 8)
         for t in range(measured.peers)
@@ -288,6 +289,9 @@ def _config_for(measured: SwarmMeasurement, costs: ProtocolCosts) -> SimConfig:
         speed_jitter=measured.compute_spread,
         deadline_slack=max(ROUND_DEADLINE_S / measured.compute_s - 1.0, 0.0),  # the real run's deadline
         overlap=measured.overlap,
+        # the measured steps shared the machine's cores with the overlapped audits' replays: their measured
+        # time holds the replays' share already
+        replays_in_compute=measured.overlap,
         adaptive=False,
         audit_fraction=measured.audit_fraction,
         seed=0,

@@ -150,6 +150,9 @@ class SimConfig:
     deadline_slack: float = 0.25
     speed_jitter: float = 0.05  # sigma of the log-normal per-round speed noise
     overlap: bool = True
+    # round_compute_s already holds the device time the overlapped audits' replays take: a run measured on
+    # shared cores, where the replays ran beside the steps and slowed them (calibration); not added again
+    replays_in_compute: bool = False
     adaptive: bool = True
     group_size: int = 0  # 0: one flat sharded aggregation over the whole roster (the implemented protocol)
     audit_fraction: float = 0.25
@@ -185,6 +188,10 @@ class SimConfig:
             raise SimError("audit_fraction and cheater_fraction must be between 0 and 1")
         if min(self.inner_steps, self.trail_interval, self.segments_per_audit, self.audits_at_once) < 1:
             raise SimError("inner_steps, trail_interval, segments_per_audit and audits_at_once must be >= 1")
+
+    def trail_segments(self) -> int:
+        """Segments of a round's trail: entries at steps 0, k, 2k, ... and H (gpunite.proof.trail.trail_steps)."""
+        return -(-self.inner_steps // self.trail_interval)
 
     def param_count(self) -> int:
         if self.params is not None:
@@ -629,7 +636,8 @@ class _Run:
         slices = min(cfg.group_size, n) if cfg.group_size > 0 else n
         # with overlap a round is carried onto the merge that arrives during it: its audit also fetches the
         # trainer's delta of the round before (where its steps started)
-        audit_bytes = cfg.costs.wire.audit_bytes(self.n_params, slices, self.audit_segments, cfg.overlap)
+        audit_bytes = cfg.costs.wire.audit_bytes(self.n_params, slices, self.audit_segments, cfg.overlap,
+                                                 trail_segments=cfg.trail_segments())
         audits = audit_round(
             audited,
             coordinator,
@@ -661,7 +669,8 @@ class _Run:
             comm_s += costs.failover_s
         # with overlap the exchange of round r runs during round r + 1's steps (one-round-delayed outer step);
         # replaying audits needs the same device as training, so that part of the audits cannot hide
-        round_s = max(close_s + audits.replay_busy_s, comm_s) if cfg.overlap else close_s + comm_s
+        unhidden_s = 0.0 if cfg.replays_in_compute else audits.replay_busy_s
+        round_s = max(close_s + unhidden_s, comm_s) if cfg.overlap else close_s + comm_s
 
         merged = accepted
         totals["assigned"] += float(work.sum())

@@ -33,7 +33,8 @@ INT8_BYTES, FP16_BYTES, FP32_BYTES = 1, 2, 4
 ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32 like the weights in a state sync
 # A stored trail state (gpunite.proof.trail.STATE_BYTES_PER_PARAM, without importing torch here): the weights'
 # fp16 change, the bf16 first moment, the fp32 second moment. The final weights travel in fp32.
-TRAIL_STATE_BYTES = FP16_BYTES + FP16_BYTES + FP32_BYTES
+TRAIL_CHANGE_BYTES = FP16_BYTES  # the weights' part of a state
+TRAIL_STATE_BYTES = TRAIL_CHANGE_BYTES + FP16_BYTES + FP32_BYTES
 TRAIL_FINAL_BYTES = FP32_BYTES
 RUN_ID_CHARS = 64  # a run id is a sha256 in hex; every request header carries it
 
@@ -69,15 +70,21 @@ class WireSizes:
     def state_bytes_per_param(self) -> float:
         return FP32_BYTES * (2 + ADAM_MOMENTS)  # weights, outer momentum, the server's AdamW moments
 
-    def audit_bytes(self, params: int, n_slices: int, segments: int, rebased: bool = False) -> float:
+    def audit_bytes(self, params: int, n_slices: int, segments: int, rebased: bool = False,
+                    trail_segments: int | None = None) -> float:
         """One audit's download: the delta in `n_slices` requests (twice when `rebased`: the trainer's delta of
         the round before too), `segments` segments' start states (and end states, for the share of replays
-        that are not bit-exact) and the final weights, packed."""
+        that are not bit-exact) and the final weights, packed.
+
+        trail_segments: the trail's segment count, of which `segments` are drawn uniformly. The first segment
+        starts where the round did, so its stored weight change is all zeros and packs away: drawn with
+        probability segments / trail_segments, it saves that part in expectation (none when not given)."""
         ends = segments * self.end_state_share
         deltas = 2 if rebased else 1
+        first_drawn = segments / trail_segments if trail_segments else 0.0
         trail = (
-            params * (segments * self.segment_bytes_per_param + ends * self.end_state_bytes_per_param
-                      + self.final_bytes_per_param)
+            params * (segments * self.segment_bytes_per_param - first_drawn * TRAIL_CHANGE_BYTES
+                      + ends * self.end_state_bytes_per_param + self.final_bytes_per_param)
             + (segments + ends) * self.segment_header_bytes
             + self.final_header_bytes
         )
