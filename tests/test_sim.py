@@ -538,3 +538,29 @@ def test_a_dht_read_takes_more_round_trips_in_a_larger_swarm():
     home = LINKS["home"]
     assert simulate(slow).mean_round_s - simulate(fast).mean_round_s == pytest.approx(
         slow.costs.dht_reads * 2.75 * 2 * home.one_way_ms / 1e3, rel=1e-6)
+
+
+def test_measurement_files_round_trip_older_ones_load_and_bad_ones_fail_in_one_line(tmp_path):
+    """A saved run loads back as it was; a file from before a field existed takes that field's default (the
+    trail interval of older runs was 2); a file with an impossible value is refused with CalibrationError."""
+    import json
+
+    from gpunite.sim.calibration import CalibrationError, load_measurement, save_measurement
+
+    measured = _measured_by_simulation("netbed:home", 4, 20.0, ProtocolCosts())
+    path = tmp_path / "run.json"
+    save_measurement(path, replace(measured, trail_interval=4))
+    assert load_measurement(path) == replace(measured, trail_interval=4)
+    data = json.loads(path.read_text())
+    for optional in ("trail_interval", "host_cores", "audit_fraction"):
+        del data[optional]
+    path.write_text(json.dumps(data))
+    older = load_measurement(path)
+    assert older.trail_interval == 2 and older.host_cores == 0 and older.audit_fraction == 1.0
+    path.write_text(json.dumps({**data, "trail_interval": 0}))
+    with pytest.raises(CalibrationError, match="trail_interval must be >= 1"):
+        load_measurement(path)
+    del data["inner_steps"]  # a field without a default is still required
+    path.write_text(json.dumps(data))
+    with pytest.raises(CalibrationError, match="inner_steps"):
+        load_measurement(path)

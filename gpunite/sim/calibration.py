@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from types import FrameType
 
@@ -98,6 +98,11 @@ class SwarmMeasurement:
     host_cores: int = 0  # CPU cores of the machine it ran on (0: not recorded, taken as this machine's)
     trail_interval: int = 2  # the run's proof.trail_interval (2: the default when none was recorded)
 
+    def __post_init__(self) -> None:
+        if self.inner_steps < 1 or self.trail_interval < 1:
+            raise ValueError(f"inner_steps and trail_interval must be >= 1, got {self.inner_steps} and "
+                             f"{self.trail_interval}")
+
     @property
     def label(self) -> str:
         return f"{self.testbed}, {self.peers} peers, {self.params} parameters, audit fraction {self.audit_fraction}"
@@ -123,7 +128,7 @@ def load_measurement(path: Path) -> SwarmMeasurement:
         values = {
             f.name: data[f.name]
             for f in fields(SwarmMeasurement)
-            if f.name in data or f.name not in ("audit_fraction", "host_cores")
+            if f.name in data or f.default is MISSING  # fields with a default may be missing in older files
         }
         values["wire"] = WireSizes(**values["wire"])
         return SwarmMeasurement(**values)
