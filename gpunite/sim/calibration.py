@@ -34,7 +34,7 @@ from types import FrameType
 
 from gpunite.errors import GpuniteError
 from gpunite.manifest import ProofSection
-from gpunite.sim.model import LINKS, ProtocolCosts, SimConfig, dht_hops, simulate
+from gpunite.sim.model import LINKS, ProtocolCosts, SimConfig, dht_hops, simulate, trail_segments
 from gpunite.sim.traffic import WireSizes
 
 MANIFEST = """[run]
@@ -177,7 +177,8 @@ def audit_transfer_s(measured: SwarmMeasurement) -> float:
     links = [profile.for_peer(i) for i in range(measured.peers)]
     segments = _audited_segments(measured)
     audit_bytes = measured.wire.audit_bytes(measured.params, measured.peers, segments, measured.overlap,
-                                            trail_segments=-(-measured.inner_steps // measured.trail_interval))
+                                            trail_segments=trail_segments(measured.inner_steps,
+                                                                          measured.trail_interval))
     pairs = [
         audit_bytes / (min(links[t][1], links[v][0]) * 1e6 / 8)
         for t in range(measured.peers)

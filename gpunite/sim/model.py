@@ -130,6 +130,11 @@ class ProtocolCosts:
     compute_scale: float = 1.0  # measured compute time / ideal (FLOPs / (peak x mfu)) time
 
 
+def trail_segments(inner_steps: int, trail_interval: int) -> int:
+    """Segments of a round's trail: entries at steps 0, k, 2k, ... and H (gpunite.proof.trail.trail_steps)."""
+    return -(-inner_steps // trail_interval)
+
+
 @dataclass(frozen=True)
 class SimConfig:
     peers: int = 100
@@ -190,8 +195,7 @@ class SimConfig:
             raise SimError("inner_steps, trail_interval, segments_per_audit and audits_at_once must be >= 1")
 
     def trail_segments(self) -> int:
-        """Segments of a round's trail: entries at steps 0, k, 2k, ... and H (gpunite.proof.trail.trail_steps)."""
-        return -(-self.inner_steps // self.trail_interval)
+        return trail_segments(self.inner_steps, self.trail_interval)
 
     def param_count(self) -> int:
         if self.params is not None:
