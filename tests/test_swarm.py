@@ -109,6 +109,31 @@ def test_a_slice_owner_that_answers_is_waited_for_even_while_its_heartbeat_lapse
     assert Peer.fetch_aggregate(stand_in(replies), ctx, 0, "owner") is None
     assert len(replies) == 1  # gave up after the one failed request
 
+    # A node that answers for another identity (a Sybil's host, say) or pruned the round: no waiting at all.
+    replies = [({"missing": "this node is host, not the owner sybil"}, b""), ({}, b"never asked")]
+    assert Peer.fetch_aggregate(stand_in(replies), ctx, 0, "sybil") is None
+    assert len(replies) == 1
+
+
+def test_an_owner_says_at_once_which_aggregates_it_will_never_have():
+    """The aggregate handler: pending for its own slice of the current round, missing for a pruned round or
+    for a request meant for another identity reached through this node."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from gpunite.swarm.peer import Peer
+
+    node = SimpleNamespace(peer_id="host", aggregates={(4, 1): b"merged"}, state=SimpleNamespace(round=5))
+
+    def ask(**header):
+        return asyncio.run(Peer._handle_aggregate(node, header, b"", "caller"))
+
+    assert ask(round=4, slice=1, owner="host") == ({"round": 4, "slice": 1}, b"merged")
+    assert ask(round=4, slice=1) == ({"round": 4, "slice": 1}, b"merged")  # an older caller names no owner
+    assert ask(round=5, slice=1, owner="host") == ({"pending": True}, b"")
+    assert "not kept here" in ask(round=3, slice=1, owner="host")[0]["missing"]
+    assert "not the owner sybil" in ask(round=5, slice=2, owner="sybil")[0]["missing"]
+
 
 def test_a_slice_its_owner_cannot_fetch_leaves_its_contribution_out_only_if_the_coordinator_cannot_either():
     """A trainer killed right after committing: the owner's SliceMissing note, checked by the coordinator."""

@@ -393,11 +393,16 @@ class Peer:
 
     async def _handle_aggregate(self, header: dict, body: bytes, caller: str) -> tuple[dict, bytes]:
         round_index, index = int(header.get("round", -1)), int(header.get("slice", -1))
+        owner = header.get("owner")
+        if isinstance(owner, str) and owner != self.peer_id:
+            # Asked for another identity's slice (this node is not who the caller takes it for): a definite
+            # answer, so the caller merges that slice itself now instead of waiting on "pending".
+            return {"missing": f"this node is {self.peer_id[:12]}, not the owner {owner[:12]}"}, b""
         data = self.aggregates.get((round_index, index))
         if data is None:
             if round_index >= self.state.round:
                 return {"pending": True}, b""
-            raise ValueError(f"aggregate {index} of round {round_index} is not kept here")
+            return {"missing": f"aggregate {index} of round {round_index} is not kept here"}, b""
         return {"round": round_index, "slice": index}, data
 
     # ----- the round loop -----
@@ -1239,8 +1244,12 @@ class Peer:
         give_up = time.time() + max(30.0, self.config.takeover_s * 4)
         while time.time() < give_up and not self.stopping.is_set():
             try:
-                header, data = self._request(owner, HANDLE_AGGREGATE, {"round": ctx.round, "slice": index},
+                header, data = self._request(owner, HANDLE_AGGREGATE,
+                                             {"round": ctx.round, "slice": index, "owner": owner},
                                              self._max_slice_bytes)
+                if "missing" in header:  # it will never have it: no use waiting
+                    log.info("slice %d owner %s: %s", index, owner[:12], str(header["missing"])[:200])
+                    return None
                 if not header.get("pending"):
                     return data
                 answered = True
