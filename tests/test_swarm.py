@@ -422,3 +422,44 @@ def test_demo_manifest_is_valid(tmp_path: Path):
 
     manifest = load_manifest(write_demo_manifest(tmp_path))
     assert manifest.model.preset == "tiny" and manifest.train.inner_steps > 0
+
+
+def test_a_proven_cheat_is_banned_even_when_its_slice_is_also_missing():
+    """A cheater that stops serving a slice once audited is still rejected as a cheat (a ban), not only left
+    out as unfetchable; an honest trainer that is gone after committing is only left out."""
+    from types import SimpleNamespace
+
+    from gpunite.identity import Identity
+    from gpunite.records import Contribution, WorkUnit, sign_record
+    from gpunite.swarm.checks import ACCEPT, CheckResult, RoundContext
+    from gpunite.swarm.peer import Peer
+
+    run_id, base = "ab" * 32, "cd" * 32
+    cheater, gone, honest, me = (Identity.from_seed(bytes([i]) * 32) for i in range(1, 5))
+    trainers = (cheater, gone, honest)
+    units = {i.peer_id: [WorkUnit(shard="ef" * 32, first=8 * n, count=8)] for n, i in enumerate(trainers)}
+    ctx = RoundContext(run_id=run_id, round=3, base_hash=base, assigned=units, inner_steps=4, batch_size=2,
+                       seq_len=16, trail_interval=2, n_slices=4, norm_bound=10.0)
+
+    def contribution(identity: Identity) -> Contribution:
+        return sign_record(identity, Contribution(
+            run_id=run_id, round=3, base_hash=base, work_units=units[identity.peer_id], inner_steps=4, tokens=128,
+            trail_interval=2, trail=["0" * 64] * 3, delta_hash="1" * 64, slice_hashes=["2" * 64] * 4,
+            delta_norm=1.0, claimed_flops=1.0, time=0.0))
+
+    contributions = {i.peer_id: contribution(i) for i in trainers}
+    missing = "its slice 2 could be fetched neither by that slice's owner nor by the coordinator"
+    proof = CheckResult(False, "proven: replay of segment 1 lands 0.9 of an update away", cheat=True)
+    stand_in = SimpleNamespace(
+        identity=me, run_id=run_id, state=SimpleNamespace(round=3, weights_hash=base),
+        unfetchable=lambda ctx, found: {cheater.peer_id: missing, gone.peer_id: missing},
+        contribution_checks=[lambda c, ctx: proof if c.peer_id == cheater.peer_id else ACCEPT],
+        membership=SimpleNamespace(speeds=dict),
+        audits=SimpleNamespace(banned_in=lambda round_index: set(),
+                               close_fields=lambda round_index: {"verdicts": []}))
+    close = Peer.make_close(stand_in, ctx, contributions, alive={}, rank=0, prev_block="3" * 64)
+    rejected = {r.trainer: r for r in close.rejected}
+    assert close.contributors == [honest.peer_id]
+    assert rejected[cheater.peer_id].cheat and rejected[cheater.peer_id].reason == proof.reason
+    assert not rejected[gone.peer_id].cheat and rejected[gone.peer_id].reason == missing
+    assert [e.peer_id for e in close.next_roster] == [honest.peer_id]  # no units for the proven cheater

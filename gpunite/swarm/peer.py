@@ -1013,12 +1013,14 @@ class Peer:
         unfetchable = self.unfetchable(ctx, contributions)
         for pid in sorted(contributions):
             contribution = contributions[pid]
-            if pid in unfetchable:
+            result = check_contribution(contribution, ctx, median, self.contribution_checks)
+            # A proven cheat is rejected as one (and banned) even when its slice is missing too: otherwise a
+            # cheater that stops serving a slice once audited would only ever be left out, never banned.
+            if pid in unfetchable and not result.cheat:
                 log.warning("left %s's round %d contribution out: %s", pid[:12], ctx.round, unfetchable[pid])
                 rejected.append(Rejection(contribution=contribution.record_id, trainer=pid,
                                           reason=unfetchable[pid][:1024]))
                 continue
-            result = check_contribution(contribution, ctx, median, self.contribution_checks)
             if result.accept:
                 accepted.append(contribution)
             else:
