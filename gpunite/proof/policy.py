@@ -237,7 +237,7 @@ def merge_decision(
     proven_rejects = [v for v in rejects if v.reason.startswith(PROVEN)]
     if rejects:
         cheat = len({v.peer_id for v in proven_rejects}) >= max(1, policy.accepts_required)
-        return MergeDecision(False, rejects[0].reason, cheat=cheat,
+        return MergeDecision(False, (proven_rejects if cheat else rejects)[0].reason, cheat=cheat,
                              evidence=(cid, *(v.record_id for v in rejects)))
     if len(accepts) < policy.accepts_required:
         return MergeDecision(False, f"audited: {len(accepts)} of {policy.accepts_required} accept verdicts so far")
