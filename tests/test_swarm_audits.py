@@ -30,7 +30,11 @@ from gpunite.swarm.demo import LocalSwarm
 
 pytestmark = pytest.mark.timeout(600)
 
-MANIFEST = tiny_swarm_manifest("swarm-audit-test", extra="audit_fraction = 1.0\nsegments_per_audit = 1\n")
+# Two verifiers an audit: the Sybil's host is drawn to verify its own Sybil's claim as often as anyone (it cannot
+# fetch from its own node, so it rejects without a proof); with one verifier that left the claim unproven for up
+# to 5 rounds in a row (1 in 32 runs), with two an honest peer verifies it too, every round.
+MANIFEST = tiny_swarm_manifest("swarm-audit-test",
+                               extra="audit_fraction = 1.0\nsegments_per_audit = 1\nverifiers_per_audit = 2\n")
 HONEST = ["peer1", "peer2"]
 ADVERSARIES = {"scaler": "scaled_delta", "copier": "copy_delta", "replayer": "replay_old", "sybil": "sybil"}
 # replay_old cheats from round 1 on, the Sybil identity once a close has put it in a roster (round 1, or 2 with
