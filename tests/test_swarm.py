@@ -463,3 +463,34 @@ def test_a_proven_cheat_is_banned_even_when_its_slice_is_also_missing():
     assert rejected[cheater.peer_id].cheat and rejected[cheater.peer_id].reason == proof.reason
     assert not rejected[gone.peer_id].cheat and rejected[gone.peer_id].reason == missing
     assert [e.peer_id for e in close.next_roster] == [honest.peer_id]  # no units for the proven cheater
+
+
+def test_a_contribution_is_served_at_once_and_stored_off_the_training_thread(monkeypatch):
+    """The DHT store of our contribution runs on the publisher thread (the training thread goes on); a
+    stopping peer waits for it, and stores later ones itself."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from gpunite.swarm import peer as peer_module
+    from gpunite.swarm.peer import Peer
+
+    release, stored = threading.Event(), []
+
+    def store(key, subkey, value, ttl_s):
+        assert release.wait(10)
+        stored.append((key, subkey))
+        return True
+
+    monkeypatch.setattr(peer_module, "record_bytes", lambda record: b"{}")
+    stand_in = SimpleNamespace(
+        _lock=threading.Lock(), payloads={}, _own_contributions={}, run_id="ab" * 32, peer_id="me",
+        train_cfg=SimpleNamespace(round_deadline_s=60.0), node=SimpleNamespace(store=store),
+        _publisher=ThreadPoolExecutor(max_workers=1))
+    contribution = SimpleNamespace(record_id="cd" * 32)
+    Peer._publish_contribution(stand_in, SimpleNamespace(round=7), contribution, [b"slice"], background=True)
+    assert stand_in.payloads[7] == [b"slice"] and not stored  # served now, stored when the DHT answers
+    release.set()
+    Peer._finish_publishing(stand_in)
+    assert len(stored) == 1 and stand_in._publisher is None
+    Peer._publish_contribution(stand_in, SimpleNamespace(round=8), contribution, [b"s"], background=True)
+    assert len(stored) == 2  # after the stop: stored right away, on the caller's thread

@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,9 @@ class Peer:
         self._prefetch_failures: dict[tuple[int, int, str], int] = {}  # failed tries of the same key
         self._reported_missing: dict[int, list[str]] = {}  # round -> trainers our SliceMissing names
         self._owners: dict[int, list[str]] = {}  # round -> its slice owners, in slice order
+        # Our contributions' DHT stores, one at a time on their own thread: a store takes a few round trips
+        # (a second or more on a home link), which the training thread spends on the next steps instead.
+        self._publisher: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publisher")
         if state is None:
             weights = flatten(self.params)
             state = GlobalState(0, weights, None, self.plan.state_dict(), None, None, self.layout.hash(weights))
@@ -421,6 +425,7 @@ class Peer:
                 self.run_round()
             self.linger()
         finally:
+            self._finish_publishing()
             self.write_status("stopped")
             self.membership.stop()
 
@@ -775,7 +780,7 @@ class Peer:
             claimed_flops=float(flops_per_token(self.model_config, ctx.seq_len)) * tokens, time=time.time(),
             start_hash=ctx.start_hash if rebase_step else None,
             start_contribution=start_contribution if rebase_step else None, rebase_step=rebase_step))
-        self._publish_contribution(ctx, contribution, slices)
+        self._publish_contribution(ctx, contribution, slices, background=True)
         log.info("round %d: trained %d steps in %.1f s (trail %.1f s, %.1f s of it waiting for writes), "
                  "loss %.3f -> %.3f, committed delta norm %.4g", ctx.round, steps, time.perf_counter() - started,
                  self.timing.trail_s - trail_before, self.recorder.waited_s - waited_before, losses[0], losses[-1],
@@ -832,15 +837,44 @@ class Peer:
                  round_index, round_index + 1)
         return True
 
-    def _publish_contribution(self, ctx: RoundContext, contribution: Contribution, slices: list[bytes]) -> None:
+    def _publish_contribution(self, ctx: RoundContext, contribution: Contribution, slices: list[bytes],
+                              background: bool = False) -> None:
+        """Serve the contribution's slices from now on and store its record in the DHT; background: the store
+        runs on the publisher thread (the slices are served at once either way)."""
         with self._lock:
             self.payloads[ctx.round] = slices
             self._own_contributions[ctx.round] = contribution.record_id
             for old in [r for r in self.payloads if r < ctx.round - 2]:
                 del self.payloads[old]
                 self._own_contributions.pop(old, None)
-        self.node.store(run_key(self.run_id, "contrib", ctx.round), self.peer_id, record_bytes(contribution),
-                        ttl_s=max(600.0, 4 * self.train_cfg.round_deadline_s))
+        key, value = run_key(self.run_id, "contrib", ctx.round), record_bytes(contribution)
+        ttl_s = max(600.0, 4 * self.train_cfg.round_deadline_s)
+        if not background:
+            self.node.store(key, self.peer_id, value, ttl_s=ttl_s)
+            return
+
+        def store() -> None:
+            started = time.perf_counter()
+            try:
+                self.node.store(key, self.peer_id, value, ttl_s=ttl_s)
+            except Exception as exc:  # logged here: no caller waits for this thread
+                log.warning("round %d: could not store our contribution in the DHT: %s", ctx.round,
+                            str(exc) or type(exc).__name__)
+                return
+            log.debug("round %d: contribution stored in %.2f s", ctx.round, time.perf_counter() - started)
+
+        with self._lock:
+            if self._publisher is not None:  # None once the peer stops: then it stores right here
+                self._publisher.submit(store)
+                return
+        store()
+
+    def _finish_publishing(self) -> None:
+        """Wait for the contributions still being stored (each store gives up within its own timeout)."""
+        with self._lock:
+            publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.shutdown(wait=True)
 
     def _restore_global_weights(self) -> None:
         from gpunite.train.weights import unflatten_into
