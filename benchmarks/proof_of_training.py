@@ -404,8 +404,12 @@ def main() -> None:
     p5 = p_caught_within(5, audit_fraction=POLICY.audit_fraction, n_segments=n_segments,
                          segments_per_audit=POLICY.segments_per_audit, faked_fraction=0.5,
                          p_detect_segment=p_detect_segment)
-    p5_manifest_default = p_caught_within(5, audit_fraction=0.25, n_segments=100 // 10, segments_per_audit=1,
-                                          faked_fraction=0.5)
+    # The same chance (analytic) under a default manifest's [proof] and [train] sections.
+    defaults, default_h = ProofSection(), TrainSection().inner_steps
+    p5_manifest_default = p_caught_within(
+        5, audit_fraction=defaults.audit_fraction,
+        n_segments=len(trail_steps(default_h, defaults.trail_interval)) - 1,
+        segments_per_audit=defaults.segments_per_audit, faked_fraction=0.5)
     detections = {mode: r["detection"] for mode, r in per_mode.items() if r["detection"] is not None}
     on_merits = {mode: r["detection_on_merits"] for mode, r in per_mode.items() if r["detection"] is not None}
     honest_distances = tally.honest_distances
