@@ -82,7 +82,6 @@ def test_proven_rejection_bans_the_trainer_for_the_run():
     assert not after.merge and "banned" in after.reason
 
 
-
 def test_a_proof_beside_an_unproven_reject_is_the_reason_the_ban_gives():
     """Two verifiers, one rejecting without proof (it could not fetch the delta, say) and one proving the
     cheat: the decision is a proven cheat and its reason is the proof, whatever order the verdicts came in."""
@@ -93,6 +92,7 @@ def test_a_proof_beside_an_unproven_reject_is_the_reason_the_ban_gives():
                      [_verdict(V2, c, False, proven=True), _verdict(V1, c, False)]):
         decision = merge_decision(c, [], verdicts, one, assignment)
         assert not decision.merge and decision.cheat and decision.reason.startswith(PROVEN)
+
 
 def test_bans_as_of_a_round_leave_out_later_proofs():
     bans = BanList()

@@ -456,6 +456,7 @@ def test_a_proven_cheat_is_banned_even_when_its_slice_is_also_missing():
         contribution_checks=[lambda c, ctx: proof if c.peer_id == cheater.peer_id else ACCEPT],
         membership=SimpleNamespace(speeds=dict),
         audits=SimpleNamespace(banned_in=lambda round_index: set(),
+                               proves_cheat=lambda c, ctx: c.peer_id == cheater.peer_id,
                                close_fields=lambda round_index: {"verdicts": []}))
     close = Peer.make_close(stand_in, ctx, contributions, alive={}, rank=0, prev_block="3" * 64)
     rejected = {r.trainer: r for r in close.rejected}

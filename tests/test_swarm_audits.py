@@ -313,6 +313,12 @@ def test_a_close_bans_only_with_a_proof_in_the_signed_records(dht_node):
     close = checker.close(accepted=False, verdicts=[reject.record_id], ban=True)
     adopted = checker.adopt(close)
     assert adopted.accept, adopted.reason
+    # What a coordinator asks of a contribution whose slice is missing: proven, without relying on anything
+    # yet; the merge gate then relies on the proof, so a close made here lists it.
+    relied = checker.audits._relied.setdefault(0, set())
+    relied.clear()
+    assert checker.audits.proves_cheat(checker.contribution, checker.ctx) and not relied
+    assert checker.audits.check(checker.contribution, checker.ctx).cheat and reject.record_id in relied
     checker.audits.settle(close)
     assert checker.audits.bans.is_banned(checker.trainer.peer_id)
     # A rejection that bans no one needs no proof (lateness, a missing verdict).

@@ -46,6 +46,7 @@ from gpunite.proof.policy import (
     AuditAssignment,
     Ban,
     BanList,
+    MergeDecision,
     MergePolicy,
     SuspectList,
     merge_decision,
@@ -555,20 +556,32 @@ class RoundAudits:
         return ACCEPT
 
     def check(self, contribution: Contribution, ctx: RoundContext) -> CheckResult:
-        """The merge gate (a `contribution_checks` hook): bans, then the audit verdicts the policy needs."""
-        with self._lock:
-            in_force = self._in_force.get(ctx.round)
-            pool = list(self._pool.get(ctx.round, []))
-        if in_force is None:
+        """The merge gate (a `contribution_checks` hook): bans, then the audit verdicts the policy needs.
+        The verdicts the decision rests on go into our close (`close_fields`)."""
+        decision = self._decide(contribution, ctx)
+        if decision is None:
             return CheckResult(False, f"no audit beacon in force for round {ctx.round}")
-        coordinator, beacon = in_force
-        assignment = assign(beacon, contribution, self.policy, self.candidates(ctx.round), coordinator)
-        decision = merge_decision(contribution, [], pool, self.policy, assignment, self._bans_for(ctx.round),
-                                  self._suspects_for(ctx.round))
         cid = contribution.record_id
         with self._lock:
             self._relied.setdefault(ctx.round, set()).update(e for e in decision.evidence if e != cid)
         return CheckResult(decision.merge, decision.reason, decision.cheat)
+
+    def proves_cheat(self, contribution: Contribution, ctx: RoundContext) -> bool:
+        """Whether the verdicts in hand prove the contribution a cheat (nothing goes into our close)."""
+        decision = self._decide(contribution, ctx)
+        return decision is not None and decision.cheat
+
+    def _decide(self, contribution: Contribution, ctx: RoundContext) -> MergeDecision | None:
+        """merge_decision on the verdicts in hand; None while no beacon is in force for the round."""
+        with self._lock:
+            in_force = self._in_force.get(ctx.round)
+            pool = list(self._pool.get(ctx.round, []))
+        if in_force is None:
+            return None
+        coordinator, beacon = in_force
+        assignment = assign(beacon, contribution, self.policy, self.candidates(ctx.round), coordinator)
+        return merge_decision(contribution, [], pool, self.policy, assignment, self._bans_for(ctx.round),
+                              self._suspects_for(ctx.round))
 
     def settle(self, close: RoundClose) -> None:
         """Ban the signers of the cheats a followed close proved (their later contributions never merge), and

@@ -402,9 +402,10 @@ class Peer:
             # Asked for another identity's slice (this node is not who the caller takes it for): a definite
             # answer, so the caller merges that slice itself now instead of waiting on "pending".
             return {"missing": f"this node is {self.peer_id[:12]}, not the owner {owner[:12]}"}, b""
+        current = self.state.round  # read before the aggregates: a merge stores its slice, then moves on
         data = self.aggregates.get((round_index, index))
         if data is None:
-            if round_index >= self.state.round:
+            if round_index >= current:
                 return {"pending": True}, b""
             return {"missing": f"aggregate {index} of round {round_index} is not kept here"}, b""
         return {"round": round_index, "slice": index}, data
@@ -1047,14 +1048,14 @@ class Peer:
         unfetchable = self.unfetchable(ctx, contributions)
         for pid in sorted(contributions):
             contribution = contributions[pid]
-            result = check_contribution(contribution, ctx, median, self.contribution_checks)
             # A proven cheat is rejected as one (and banned) even when its slice is missing too: otherwise a
             # cheater that stops serving a slice once audited would only ever be left out, never banned.
-            if pid in unfetchable and not result.cheat:
+            if pid in unfetchable and not self.audits.proves_cheat(contribution, ctx):
                 log.warning("left %s's round %d contribution out: %s", pid[:12], ctx.round, unfetchable[pid])
                 rejected.append(Rejection(contribution=contribution.record_id, trainer=pid,
                                           reason=unfetchable[pid][:1024]))
                 continue
+            result = check_contribution(contribution, ctx, median, self.contribution_checks)
             if result.accept:
                 accepted.append(contribution)
             else:
